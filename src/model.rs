@@ -1,0 +1,241 @@
+//! The wire model shared by the browser module and `handover-server`.
+//!
+//! These types are what travels between the two sides (the manifest of a
+//! `client` export, a page of records) and what the format writers consume,
+//! so the server and the browser cannot drift apart.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The five data types of the Data Export API reference, in their documented
+/// order. Operators may configure further types; these are the defaults.
+pub const STANDARD_DATA_TYPES: [&str; 5] = [
+    "user_profile",
+    "payment_history",
+    "membership_data",
+    "recovery_cases",
+    "consent_data",
+];
+
+/// Version written into every export's metadata.
+pub const EXPORT_VERSION: &str = "1.0";
+
+/// One record: an ordered map from field name to JSON value.
+///
+/// Field order is preserved (`serde_json` is built with `preserve_order`), so
+/// the order a record was written in is the order it is exported in.
+pub type Record = serde_json::Map<String, serde_json::Value>;
+
+/// Whether `name` is acceptable as a data type name: 1–64 characters of
+/// ASCII letters, digits, `_` and `-`, starting with a letter.
+///
+/// The restriction keeps data type names safe as JSON keys, CSV cells, URL
+/// path segments and (after truncation) Excel sheet names.
+///
+/// ```
+/// assert!(handover::model::is_valid_data_type_name("payment_history"));
+/// assert!(!handover::model::is_valid_data_type_name("../etc"));
+/// ```
+pub fn is_valid_data_type_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The kind of a column: how a format writer should present its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnKind {
+    /// Text.
+    String,
+    /// Whole numbers (exact up to 64 bits).
+    Integer,
+    /// Floating-point numbers.
+    Number,
+    /// `true` / `false`.
+    Boolean,
+    /// ISO-8601 / RFC 3339 timestamps; XLSX shows them as UTC date-times.
+    Datetime,
+    /// Arrays or objects, written as JSON text in flat formats.
+    Json,
+}
+
+/// A column of a data type: its (possibly dotted, for nested objects) name
+/// and its kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    /// Field name; `a.b` addresses field `b` of the object in field `a`.
+    pub name: String,
+    /// How values are presented.
+    pub kind: ColumnKind,
+}
+
+impl Column {
+    /// A column named `name` of kind `kind`.
+    ///
+    /// ```
+    /// use handover::model::{Column, ColumnKind};
+    /// let c = Column::new("amount_cents", ColumnKind::Integer);
+    /// assert_eq!(c.name, "amount_cents");
+    /// ```
+    pub fn new(name: impl Into<String>, kind: ColumnKind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+        }
+    }
+}
+
+/// One page of records of one data type, as served by
+/// `GET /api/data/export/{id}/records/{data_type}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Page {
+    /// The records of this page, in the data type's stable order.
+    pub records: Vec<Record>,
+    /// Opaque cursor for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// What the manifest says about one data type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeManifest {
+    /// Number of records the export of this type will contain.
+    pub records: u64,
+    /// The columns, in output order.
+    pub columns: Vec<Column>,
+    /// URL of the first page of records (client delivery only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_url: Option<String>,
+}
+
+/// The manifest of an export: for each requested data type, in export order,
+/// its record count and columns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Manifest {
+    /// Data type name → what is exported of it.
+    pub types: IndexMap<String, TypeManifest>,
+}
+
+impl Manifest {
+    /// Total number of records over all data types.
+    ///
+    /// ```
+    /// let m = handover::model::Manifest::default();
+    /// assert_eq!(m.total_records(), 0);
+    /// ```
+    pub fn total_records(&self) -> u64 {
+        self.types.values().map(|t| t.records).sum()
+    }
+}
+
+/// The date range an export is restricted to (either end may be open).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateRange {
+    /// Inclusive start (RFC 3339).
+    pub start: Option<String>,
+    /// Inclusive end (RFC 3339).
+    pub end: Option<String>,
+}
+
+/// What a format writer needs to know about the export besides the records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The export request's id, e.g. `export_123456789`.
+    pub request_id: String,
+    /// When the file was generated; also the XLSX creation time, so the same
+    /// input gives the same bytes.
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    /// The date range applied, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_range: Option<DateRange>,
+    /// The data subject, if the writer should name them (XLSX summary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// What GDPR Article 15 asks beside the data (purposes, recipients,
+    /// retention, source), as configured by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub article_15: Option<IndexMap<String, String>>,
+}
+
+impl ExportInfo {
+    /// Export info with just a request id and generation time.
+    ///
+    /// ```
+    /// let info = handover::model::ExportInfo::new("export_1", time::OffsetDateTime::UNIX_EPOCH);
+    /// assert_eq!(info.generated_at_string(), "1970-01-01T00:00:00.000Z");
+    /// ```
+    pub fn new(request_id: impl Into<String>, generated_at: OffsetDateTime) -> Self {
+        Self {
+            request_id: request_id.into(),
+            generated_at,
+            date_range: None,
+            user_id: None,
+            article_15: None,
+        }
+    }
+
+    /// `generated_at` in the API's timestamp style (`2025-10-25T19:50:00.000Z`).
+    pub fn generated_at_string(&self) -> String {
+        format_timestamp(self.generated_at)
+    }
+}
+
+/// Formats a timestamp the way the API does: UTC, milliseconds, `Z`.
+///
+/// ```
+/// let t = time::macros::datetime!(2025-10-25 19:50:00.5 +02:00);
+/// assert_eq!(handover::model::format_timestamp(t), "2025-10-25T17:50:00.500Z");
+/// ```
+pub fn format_timestamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Parses a timestamp as accepted in datetime columns and API parameters:
+/// RFC 3339 (`2025-10-24T19:50:00Z`, `…+02:00`), or a date alone
+/// (`2025-10-24`, midnight UTC), or a date and time without offset (UTC).
+///
+/// # Errors
+///
+/// Returns `None` when `s` is none of these.
+///
+/// ```
+/// let t = handover::model::parse_timestamp("2025-10-24T21:50:00+02:00").unwrap();
+/// assert_eq!(handover::model::format_timestamp(t), "2025-10-24T19:50:00.000Z");
+/// assert!(handover::model::parse_timestamp("yesterday").is_none());
+/// ```
+pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(t);
+    }
+    let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = time::Date::parse(s, &date_fmt) {
+        return Some(d.midnight().assume_utc());
+    }
+    let naive = time::macros::format_description!(
+        "[year]-[month]-[day][first [T][ ]][hour]:[minute]:[second][optional [.[subsecond]]]"
+    );
+    time::PrimitiveDateTime::parse(s, &naive)
+        .ok()
+        .map(|p| p.assume_utc())
+}
+
+/// Whether `s` is a strict RFC 3339 timestamp (used when inferring columns:
+/// only unambiguous timestamps make a column a datetime column).
+pub(crate) fn is_rfc3339(s: &str) -> bool {
+    s.len() >= 20 && OffsetDateTime::parse(s, &Rfc3339).is_ok()
+}
