@@ -6,6 +6,7 @@
 //! (JSON, CSV, XLSX) and file [`checksum`]s. The JavaScript bindings live in
 //! `src/browser/` and exist only on `wasm32`.
 
+pub mod crypto;
 pub mod format;
 pub mod model;
 

@@ -172,7 +172,7 @@ enum Stage {
 /// types without records may be skipped), then [`finish`](Self::finish).
 /// Concatenating the returned chunks gives the file.
 pub struct ExportWriter {
-    backend: Box<dyn Backend>,
+    backend: Box<dyn Backend + Send>,
     layouts: Vec<TypeLayout>,
     counts: Vec<u64>,
     /// The type currently open, and the next type not yet opened.
@@ -212,7 +212,7 @@ impl ExportWriter {
             }
             layouts.push(TypeLayout::new(name, &t.columns));
         }
-        let backend: Box<dyn Backend> = match format {
+        let backend: Box<dyn Backend + Send> = match format {
             ExportFormat::Json => Box::new(json::JsonBackend::new(info)),
             ExportFormat::Csv => Box::new(csv::CsvBackend::new(options)),
             ExportFormat::Xlsx => Box::new(xlsx::XlsxBackend::new(info, options)?),

@@ -1,0 +1,47 @@
+// Completes the wasm-pack output in pkg/ as the npm package `handover`:
+// re-exports the ExportError class (defined in js/errors.js, which
+// wasm-bindgen copies into snippets/), writes package.json with `exports`,
+// and puts the package README in place.
+import { readFileSync, writeFileSync, readdirSync, existsSync, copyFileSync } from "node:fs";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const pkg = join(root, "pkg");
+const fail = (msg) => { console.error(`[finish-pkg] FAILED: ${msg}`); process.exit(1); };
+
+const snippets = existsSync(join(pkg, "snippets")) ? readdirSync(join(pkg, "snippets")) : [];
+const dir = snippets.find((d) => existsSync(join(pkg, "snippets", d, "js", "errors.js")));
+if (!dir) fail("pkg/snippets/*/js/errors.js not found: did wasm-bindgen change its layout?");
+const errorsPath = `./snippets/${dir}/js/errors.js`;
+
+const mainJs = join(pkg, "handover.js");
+let js = readFileSync(mainJs, "utf8");
+const reexport = `export { ExportError } from "${errorsPath}";\n`;
+if (!js.includes(reexport)) writeFileSync(mainJs, js + "\n" + reexport);
+
+const cargo = readFileSync(join(root, "Cargo.toml"), "utf8");
+const version = /\[package\][^[]*?\nversion = "([^"]+)"/s.exec(cargo)?.[1] ?? fail("no version in Cargo.toml");
+const extra = existsSync(join(pkg, "worker.js")) ? ["worker.js"] : [];
+const manifest = {
+  name: "handover",
+  version,
+  description: "GDPR \"download my data\" in the browser: fetch a user's records page by page and write JSON, CSV or XLSX locally, with progress, cancel and retries.",
+  license: "MIT OR Apache-2.0",
+  type: "module",
+  module: "./handover.js",
+  main: "./handover.js",
+  types: "./handover.d.ts",
+  exports: {
+    ".": { types: "./handover.d.ts", import: "./handover.js", default: "./handover.js" },
+    ...(extra.length ? { "./worker": "./worker.js" } : {}),
+    "./handover_bg.wasm": "./handover_bg.wasm",
+    "./package.json": "./package.json",
+  },
+  files: ["handover.js", "handover.d.ts", "handover_bg.wasm", "handover_bg.wasm.d.ts", "snippets/", ...extra, "README.md"],
+  sideEffects: ["./snippets/*"],
+  keywords: ["gdpr", "export", "privacy", "xlsx", "csv", "wasm"],
+};
+writeFileSync(join(pkg, "package.json"), JSON.stringify(manifest, null, 2) + "\n");
+copyFileSync(join(root, "npm", "README.md"), join(pkg, "README.md"));
+console.log(`[finish-pkg] pkg/ is npm package handover@${version}`);

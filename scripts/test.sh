@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test of handover: formatting and lints, native unit, doc,
+# golden-file and server integration tests, wasm tests in headless
+# Chromium, the release package in Chromium, and the end-to-end tests.
+# Installs what is missing first (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { printf '\n\033[1;34m==> %s\033[0m (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+
+step "setup"
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "clippy (native, all targets)"
+cargo clippy --workspace --all-targets -- -D warnings
+step "clippy (wasm32, the handover crate only)"
+cargo clippy -p handover --target wasm32-unknown-unknown --all-targets -- -D warnings
+
+step "native tests (unit, doc, golden files, server over HTTP)"
+cargo test --workspace
+
+step "examples"
+cargo run -q -p handover --example format_records > /dev/null
+
+step "wasm tests in headless Chromium"
+CHROMEDRIVER=$(command -v chromedriver) \
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+  cargo test -p handover --target wasm32-unknown-unknown --test browser_format
+
+step "release package (pkg/)"
+scripts/build-pkg.sh
+
+step "browser tests of the release package and the demo (node --test, playwright-core + Chromium)"
+node --test --test-concurrency=1 tests/js/
+
+step "all tests passed in $(( $(date +%s) - start ))s"

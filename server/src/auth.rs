@@ -1,0 +1,297 @@
+//! Bearer authentication (opaque API tokens and JWTs), permissions, and the
+//! tenant scope from `X-Company-ID`.
+
+use anyhow::Context as _;
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use sqlx::{Row, SqlitePool};
+
+use crate::context::Ctx;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Permission to create, read and download one's own exports.
+pub const PERM_EXPORT: &str = "data:export";
+/// Permission to read the audit log of one's company.
+pub const PERM_AUDIT: &str = "audit:read";
+/// Every permission the server knows.
+pub const PERMISSIONS: [&str; 2] = [PERM_EXPORT, PERM_AUDIT];
+
+/// Prefix of opaque API tokens, so leaked tokens are recognisable.
+pub const TOKEN_PREFIX: &str = "hov_";
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: String,
+    pub companies: Vec<String>,
+    pub permissions: Vec<String>,
+}
+
+/// An authenticated caller acting in one of their companies.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub user_id: String,
+    pub company_id: String,
+}
+
+/// How JWTs are checked.
+pub struct JwtConfig {
+    pub key: DecodingKey,
+    pub validation: Validation,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+impl JwtConfig {
+    /// HS256 with a shared secret.
+    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
+        Self::new(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            issuer,
+            audience,
+        )
+    }
+
+    /// RS256 with the identity provider's public key (PEM).
+    ///
+    /// # Errors
+    ///
+    /// The PEM is not an RSA public key.
+    pub fn rs256(pem: &[u8], issuer: Option<&str>, audience: Option<&str>) -> anyhow::Result<Self> {
+        let key = DecodingKey::from_rsa_pem(pem).context("not an RSA public key in PEM format")?;
+        Ok(Self::new(key, Algorithm::RS256, issuer, audience))
+    }
+
+    fn new(key: DecodingKey, alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            None => validation.validate_aud = false,
+        }
+        Self { key, validation }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Default)]
+pub struct AuthConfig {
+    pub jwt: Option<JwtConfig>,
+    /// Development only: requests without a token act as `X-User-ID`
+    /// (default `user_456`) with every permission. Announced loudly at start.
+    pub dev_no_auth: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    companies: Vec<String>,
+    #[serde(default)]
+    company_id: Option<String>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Who the request's credentials name.
+///
+/// # Errors
+///
+/// [`ApiError::Unauthorized`] for a missing, malformed, unknown, revoked or
+/// expired token.
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let header = headers.get(axum::http::header::AUTHORIZATION);
+    let Some(header) = header else {
+        if state.auth.dev_no_auth {
+            let user = headers
+                .get("x-user-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| !s.is_empty())
+                .unwrap_or("user_456");
+            let company = headers
+                .get("x-company-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            return Ok(Principal {
+                user_id: user.to_string(),
+                companies: vec![company.to_string()],
+                permissions: PERMISSIONS.iter().map(|p| p.to_string()).collect(),
+            });
+        }
+        return Err(ApiError::Unauthorized("no Authorization header".into()));
+    };
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthorized("Authorization is not a Bearer token".into()))?;
+    if token.starts_with(TOKEN_PREFIX) {
+        let row = sqlx::query("SELECT user_id, companies, permissions, revoked_at FROM api_tokens WHERE token_hash = ?")
+            .bind(sha256_hex(token))
+            .fetch_optional(&state.db)
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("unknown API token".into()))?;
+        if row.try_get::<Option<String>, _>("revoked_at")?.is_some() {
+            return Err(ApiError::Unauthorized("revoked API token".into()));
+        }
+        let parse = |col: &str| -> Result<Vec<String>, ApiError> {
+            let s: String = row.try_get(col)?;
+            serde_json::from_str(&s).map_err(|e| ApiError::Internal(e.into()))
+        };
+        return Ok(Principal {
+            user_id: row.try_get("user_id")?,
+            companies: parse("companies")?,
+            permissions: parse("permissions")?,
+        });
+    }
+    let jwt = state.auth.jwt.as_ref().ok_or_else(|| {
+        ApiError::Unauthorized("not an API token, and JWTs are not configured".into())
+    })?;
+    let data = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
+        .map_err(|e| ApiError::Unauthorized(format!("JWT rejected: {e}")))?;
+    let c = data.claims;
+    let mut companies = c.companies;
+    companies.extend(c.company_id);
+    let mut permissions = c.permissions;
+    if let Some(scope) = c.scope {
+        permissions.extend(scope.split_whitespace().map(str::to_string));
+    }
+    Ok(Principal {
+        user_id: c.sub,
+        companies,
+        permissions,
+    })
+}
+
+/// Authenticates, checks `permission`, and checks that `X-Company-ID` is one
+/// of the caller's companies; names the actor in the audit row.
+///
+/// # Errors
+///
+/// 401 without valid credentials, 403 without the permission, 400 without
+/// `X-Company-ID`, 403 for a company that is not the caller's.
+pub async fn scope(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    permission: &str,
+) -> Result<Scope, ApiError> {
+    let principal = authenticate(state, headers).await?;
+    let company = headers
+        .get("x-company-id")
+        .map(|v| v.to_str().map(str::trim));
+    let company = match company {
+        Some(Ok(c)) if !c.is_empty() => Some(c.to_string()),
+        Some(Err(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "X-Company-ID is not valid text".into(),
+            ))
+        }
+        _ => None,
+    };
+    ctx.set_actor(&principal.user_id, company.as_deref());
+    if !principal.permissions.iter().any(|p| p == permission) {
+        return Err(ApiError::Forbidden(
+            "INSUFFICIENT_PERMISSIONS",
+            format!("this token lacks the {permission} permission"),
+        ));
+    }
+    let company = company.ok_or(ApiError::MissingCompany)?;
+    if company.len() > 128 || !principal.companies.contains(&company) {
+        return Err(ApiError::Forbidden(
+            "COMPANY_ACCESS_DENIED",
+            "this token does not grant access to that company".into(),
+        ));
+    }
+    Ok(Scope {
+        user_id: principal.user_id,
+        company_id: company,
+    })
+}
+
+/// Creates an API token; returns `(id, token)`. Only the hash is stored.
+///
+/// # Errors
+///
+/// Unknown permission names, or database errors.
+pub async fn create_token(
+    db: &SqlitePool,
+    user: &str,
+    companies: &[String],
+    permissions: &[String],
+) -> anyhow::Result<(String, String)> {
+    for p in permissions {
+        anyhow::ensure!(
+            PERMISSIONS.contains(&p.as_str()),
+            "unknown permission {p:?} (known: {PERMISSIONS:?})"
+        );
+    }
+    anyhow::ensure!(
+        !user.is_empty() && !companies.is_empty(),
+        "a token needs a user and at least one company"
+    );
+    let id = hex::encode(rand::random::<[u8; 6]>());
+    let secret =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let token = format!("{TOKEN_PREFIX}{id}_{secret}");
+    sqlx::query("INSERT INTO api_tokens (id, token_hash, user_id, companies, permissions, created_at) VALUES (?,?,?,?,?,?)")
+        .bind(&id)
+        .bind(sha256_hex(&token))
+        .bind(user)
+        .bind(serde_json::to_string(companies)?)
+        .bind(serde_json::to_string(permissions)?)
+        .bind(handover::model::format_timestamp(time::OffsetDateTime::now_utc()))
+        .execute(db)
+        .await?;
+    Ok((id, token))
+}
+
+/// Revokes a token given its id or the token itself; false when unknown.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn revoke_token(db: &SqlitePool, id_or_token: &str) -> anyhow::Result<bool> {
+    let id = match id_or_token.strip_prefix(TOKEN_PREFIX) {
+        Some(rest) => rest.split('_').next().unwrap_or_default(),
+        None => id_or_token,
+    };
+    let r = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        .bind(handover::model::format_timestamp(
+            time::OffsetDateTime::now_utc(),
+        ))
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}

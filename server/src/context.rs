@@ -1,0 +1,219 @@
+//! Per-request context: request id, timing, client facts, and what the
+//! handler learned for the audit row (actor, company, action, resource,
+//! rate-limit state). One middleware creates it, adds `X-Request-Id` and the
+//! `RateLimit-*` headers, logs internal errors, counts metrics and writes
+//! the audit row for every `/api/` request, allowed or refused.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::audit::AuditEntry;
+use crate::error::{ApiError, ErrorCode, InternalErrorText};
+use crate::ratelimit::RateState;
+use crate::AppState;
+
+/// API version reported in every envelope.
+pub const API_VERSION: &str = "1.0.0";
+
+#[derive(Debug, Default)]
+struct Learned {
+    actor: Option<String>,
+    company: Option<String>,
+    action: Option<&'static str>,
+    resource: Option<String>,
+    details: serde_json::Map<String, Value>,
+    rate: Option<RateState>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    request_id: String,
+    started: Instant,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    learned: Mutex<Learned>,
+}
+
+/// The context of one request (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Ctx(Arc<Inner>);
+
+impl Ctx {
+    /// The request id (`req_…`), also in `X-Request-Id` and `meta.requestId`.
+    pub fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Learned> {
+        self.0.learned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Names who is acting, for the audit row.
+    pub fn set_actor(&self, user: &str, company: Option<&str>) {
+        let mut l = self.learned();
+        l.actor = Some(user.to_string());
+        l.company = company.map(str::to_string);
+    }
+
+    /// Names what is being done to what, for the audit row.
+    pub fn set_action(&self, action: &'static str, resource: Option<&str>) {
+        let mut l = self.learned();
+        l.action = Some(action);
+        l.resource = resource.map(str::to_string);
+    }
+
+    /// Adds a detail to the audit row.
+    pub fn detail(&self, key: &str, value: impl Into<Value>) {
+        self.learned().details.insert(key.to_string(), value.into());
+    }
+
+    /// Records the rate-limit state, sent back as `RateLimit-*` headers.
+    pub fn set_rate(&self, rate: RateState) {
+        self.learned().rate = Some(rate);
+    }
+
+    /// Client IP and user agent, for audit events written by handlers.
+    pub fn client(&self) -> (Option<String>, Option<String>) {
+        (self.0.ip.clone(), self.0.user_agent.clone())
+    }
+
+    /// The success envelope around `data`.
+    pub fn ok<T: Serialize>(&self, data: T) -> Json<Value> {
+        Json(json!({
+            "success": true,
+            "data": data,
+            "meta": {
+                "requestId": self.request_id(),
+                "timestamp": handover::model::format_timestamp(time::OffsetDateTime::now_utc()),
+                "version": API_VERSION,
+                "processingTimeMs": self.0.started.elapsed().as_millis() as u64,
+            }
+        }))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Ctx>().cloned().ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("request context middleware missing"))
+        })
+    }
+}
+
+fn new_request_id() -> String {
+    format!("req_{}", hex::encode(rand::random::<[u8; 12]>()))
+}
+
+/// The request middleware (see the module docs).
+pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_string());
+    let user_agent = req
+        .headers()
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(512).collect());
+    let ctx = Ctx(Arc::new(Inner {
+        request_id: new_request_id(),
+        started: Instant::now(),
+        ip,
+        user_agent,
+        learned: Mutex::new(Learned::default()),
+    }));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    req.extensions_mut().insert(ctx.clone());
+
+    let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
+    let _enter = span.enter();
+    drop(_enter);
+    let mut response = next.run(req).await;
+
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    if let Some(InternalErrorText(text)) = response.extensions().get::<InternalErrorText>() {
+        if status.is_server_error() {
+            tracing::error!(request_id = %ctx.request_id(), %method, %path, error = %text, "request failed");
+        } else {
+            tracing::info!(request_id = %ctx.request_id(), %method, %path, reason = %text, "request refused");
+        }
+    }
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    let learned = std::mem::take(&mut *ctx.learned());
+    if let Some(rate) = &learned.rate {
+        headers.insert(
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(rate.limit),
+        );
+        headers.insert(
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(rate.remaining),
+        );
+        headers.insert(
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(rate.reset_secs),
+        );
+    }
+    let elapsed = ctx.0.started.elapsed();
+    state.metrics.observe_request(status.as_u16(), elapsed);
+    tracing::info!(
+        request_id = %ctx.request_id(), %method, %path, status = status.as_u16(),
+        ms = elapsed.as_millis() as u64, "request"
+    );
+
+    if path.starts_with("/api/") {
+        let outcome = if status.is_success() {
+            "allowed"
+        } else if status.is_server_error() {
+            "error"
+        } else {
+            "refused"
+        };
+        let mut details = learned.details;
+        details.insert("method".into(), json!(method.as_str()));
+        details.insert("path".into(), json!(path));
+        if let Some(code) = code {
+            details.insert("code".into(), json!(code));
+        }
+        let entry = AuditEntry {
+            request_id: Some(ctx.request_id().to_string()),
+            actor: learned.actor,
+            company_id: learned.company,
+            action: learned.action.unwrap_or("api.request").to_string(),
+            resource: learned.resource,
+            outcome: outcome.to_string(),
+            status: Some(status.as_u16()),
+            ip: ctx.0.ip.clone(),
+            user_agent: ctx.0.user_agent.clone(),
+            details: Value::Object(details),
+        };
+        if let Err(e) = state.audit.append(&state.db, entry).await {
+            // An API request that cannot be audited must not succeed silently.
+            tracing::error!(request_id = %ctx.request_id(), error = %format!("{e:#}"), "audit write failed");
+            let mut r = ApiError::Internal(anyhow::anyhow!("audit write failed")).into_response();
+            if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
+                r.headers_mut()
+                    .insert(HeaderName::from_static("x-request-id"), v);
+            }
+            return r;
+        }
+    }
+    response
+}

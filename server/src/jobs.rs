@@ -1,0 +1,282 @@
+//! Background work: the worker that builds server-delivered exports
+//! (retried once on failure), and the sweeper that fails abandoned client
+//! exports and expires old ones.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use handover::format::{ExportFormat, ExportWriter, FormatOptions};
+use handover::model::{parse_timestamp, DateRange, ExportInfo};
+use serde_json::json;
+use sqlx::Row;
+
+use crate::exports::{self, ExportRow};
+use crate::AppState;
+
+/// Records per database page while building a file.
+const BUILD_PAGE: u32 = 5000;
+
+/// What a format writer states about `row` besides the data.
+///
+/// # Errors
+///
+/// A stored timestamp that does not parse.
+pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportInfo> {
+    let generated = row
+        .started_at
+        .as_deref()
+        .or(Some(row.created_at.as_str()))
+        .and_then(parse_timestamp)
+        .context("export has no valid timestamp")?;
+    let mut info = ExportInfo::new(&row.id, generated);
+    info.user_id = Some(row.user_id.clone());
+    if row.date_start.is_some() || row.date_end.is_some() {
+        info.date_range = Some(DateRange {
+            start: row.date_start.clone(),
+            end: row.date_end.clone(),
+        });
+    }
+    info.article_15 = state.registry.article_15.clone();
+    Ok(info)
+}
+
+/// Streams every record of `row` through `format`'s writer into `sink`.
+/// Returns the number of records written.
+///
+/// # Errors
+///
+/// Database, format or sink errors.
+pub async fn build<F, Fut>(
+    state: &AppState,
+    row: &ExportRow,
+    format: ExportFormat,
+    mut sink: F,
+) -> anyhow::Result<u64>
+where
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let info = export_info(state, row)?;
+    let mut writer = ExportWriter::new(format, &row.manifest, &info, &FormatOptions::default())?;
+    sink(writer.begin()?).await?;
+    let range = row.range();
+    let owner = crate::auth::Scope {
+        user_id: row.user_id.clone(),
+        company_id: row.company_id.clone(),
+    };
+    for name in &row.data_types {
+        let t = state
+            .registry
+            .get(name)
+            .with_context(|| format!("data type {name} is no longer configured"))?;
+        let mut cursor: Option<String> = None;
+        loop {
+            let (records, next) = state
+                .registry
+                .page(&state.db, t, &owner, &range, cursor.as_deref(), BUILD_PAGE)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let chunk = writer.write_page(name, &records)?;
+            if !chunk.is_empty() {
+                sink(chunk).await?;
+            }
+            sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
+                .bind(writer.records_written() as i64)
+                .bind(name)
+                .bind(exports::now())
+                .bind(&row.id)
+                .execute(&state.db)
+                .await?;
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+    }
+    sink(writer.finish()?).await?;
+    Ok(writer.records_written())
+}
+
+/// Builds and stores the file(s) of a claimed server export.
+async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64, String)> {
+    let format: ExportFormat = row.export_format.parse()?;
+    let mut formats = vec![format];
+    if format != ExportFormat::Json {
+        // Kept so the download can also offer json and csv.
+        formats.push(ExportFormat::Json);
+    }
+    let mut result = None;
+    for f in formats {
+        let file = state.files.create(&row.id, f).await?;
+        let cell = std::sync::Arc::new(tokio::sync::Mutex::new(Some(file)));
+        let records = build(state, row, f, |chunk| {
+            let cell = cell.clone();
+            async move {
+                let mut guard = cell.lock().await;
+                guard.as_mut().context("file closed")?.write(&chunk).await
+            }
+        })
+        .await?;
+        let file = cell.lock().await.take().context("file closed")?;
+        let (size, sha) = file.finish(&state.db, &row.id, f).await?;
+        if f == format {
+            result = Some((records, size, sha));
+        }
+    }
+    result.context("no file built")
+}
+
+/// Claims and builds pending server exports until none is left.
+pub async fn drain(state: &AppState) -> anyhow::Result<()> {
+    loop {
+        let Some(id) = sqlx::query_scalar::<_, String>(
+            "SELECT id FROM export_requests WHERE status = 'pending' AND delivery = 'server' AND deleted_at IS NULL ORDER BY created_at LIMIT 1",
+        )
+        .fetch_optional(&state.db)
+        .await?
+        else {
+            return Ok(());
+        };
+        let now = exports::now();
+        let claimed = sqlx::query(
+            "UPDATE export_requests SET status = 'processing', started_at = ?, attempts = attempts + 1, last_activity_at = ? \
+             WHERE id = ? AND status = 'pending'",
+        )
+        .bind(&now)
+        .bind(&now)
+        .bind(&id)
+        .execute(&state.db)
+        .await?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            continue; // another worker took it
+        }
+        let Some(row) = exports::find_any(&state.db, &id).await? else {
+            continue;
+        };
+        exports::event(
+            state,
+            &row,
+            "export.started",
+            None,
+            json!({ "delivery": "server", "attempt": row.attempts }),
+        )
+        .await?;
+        match run_one(state, &row).await {
+            Ok((records, size, sha)) => {
+                let done = exports::now();
+                sqlx::query(
+                    "UPDATE export_requests SET status = 'completed', completed_at = ?, record_count = ?, byte_size = ?, sha256 = ?, \
+                     records_served = ?, current_type = NULL, last_activity_at = ? WHERE id = ? AND status = 'processing'",
+                )
+                .bind(&done)
+                .bind(records as i64)
+                .bind(size as i64)
+                .bind(&sha)
+                .bind(records as i64)
+                .bind(&done)
+                .bind(&id)
+                .execute(&state.db)
+                .await?;
+                let processing = parse_timestamp(&row.created_at)
+                    .map(|c| (time::OffsetDateTime::now_utc() - c).unsigned_abs())
+                    .unwrap_or_default();
+                state.metrics.export_completed(size, records, processing);
+                exports::event(
+                    state,
+                    &row,
+                    "export.completed",
+                    None,
+                    json!({ "delivery": "server", "export_format": row.export_format, "data_types": row.data_types,
+                            "record_count": records, "byte_size": size, "sha256": sha }),
+                )
+                .await?;
+            }
+            Err(e) => {
+                tracing::error!(export = %id, attempt = row.attempts, error = %format!("{e:#}"), "building export failed");
+                state.files.destroy(&state.db, &id).await?;
+                if row.attempts < 2 {
+                    // Automatic retry: once.
+                    sqlx::query("UPDATE export_requests SET status = 'pending' WHERE id = ? AND status = 'processing'")
+                        .bind(&id)
+                        .execute(&state.db)
+                        .await?;
+                } else {
+                    exports::fail(state, &row, "generation failed", None).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Fails client exports idle for longer than the stale limit and expires
+/// exports past their retention.
+pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
+    let cutoff = handover::model::format_timestamp(
+        time::OffsetDateTime::now_utc() - state.settings.stale_after,
+    );
+    let stale = sqlx::query(
+        "SELECT id FROM export_requests WHERE status IN ('pending', 'processing') AND delivery = 'client' \
+         AND deleted_at IS NULL AND last_activity_at < ?",
+    )
+    .bind(&cutoff)
+    .fetch_all(&state.db)
+    .await?;
+    for r in stale {
+        if let Some(row) = exports::find_any(&state.db, &r.try_get::<String, _>("id")?).await? {
+            exports::fail(state, &row, "abandoned: no activity from the browser", None).await?;
+        }
+    }
+    let now = exports::now();
+    let expired = sqlx::query("SELECT id FROM export_requests WHERE status = 'completed' AND deleted_at IS NULL AND expires_at < ?")
+        .bind(&now)
+        .fetch_all(&state.db)
+        .await?;
+    for r in expired {
+        let id: String = r.try_get("id")?;
+        let Some(row) = exports::find_any(&state.db, &id).await? else {
+            continue;
+        };
+        state.files.destroy(&state.db, &id).await?;
+        sqlx::query(
+            "UPDATE export_requests SET status = 'expired' WHERE id = ? AND status = 'completed'",
+        )
+        .bind(&id)
+        .execute(&state.db)
+        .await?;
+        exports::event(
+            state,
+            &row,
+            "export.expired",
+            None,
+            json!({ "expires_at": row.expires_at }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs the worker and the sweeper until the process ends.
+pub fn spawn(state: AppState) {
+    let worker = state.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = drain(&worker).await {
+                tracing::error!(error = %format!("{e:#}"), "export worker error");
+            }
+            tokio::select! {
+                () = worker.jobs.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = sweep(&state).await {
+                tracing::error!(error = %format!("{e:#}"), "sweeper error");
+            }
+            tokio::time::sleep(state.settings.sweep_every).await;
+        }
+    });
+}

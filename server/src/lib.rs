@@ -1,0 +1,159 @@
+//! handover-server: the Data Export API (see the API reference in
+//! `shared/seeds/004_…`) with auth, tenant isolation, persistent rate
+//! limits, encryption at rest and a hash-chained audit log.
+//!
+//! [`app`] builds the router from an [`AppState`], so tests drive the real
+//! thing on a real port.
+
+pub mod audit;
+pub mod auth;
+pub mod context;
+pub mod datatypes;
+pub mod db;
+pub mod demo;
+pub mod error;
+pub mod exports;
+pub mod files;
+pub mod jobs;
+pub mod metrics;
+pub mod openapi;
+pub mod ratelimit;
+pub mod routes;
+
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use sqlx::SqlitePool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::services::ServeDir;
+
+use crate::error::ApiError;
+
+/// Test-only fault injection on record pages (`HANDOVER_FAULT_PAGES`).
+#[derive(Debug, Clone)]
+pub struct FaultInjection {
+    /// Share of page requests that fail, 0.0–1.0.
+    pub rate: f64,
+}
+
+impl FaultInjection {
+    /// Decides whether this request fails, and how: a 500, or a connection
+    /// dropped mid-body.
+    pub fn roll(&self) -> Option<Response> {
+        if rand::random::<f64>() >= self.rate {
+            return None;
+        }
+        if rand::random::<bool>() {
+            return Some(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response());
+        }
+        let stream = futures_util::stream::iter(vec![
+            Ok(axum::body::Bytes::from_static(
+                b"{\"success\":true,\"data\":{\"records\":[",
+            )),
+            Err(std::io::Error::other("injected dropped connection")),
+        ]);
+        let mut r = Response::new(axum::body::Body::from_stream(stream));
+        r.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        Some(r)
+    }
+}
+
+/// Settings that are not about auth or storage.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Serve `www/` at `/` and `pkg/` at `/pkg/`.
+    pub demo_dirs: Option<(PathBuf, PathBuf)>,
+    /// Client exports idle this long are failed by the sweeper.
+    pub stale_after: time::Duration,
+    pub sweep_every: Duration,
+    pub fault: Option<FaultInjection>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            demo_dirs: None,
+            stale_after: time::Duration::minutes(15),
+            sweep_every: Duration::from_secs(30),
+            fault: None,
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct StateInner {
+    pub db: SqlitePool,
+    pub registry: datatypes::Registry,
+    pub auth: auth::AuthConfig,
+    pub audit: audit::AuditLog,
+    pub metrics: metrics::Metrics,
+    pub files: files::FileStore,
+    pub settings: Settings,
+    /// Wakes the export worker.
+    pub jobs: tokio::sync::Notify,
+}
+
+/// Cheaply cloneable handle to [`StateInner`].
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<StateInner>);
+
+impl Deref for AppState {
+    type Target = StateInner;
+    fn deref(&self) -> &StateInner {
+        &self.0
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    let mut r = ApiError::Internal(anyhow::anyhow!("panic")).into_response();
+    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let mut router = Router::new()
+        .merge(routes::exports::router())
+        .merge(routes::records::router())
+        .merge(routes::summary::router())
+        .merge(routes::audit::router())
+        .merge(routes::meta::router());
+    if let Some((www, pkg)) = &state.settings.demo_dirs {
+        router = router
+            .nest_service("/pkg", ServeDir::new(pkg))
+            .fallback_service(
+                ServeDir::new(www)
+                    .fallback(axum::routing::any(not_found).with_state(state.clone())),
+            );
+    } else {
+        router = router.fallback(not_found);
+    }
+    router
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            context::middleware,
+        ))
+        .with_state(state)
+}

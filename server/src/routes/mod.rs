@@ -1,0 +1,107 @@
+//! HTTP routes. Each module owns its `router()`, its request/response
+//! handling and its private handlers; this module holds the extractors
+//! they share.
+
+pub mod audit;
+pub mod exports;
+pub mod meta;
+pub mod records;
+pub mod summary;
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON object body. Not JSON (or not an object) → 400 `INVALID_REQUEST`;
+/// over [`MAX_BODY_BYTES`] → 413. Handlers validate fields themselves so
+/// every 422 names its field and specific code.
+#[derive(Debug)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+            } else {
+                ApiError::InvalidRequest("the request body could not be read".into())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::InvalidRequest(
+                "a JSON object body is required".into(),
+            ));
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(ApiError::InvalidRequest(
+                "the request body must be a JSON object".into(),
+            )),
+            Err(e) => Err(ApiError::InvalidRequest(format!(
+                "malformed JSON body: {e}"
+            ))),
+        }
+    }
+}
+
+/// Query parameters (last value wins); never rejects.
+#[derive(Debug, Default)]
+pub struct QueryMap(pub HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or_default();
+        Ok(Self(
+            form_urlencoded::parse(q.as_bytes()).into_owned().collect(),
+        ))
+    }
+}
+
+impl QueryMap {
+    /// An integer parameter within `min..=max`, or `default` when absent.
+    ///
+    /// # Errors
+    ///
+    /// 422 with `code` naming the parameter.
+    pub fn int(
+        &self,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+        code: &'static str,
+    ) -> Result<u64, ApiError> {
+        match self.0.get(name) {
+            None => Ok(default),
+            Some(s) => s
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        code,
+                        name,
+                        format!("{name} must be an integer from {min} to {max}"),
+                    )
+                }),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}

@@ -1,0 +1,62 @@
+//! `GET /api/data/summary`: per data type, its description and the caller's
+//! record count (the "127 Particles · 12 Projects" card).
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::auth::{self, PERM_EXPORT};
+use crate::context::Ctx;
+use crate::datatypes::Range;
+use crate::error::ApiResult;
+use crate::ratelimit;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/data/summary", get(summary))
+}
+
+#[utoipa::path(get, path = "/api/data/summary", tag = "data", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), responses((status = 200, description = "Per data type: description and the caller's record count", body = crate::openapi::Envelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope)))]
+pub(crate) async fn summary(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    ctx.set_action("data.summary", None);
+    let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
+    ctx.set_rate(
+        ratelimit::admit(
+            &state.db,
+            ratelimit::OTHER_READ,
+            &scope.user_id,
+            &scope.company_id,
+        )
+        .await?,
+    );
+    let mut types = Vec::new();
+    let mut total = 0;
+    for t in state.registry.all() {
+        let n = state
+            .registry
+            .count(
+                &state.db,
+                t,
+                &scope.user_id,
+                &scope.company_id,
+                &Range::default(),
+            )
+            .await?;
+        total += n;
+        types.push(json!({ "data_type": t.name, "description": t.description, "records": n }));
+    }
+    Ok(ctx.ok(json!({
+        "user_id": scope.user_id,
+        "company_id": scope.company_id,
+        "data_types": types,
+        "total_records": total,
+        "formats": ["json", "csv", "xlsx"],
+        "article_15": state.registry.article_15,
+    })))
+}
