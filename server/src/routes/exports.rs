@@ -238,17 +238,26 @@ pub async fn plan(
             .count(&state.db, t, &scope.user_id, &scope.company_id, range)
             .await?;
         if records > 0 {
-            // A small sample gives the average record size.
-            let (sample, _) = state
+            // A small sample gives the average record size; a sample that
+            // cannot be read only makes the estimate rougher.
+            let avg = match state
                 .registry
                 .page(&state.db, t, scope, range, None, 20)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let avg = sample
-                .iter()
-                .map(|r| Value::Object(r.clone()).to_string().len() as u64 + 2)
-                .sum::<u64>()
-                / sample.len().max(1) as u64;
+            {
+                Ok((sample, _)) if !sample.is_empty() => {
+                    sample
+                        .iter()
+                        .map(|r| Value::Object(r.clone()).to_string().len() as u64 + 2)
+                        .sum::<u64>()
+                        / sample.len() as u64
+                }
+                Ok(_) => 256,
+                Err(e) => {
+                    tracing::warn!(data_type = %name, error = %e, "could not sample records for the size estimate");
+                    256
+                }
+            };
             bytes += avg * records;
         }
         manifest.types.insert(
