@@ -22,12 +22,9 @@ const BUILD_PAGE: u32 = 5000;
 ///
 /// A stored timestamp that does not parse.
 pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportInfo> {
-    let generated = row
-        .started_at
-        .as_deref()
-        .or(Some(row.created_at.as_str()))
-        .and_then(parse_timestamp)
-        .context("export has no valid timestamp")?;
+    // The request's creation time, so the browser (which learns it from the
+    // create response) and the server state the same generation time.
+    let generated = parse_timestamp(&row.created_at).context("export has no valid timestamp")?;
     let mut info = ExportInfo::new(&row.id, generated);
     info.user_id = Some(row.user_id.clone());
     if row.date_start.is_some() || row.date_end.is_some() {

@@ -43,14 +43,25 @@ pub struct FaultInjection {
 }
 
 impl FaultInjection {
-    /// Decides whether this request fails, and how: a 500, or a connection
-    /// dropped mid-body.
+    /// Decides whether this request fails, and how: a 500, a 429 with
+    /// `Retry-After: 1`, or a connection dropped mid-body.
     pub fn roll(&self) -> Option<Response> {
         if rand::random::<f64>() >= self.rate {
             return None;
         }
-        if rand::random::<bool>() {
-            return Some(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response());
+        match rand::random_range(0..3) {
+            0 => {
+                return Some(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response())
+            }
+            1 => {
+                let limited = ApiError::RateLimited {
+                    limit: 1,
+                    window_secs: 1,
+                    retry_after: 1,
+                };
+                return Some(limited.into_response());
+            }
+            _ => {}
         }
         let stream = futures_util::stream::iter(vec![
             Ok(axum::body::Bytes::from_static(
@@ -72,6 +83,10 @@ impl FaultInjection {
 pub struct Settings {
     /// Serve `www/` at `/` and `pkg/` at `/pkg/`.
     pub demo_dirs: Option<(PathBuf, PathBuf)>,
+    /// Demo mode: a token for user_456 handed to the demo page at `/demo-config.json`.
+    pub demo_token: Option<String>,
+    /// Origins allowed to call the API from a browser (`*` for any).
+    pub cors_origins: Vec<String>,
     /// Client exports idle this long are failed by the sweeper.
     pub stale_after: time::Duration,
     pub sweep_every: Duration,
@@ -82,6 +97,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             demo_dirs: None,
+            demo_token: None,
+            cors_origins: Vec::new(),
             stale_after: time::Duration::minutes(15),
             sweep_every: Duration::from_secs(30),
             fault: None,
@@ -129,6 +146,40 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     r
 }
 
+/// CORS for browsers on other origins: the headers the module sends, and
+/// the ones it must read (rate limits, request id, file name).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-company-id"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::CONTENT_DISPOSITION,
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("ratelimit-limit"),
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderName::from_static("ratelimit-reset"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
@@ -138,7 +189,14 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::audit::router())
         .merge(routes::meta::router());
     if let Some((www, pkg)) = &state.settings.demo_dirs {
+        let token = state.settings.demo_token.clone();
         router = router
+            .route(
+                "/demo-config.json",
+                axum::routing::get(move || async move {
+                    axum::Json(serde_json::json!({ "token": token, "companyId": "company_123", "userId": "user_456" }))
+                }),
+            )
             .nest_service("/pkg", ServeDir::new(pkg))
             .fallback_service(
                 ServeDir::new(www)
@@ -146,6 +204,9 @@ pub fn app(state: AppState) -> Router {
             );
     } else {
         router = router.fallback(not_found);
+    }
+    if let Some(cors) = cors_layer(&state.settings.cors_origins) {
+        router = router.layer(cors);
     }
     router
         .method_not_allowed_fallback(method_not_allowed)

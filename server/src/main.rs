@@ -139,6 +139,9 @@ struct ServeArgs {
     /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
     #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
     fault_pages: Option<f64>,
+    /// Origins allowed to call the API from browsers, comma-separated (`*` for any).
+    #[arg(long, env = "HANDOVER_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
     /// Demo mode: users generated, and records per user.
     #[arg(long, env = "HANDOVER_DEMO_USERS", default_value_t = 3)]
     demo_users: u64,
@@ -239,6 +242,18 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             "loaded demo data"
         );
     }
+    let demo_token = if args.demo {
+        let (_, token) = auth::create_token(
+            &pool,
+            "user_456",
+            &["company_123".to_string(), "company_456".to_string()],
+            &[PERM_EXPORT.to_string(), PERM_AUDIT.to_string()],
+        )
+        .await?;
+        Some(token)
+    } else {
+        None
+    };
     let state = AppState(Arc::new(StateInner {
         db: pool.clone(),
         registry,
@@ -253,6 +268,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             demo_dirs: args
                 .demo
                 .then(|| (args.www_dir.clone(), args.pkg_dir.clone())),
+            demo_token: demo_token.clone(),
+            cors_origins: args.cors_origins.clone(),
             stale_after: time::Duration::seconds(args.stale_after_secs as i64),
             sweep_every: Duration::from_secs(args.sweep_secs.max(1)),
             fault,
@@ -265,14 +282,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("HANDOVER_BIND: cannot listen on {}", args.bind))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "handover-server listening");
-    if args.demo {
-        let (_, token) = auth::create_token(
-            &pool,
-            "user_456",
-            &["company_123".to_string(), "company_456".to_string()],
-            &[PERM_EXPORT.to_string(), PERM_AUDIT.to_string()],
-        )
-        .await?;
+    if let Some(token) = &demo_token {
         println!(
             "\n  handover demo: http://{addr}/\n  demo token (user_456, company_123): {token}\n"
         );

@@ -616,7 +616,10 @@ async fn pages_apply_the_date_range_and_validate_their_parameters() {
     );
     for rec in &all[0].1 {
         let t = rec["created_at"].as_str().unwrap();
-        assert!(("2024-01-02".."2024-01-03T00:00:00.001").contains(&t), "{t}");
+        assert!(
+            ("2024-01-02".."2024-01-03T00:00:00.001").contains(&t),
+            "{t}"
+        );
     }
     for (q, code) in [
         ("limit=0", "INVALID_LIMIT"),

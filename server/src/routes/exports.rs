@@ -316,6 +316,11 @@ pub(crate) async fn create(
         }
         data["manifest"] =
             serde_json::to_value(&row.manifest).map_err(|e| ApiError::Internal(e.into()))?;
+        // What the browser's writer states besides the data: the same as a
+        // server-built file of this request would.
+        let info = crate::jobs::export_info(&state, &row).map_err(ApiError::Internal)?;
+        data["export_info"] =
+            serde_json::to_value(&info).map_err(|e| ApiError::Internal(e.into()))?;
     } else {
         state.jobs.notify_one();
     }
