@@ -15,14 +15,15 @@ const dir = snippets.find((d) => existsSync(join(pkg, "snippets", d, "js", "erro
 if (!dir) fail("pkg/snippets/*/js/errors.js not found: did wasm-bindgen change its layout?");
 const errorsPath = `./snippets/${dir}/js/errors.js`;
 
+for (const f of ["worker.js", "in-worker.js"]) copyFileSync(join(root, "js", f), join(pkg, f));
 const mainJs = join(pkg, "handover.js");
 let js = readFileSync(mainJs, "utf8");
-const reexport = `export { ExportError } from "${errorsPath}";\n`;
+const reexport = `export { ExportError } from "${errorsPath}";\nexport { exportDataInWorker } from "./in-worker.js";\n`;
 if (!js.includes(reexport)) writeFileSync(mainJs, js + "\n" + reexport);
 
 const cargo = readFileSync(join(root, "Cargo.toml"), "utf8");
 const version = /\[package\][^[]*?\nversion = "([^"]+)"/s.exec(cargo)?.[1] ?? fail("no version in Cargo.toml");
-const extra = existsSync(join(pkg, "worker.js")) ? ["worker.js"] : [];
+const extra = ["worker.js", "in-worker.js"];
 const manifest = {
   name: "handover",
   version,
@@ -34,7 +35,7 @@ const manifest = {
   types: "./handover.d.ts",
   exports: {
     ".": { types: "./handover.d.ts", import: "./handover.js", default: "./handover.js" },
-    ...(extra.length ? { "./worker": "./worker.js" } : {}),
+    "./worker.js": "./worker.js",
     "./handover_bg.wasm": "./handover_bg.wasm",
     "./package.json": "./package.json",
   },

@@ -205,10 +205,8 @@ pub fn app(state: AppState) -> Router {
     } else {
         router = router.fallback(not_found);
     }
-    if let Some(cors) = cors_layer(&state.settings.cors_origins) {
-        router = router.layer(cors);
-    }
-    router
+    let cors = cors_layer(&state.settings.cors_origins);
+    let router = router
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(panic_response))
@@ -216,5 +214,10 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             context::middleware,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so preflight requests are answered before routing.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }

@@ -44,15 +44,15 @@ pub(crate) fn export_error(code: &str, message: &str) -> JsValue {
     make_export_error(code, message, None, None, JsValue::NULL)
 }
 
-/// A JS `ExportError` carrying an HTTP status and optional retry delay.
-#[allow(dead_code)] // used by the fetch loop
-pub(crate) fn http_export_error(
+/// A JS `ExportError` with every field.
+pub(crate) fn make_error(
     code: &str,
     message: &str,
-    status: u16,
+    status: Option<u16>,
     retry_after: Option<f64>,
+    details: JsValue,
 ) -> JsValue {
-    make_export_error(code, message, Some(status), retry_after, JsValue::NULL)
+    make_export_error(code, message, status, retry_after, details)
 }
 
 impl From<FormatError> for JsValue {

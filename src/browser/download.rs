@@ -1,0 +1,42 @@
+//! Handing the finished file to the browser's download.
+
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::{Blob, HtmlAnchorElement, Url};
+
+use super::error::export_error;
+
+/// Starts the download of `blob` as `filename` (object URL + anchor with
+/// `download`), and revokes the URL once the click has been handled.
+///
+/// # Errors
+///
+/// `DOWNLOAD_UNAVAILABLE` outside a page (e.g. in a worker: pass `download: false`).
+pub(crate) fn save(blob: &Blob, filename: &str) -> Result<(), JsValue> {
+    let window = web_sys::window().ok_or_else(|| {
+        export_error(
+            "DOWNLOAD_UNAVAILABLE",
+            "downloads need a page; in a worker pass download: false",
+        )
+    })?;
+    let document = window
+        .document()
+        .ok_or_else(|| export_error("DOWNLOAD_UNAVAILABLE", "this window has no document"))?;
+    let url = Url::create_object_url_with_blob(blob)?;
+    let anchor: HtmlAnchorElement = document.create_element("a")?.dyn_into()?;
+    anchor.set_href(&url);
+    anchor.set_download(filename);
+    anchor.set_hidden(true);
+    let body = document
+        .body()
+        .ok_or_else(|| export_error("DOWNLOAD_UNAVAILABLE", "the page has no body"))?;
+    body.append_child(&anchor)?;
+    anchor.click();
+    body.remove_child(&anchor)?;
+    // Revoke on the next turn, after the browser has taken the URL.
+    let revoke = Closure::once_into_js(move || {
+        let _ = Url::revoke_object_url(&url);
+    });
+    window.set_timeout_with_callback_and_timeout_and_arguments_0(revoke.unchecked_ref(), 1000)?;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! HTTP with fetch: retries with exponential backoff and jitter on network
+//! errors and 5xx, waiting out 429s, and cancellation through the caller's
+//! AbortSignal (which aborts the in-flight fetch too).
+
+use js_sys::{Function, Promise, Reflect, Uint8Array};
+use serde_json::Value;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{AbortSignal, Request, RequestInit, Response};
+
+use super::error::{export_error, make_error};
+
+/// How a request may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Safe to repeat: network errors and 5xx back off and retry; 429 waits.
+    Idempotent,
+    /// Creating an export: 5xx and network errors retry; a 429 is the
+    /// user's answer ("try again at 14:05") and is not waited out.
+    Create,
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub base: String,
+    pub token: String,
+    pub company: String,
+    pub signal: Option<AbortSignal>,
+    pub max_attempts: u32,
+    pub retry_base_ms: u32,
+    pub max_retry_after_secs: u32,
+}
+
+enum Outcome {
+    Reply {
+        status: u16,
+        body: Vec<u8>,
+        retry_after: Option<f64>,
+    },
+    Network(String),
+    Aborted,
+}
+
+pub(crate) fn aborted_error() -> JsValue {
+    export_error("ABORTED", "the export was cancelled")
+}
+
+fn global_fn(name: &str) -> Result<Function, JsValue> {
+    Reflect::get(&js_sys::global(), &name.into())?
+        .dyn_into::<Function>()
+        .map_err(|_| {
+            export_error(
+                "UNSUPPORTED_ENVIRONMENT",
+                &format!("{name}() is not available here"),
+            )
+        })
+}
+
+/// Resolves after `ms`, or rejects with ABORTED when `signal` fires first.
+pub(crate) async fn sleep(ms: f64, signal: Option<&AbortSignal>) -> Result<(), JsValue> {
+    let set_timeout = global_fn("setTimeout")?;
+    let signal = signal.cloned();
+    let promise = Promise::new(&mut |resolve, reject| {
+        if let Some(s) = &signal {
+            if s.aborted() {
+                let _ = reject.call1(&JsValue::NULL, &aborted_error());
+                return;
+            }
+            let reject = reject.clone();
+            let on_abort = Closure::once_into_js(move || {
+                let _ = reject.call1(&JsValue::NULL, &aborted_error());
+            });
+            let opts = web_sys::AddEventListenerOptions::new();
+            opts.set_once(true);
+            let _ = s.add_event_listener_with_callback_and_add_event_listener_options(
+                "abort",
+                on_abort.unchecked_ref(),
+                &opts,
+            );
+        }
+        let _ = set_timeout.call2(&JsValue::NULL, &resolve, &JsValue::from_f64(ms));
+    });
+    JsFuture::from(promise).await.map(|_| ())
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.signal.as_ref().is_some_and(AbortSignal::aborted)
+    }
+
+    async fn once(&self, method: &str, path: &str, body: Option<&str>) -> Result<Outcome, JsValue> {
+        let init = RequestInit::new();
+        init.set_method(method);
+        if let Some(b) = body {
+            init.set_body(&JsValue::from_str(b));
+        }
+        if let Some(s) = &self.signal {
+            init.set_signal(Some(s));
+        }
+        let request = Request::new_with_str_and_init(&self.url(path), &init).map_err(|_| {
+            export_error(
+                "INVALID_OPTIONS",
+                &format!("cannot make a request to {}", self.url(path)),
+            )
+        })?;
+        let headers = request.headers();
+        headers.set("Authorization", &format!("Bearer {}", self.token))?;
+        headers.set("X-Company-ID", &self.company)?;
+        headers.set("Accept", "application/json")?;
+        if body.is_some() {
+            headers.set("Content-Type", "application/json")?;
+        }
+        let fetch = global_fn("fetch")?;
+        let promise: Promise = fetch.call1(&js_sys::global(), &request)?.unchecked_into();
+        let response: Response = match JsFuture::from(promise).await {
+            Ok(r) => r.unchecked_into(),
+            Err(e) => {
+                return Ok(if self.is_aborted() {
+                    Outcome::Aborted
+                } else {
+                    Outcome::Network(describe(&e))
+                });
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("Retry-After")
+            .ok()
+            .flatten()
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        // Read the body as bytes: records are parsed in Rust, never as JS objects.
+        let buffer = match response.array_buffer() {
+            Ok(p) => JsFuture::from(p).await,
+            Err(e) => Err(e),
+        };
+        match buffer {
+            Ok(buf) => Ok(Outcome::Reply {
+                status,
+                body: Uint8Array::new(&buf).to_vec(),
+                retry_after,
+            }),
+            Err(e) if self.is_aborted() => {
+                let _ = e;
+                Ok(Outcome::Aborted)
+            }
+            Err(e) => Ok(Outcome::Network(format!(
+                "the connection broke while reading the response: {}",
+                describe(&e)
+            ))),
+        }
+    }
+
+    /// Sends a request, retrying as `retry` allows; returns the body of the
+    /// 2xx answer.
+    ///
+    /// # Errors
+    ///
+    /// `ExportError`: the server's code for a refused request, `ABORTED`,
+    /// or `NETWORK_ERROR` / the last 5xx code when retries are exhausted.
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        retry: Retry,
+    ) -> Result<Vec<u8>, JsValue> {
+        let mut attempt = 0;
+        let mut waits_429 = 0;
+        loop {
+            if self.is_aborted() {
+                return Err(aborted_error());
+            }
+            attempt += 1;
+            let outcome = self.once(method, path, body).await?;
+            let last_error = match outcome {
+                Outcome::Aborted => return Err(aborted_error()),
+                Outcome::Reply { status, body, .. } if (200..300).contains(&status) => {
+                    return Ok(body)
+                }
+                Outcome::Reply {
+                    status: 429,
+                    body,
+                    retry_after,
+                } => {
+                    let wait = retry_after.unwrap_or(1.0).max(0.0);
+                    if retry == Retry::Create
+                        || wait > f64::from(self.max_retry_after_secs)
+                        || waits_429 >= 20
+                    {
+                        return Err(server_error(429, &body, retry_after));
+                    }
+                    waits_429 += 1;
+                    attempt -= 1; // waiting out a rate limit is not a failed attempt
+                    sleep(wait * 1000.0, self.signal.as_ref()).await?;
+                    continue;
+                }
+                Outcome::Reply {
+                    status,
+                    body,
+                    retry_after,
+                } if status >= 500 => server_error(status, &body, retry_after),
+                Outcome::Reply {
+                    status,
+                    body,
+                    retry_after,
+                } => return Err(server_error(status, &body, retry_after)),
+                Outcome::Network(msg) => export_error(
+                    "NETWORK_ERROR",
+                    &format!("could not reach the export server: {msg}"),
+                ),
+            };
+            if attempt >= self.max_attempts {
+                return Err(last_error);
+            }
+            // Exponential backoff with jitter: base · 2^(n-1) · [0.5, 1).
+            let base = f64::from(self.retry_base_ms) * 2f64.powi(attempt as i32 - 1);
+            let delay = (base * (0.5 + js_sys::Math::random() * 0.5)).min(30_000.0);
+            sleep(delay, self.signal.as_ref()).await?;
+        }
+    }
+}
+
+fn describe(e: &JsValue) -> String {
+    Reflect::get(e, &"message".into())
+        .ok()
+        .and_then(|m| m.as_string())
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| "network error".into())
+}
+
+/// An `ExportError` from the server's error envelope.
+fn server_error(status: u16, body: &[u8], retry_after: Option<f64>) -> JsValue {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let e = &v["error"];
+    let code = e["code"].as_str().unwrap_or(match status {
+        401 => "UNAUTHORIZED",
+        403 => "FORBIDDEN",
+        404 => "NOT_FOUND",
+        429 => "RATE_LIMIT_EXCEEDED",
+        500..=599 => "SERVER_ERROR",
+        _ => "HTTP_ERROR",
+    });
+    let message = e["error"].as_str().map_or_else(
+        || format!("the export server answered {status}"),
+        str::to_string,
+    );
+    let details =
+        serde::Serialize::serialize(e, &serde_wasm_bindgen::Serializer::json_compatible())
+            .unwrap_or(JsValue::NULL);
+    make_error(code, &message, Some(status), retry_after, details)
+}

@@ -1,0 +1,40 @@
+// Runs the wasm-bindgen browser tests of exportData against real servers:
+// one clean and one that injects faults (500s, 429s, dropped connections)
+// into a third of the record pages, both on the same database. Server
+// URLs and tokens reach the tests as compile-time environment variables.
+import { spawnSync } from "node:child_process";
+import { makeDatabase, makeToken, companyOf, startServer, removeDatabase, ROOT } from "./server.mjs";
+
+const db = makeDatabase({ users: 12, records: 300 });
+const clean = await startServer(db);
+const faulty = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "0.3" } });
+const tokens = {};
+for (let n = 1; n <= 12; n++) {
+  const user = `user_${String(n).padStart(4, "0")}`;
+  tokens[user] = { token: makeToken(db, user, companyOf(n)), company: companyOf(n) };
+}
+let status = 1;
+try {
+  const r = spawnSync(
+    "cargo",
+    ["test", "-p", "handover", "--target", "wasm32-unknown-unknown", "--test", "browser_export", ...process.argv.slice(2)],
+    {
+      cwd: ROOT,
+      stdio: "inherit",
+      env: {
+        ...process.env,
+        HANDOVER_TEST_SERVER: clean.url,
+        HANDOVER_TEST_FAULTY_SERVER: faulty.url,
+        HANDOVER_TEST_TOKENS: JSON.stringify(tokens),
+        CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER: "wasm-bindgen-test-runner",
+        CHROMEDRIVER: process.env.CHROMEDRIVER ?? "/usr/bin/chromedriver",
+      },
+    },
+  );
+  status = r.status ?? 1;
+} finally {
+  await clean.stop();
+  await faulty.stop();
+  removeDatabase(db);
+}
+process.exit(status);
