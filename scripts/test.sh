@@ -25,15 +25,19 @@ cargo test --workspace
 step "examples"
 cargo run -q -p handover --example format_records > /dev/null
 
-step "wasm tests in headless Chromium"
+step "wasm tests of formatRecords in headless Chromium"
 CHROMEDRIVER=$(command -v chromedriver) \
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   cargo test -p handover --target wasm32-unknown-unknown --test browser_format
 
+step "wasm tests of exportData in headless Chromium against real servers (one injecting faults)"
+cargo build -p handover-server
+node tests/js/support/run-wasm-tests.mjs
+
 step "release package (pkg/)"
 scripts/build-pkg.sh
 
-step "browser tests of the release package and the demo (node --test, playwright-core + Chromium)"
-node --test --test-concurrency=1 tests/js/
+step "release package, bundler and end-to-end tests in Chromium (node --test, playwright-core)"
+node --test --test-concurrency=1 tests/js/*.test.mjs
 
 step "all tests passed in $(( $(date +%s) - start ))s"

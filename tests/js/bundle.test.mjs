@@ -1,0 +1,82 @@
+// The npm package as an app developer uses it: `npm install` the built
+// pkg/ into a fresh app, bundle the app with esbuild, and run the bundle
+// in Chromium against a real handover-server (formatRecords, exportData,
+// exportDataInWorker, ExportError).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, copyFileSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { launch } from "./support/chromium.mjs";
+import { serveStatic } from "./support/static-server.mjs";
+import { makeDatabase, makeToken, startServer, removeDatabase, ROOT } from "./support/server.mjs";
+
+let app, db, server, web, browser;
+
+before(async () => {
+  app = mkdtempSync(join(tmpdir(), "handover-app-"));
+  writeFileSync(join(app, "package.json"), JSON.stringify({ name: "some-app", private: true, type: "module" }));
+  execFileSync("npm", ["install", "--no-audit", "--no-fund", "--loglevel=error", join(ROOT, "pkg")], { cwd: app, stdio: "inherit" });
+  const pkgJson = JSON.parse(readFileSync(join(app, "node_modules/handover/package.json"), "utf8"));
+  assert.equal(pkgJson.name, "handover");
+  assert.equal(pkgJson.types, "./handover.d.ts");
+  writeFileSync(join(app, "main.js"), `
+    import init, { formatRecords, exportData, exportDataInWorker, ExportError } from "handover";
+    window.run = async ({ baseUrl, token }) => {
+      await init({ module_or_path: "/handover_bg.wasm" });
+      const out = {};
+      const csv = formatRecords({ payment_history: [{ id: "p1", amount_cents: 2999 }] }, { format: "csv" });
+      out.csv = new TextDecoder().decode(csv);
+      try { formatRecords({}, { format: "pdf" }); } catch (e) { out.formatError = [e instanceof ExportError, e.code]; }
+      const r = await exportData({ baseUrl, token, companyId: "company_123", format: "json",
+        dataTypes: ["user_profile", "payment_history"], download: false });
+      out.exported = { records: r.recordCount, bytes: r.byteSize, isBlob: r.blob instanceof Blob, sha: r.sha256 };
+      const w = await exportDataInWorker({ baseUrl, token, companyId: "company_123", format: "csv",
+        dataTypes: ["payment_history"], download: false, onProgress: (p) => { out.lastWorkerProgress = p.percentage; } });
+      out.worker = { records: w.recordCount, isBlob: w.blob instanceof Blob };
+      try { await exportData({ baseUrl, token, companyId: "company_123", dataTypes: [] }); } catch (e) { out.optionError = [e instanceof ExportError, e.code]; }
+      return out;
+    };
+  `);
+  const esbuild = join(ROOT, "node_modules/.bin/esbuild");
+  execFileSync(esbuild, ["main.js", "--bundle", "--format=esm", "--outfile=dist/main.js", "--log-level=warning"], { cwd: app, stdio: "inherit" });
+  // The wasm and the worker scripts ship beside the bundle, as an app's build would copy them.
+  for (const f of ["handover_bg.wasm", "worker.js", "in-worker.js", "handover.js"]) {
+    copyFileSync(join(app, "node_modules/handover", f), join(app, "dist", f));
+  }
+  execFileSync("cp", ["-r", join(app, "node_modules/handover/snippets"), join(app, "dist/")]);
+  writeFileSync(join(app, "dist/index.html"), '<!doctype html><meta charset="utf-8"><script type="module" src="/main.js"></script>');
+  db = makeDatabase({ users: 1, records: 200 });
+  server = await startServer(db);
+  web = await serveStatic(join(app, "dist"));
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await web?.close();
+  await server?.stop();
+  if (db) removeDatabase(db);
+  if (app) rmSync(app, { recursive: true, force: true });
+});
+
+test("a bundled app imports handover and runs every entry point", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(`${web.url}/index.html`);
+  await page.waitForFunction(() => typeof window.run === "function");
+  const token = makeToken(db, "user_456", "company_123");
+  const out = await page.evaluate((args) => window.run(args), { baseUrl: server.url, token });
+  assert.deepEqual(errors, []);
+  assert.equal(out.csv, "data_type,id,amount_cents\r\npayment_history,p1,2999\r\n");
+  assert.deepEqual(out.formatError, [true, "INVALID_FORMAT"]);
+  assert.equal(out.exported.isBlob, true);
+  assert.ok(out.exported.records > 100);
+  assert.match(out.exported.sha, /^[0-9a-f]{64}$/);
+  assert.equal(out.worker.isBlob, true);
+  assert.ok(out.worker.records > 100);
+  assert.equal(out.lastWorkerProgress, 100);
+  assert.deepEqual(out.optionError, [true, "INVALID_DATA_TYPE"]);
+});

@@ -1,0 +1,114 @@
+// End to end: the demo Privacy Settings page served by `handover-server
+// serve --demo`, driven in Debian's Chromium with playwright-core. Each
+// format is exported by clicking, the download is captured and checked
+// record by record against the database (tests/js/support/check_export.py:
+// json, csv, openpyxl). Screenshots land in test-artifacts/.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, existsSync, copyFileSync } from "node:fs";
+import { join } from "node:path";
+import { launch } from "./support/chromium.mjs";
+import { makeDatabase, startServer, removeDatabase, ROOT } from "./support/server.mjs";
+
+const ARTIFACTS = join(ROOT, "test-artifacts");
+let db, server, browser, page;
+
+function check(file, format) {
+  const out = execFileSync("python3", [join(ROOT, "tests/js/support/check_export.py"), file, format,
+    join(db.dir, "handover.db"), "user_456", "company_123", join(ROOT, "server/config/datatypes.toml")], { encoding: "utf8" });
+  return JSON.parse(out);
+}
+
+async function exportVia(format, { worker = false } = {}) {
+  await page.check(`input[name=format][value=${format}]`);
+  if (worker) await page.check("#use-worker"); else await page.uncheck("#use-worker");
+  const [download] = await Promise.all([page.waitForEvent("download", { timeout: 60000 }), page.click("#export-button")]);
+  const file = join(ARTIFACTS, `e2e-${worker ? "worker-" : ""}${download.suggestedFilename()}`);
+  await download.saveAs(file);
+  await page.waitForFunction(() => document.querySelector("#status").classList.contains("ok"), null, { timeout: 30000 });
+  return { file, name: download.suggestedFilename() };
+}
+
+before(async () => {
+  assert.ok(existsSync(join(ROOT, "pkg/handover.js")), "pkg/ is missing: run scripts/build-pkg.sh");
+  mkdirSync(ARTIFACTS, { recursive: true });
+  db = makeDatabase({ users: 3, records: 400 });
+  server = await startServer(db, { args: ["--demo", "--www-dir", join(ROOT, "www"), "--pkg-dir", join(ROOT, "pkg")] });
+  browser = await launch();
+  page = await browser.newPage({ acceptDownloads: true, viewport: { width: 900, height: 1100 } });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e));
+  await page.goto(server.url);
+  await page.waitForSelector("body[data-ready=true]", { timeout: 30000 });
+  assert.deepEqual(errors, []);
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+  if (db) removeDatabase(db);
+});
+
+test("the card shows the user's real counts from the summary endpoint", async () => {
+  const counts = await page.$$eval("#included li", (lis) => lis.map((li) => [li.dataset.type, li.querySelector("strong").textContent]));
+  const expected = check(join(ROOT, "tests/js/support/blank.html"), "none").types;
+  assert.deepEqual(Object.fromEntries(counts), Object.fromEntries(Object.entries(expected).map(([k, v]) => [k, v.toLocaleString("en-US")])));
+  await page.screenshot({ path: join(ARTIFACTS, "card-before.png") });
+  // Accessible names and the live region.
+  assert.equal(await page.getAttribute("#status", "aria-live"), "polite");
+  assert.equal(await page.getAttribute("#progress", "aria-labelledby"), "progress-label");
+  await page.keyboard.press("Tab");
+});
+
+for (const format of ["json", "csv", "xlsx"]) {
+  test(`exporting ${format} by clicking downloads a complete, correct file`, async () => {
+    const { file, name } = await exportVia(format);
+    assert.match(name, new RegExp(`^export_[0-9a-f]+\\.${format}$`));
+    const { types } = check(file, format);
+    assert.ok(types.payment_history > 100, "a real amount of data was checked");
+    assert.equal(await page.$eval("#progress", (p) => p.value), 100);
+    assert.equal(await page.textContent("#progress-pct"), "100%");
+    const requestId = name.split(".")[0];
+    await page.waitForSelector(`#recent tr[data-request-id="${requestId}"] .badge.completed`, { timeout: 10000 });
+  });
+}
+
+test("a worker-built export gives the same, correct file", async () => {
+  const { file } = await exportVia("csv", { worker: true });
+  check(file, "csv");
+});
+
+test("progress, cancel and the during/after screenshots", async () => {
+  // Slow the record pages down so the export can be seen (and cancelled) mid-way.
+  await page.route("**/records/**", async (route) => {
+    await new Promise((r) => setTimeout(r, 120));
+    await route.continue();
+  });
+  await page.check("input[name=format][value=xlsx]");
+  await page.uncheck("#use-worker");
+  await page.click("#export-button");
+  await page.waitForFunction(() => Number(document.querySelector("#progress").value) >= 10, null, { timeout: 30000 });
+  assert.equal(await page.textContent("#export-button"), "Preparing export…");
+  assert.notEqual(await page.textContent("#progress-type"), "");
+  await page.screenshot({ path: join(ARTIFACTS, "card-during.png") });
+  let downloaded = false;
+  page.once("download", () => { downloaded = true; });
+  await page.click("#cancel-button");
+  await page.waitForFunction(() => document.querySelector("#status").textContent.includes("cancelled"), null, { timeout: 10000 });
+  assert.equal(downloaded, false);
+  await page.waitForSelector("#recent .badge.failed", { timeout: 10000 });
+  await page.unroute("**/records/**");
+  await page.screenshot({ path: join(ARTIFACTS, "card-after.png") });
+});
+
+test("the rate limit is explained with the time of the next possible export", async () => {
+  // Five creates per hour: four were used above (json, csv, xlsx, worker csv) plus the cancelled one.
+  await page.check("input[name=format][value=json]");
+  await page.click("#export-button");
+  await page.waitForFunction(() => document.querySelector("#status").classList.contains("error"), null, { timeout: 30000 });
+  const text = await page.textContent("#status");
+  assert.match(text, /You can request another export at \d{1,2}:\d{2}/);
+  await page.screenshot({ path: join(ARTIFACTS, "card-rate-limited.png") });
+  copyFileSync(join(ARTIFACTS, "card-during.png"), join(ROOT, "docs", "privacy-settings.png"));
+});

@@ -1,0 +1,140 @@
+// The demo Privacy Settings page: the story's "Data export" card on top of
+// the handover package (pkg/) and handover-server (demo mode).
+import init, { exportData, exportDataInWorker, ExportError } from "/pkg/handover.js";
+
+const $ = (id) => document.getElementById(id);
+const LABELS = { user_profile: "Your profile", payment_history: "Payments", membership_data: "Memberships",
+  recovery_cases: "Recovery cases", consent_data: "Consent settings" };
+let config;
+let controller = null;
+
+async function api(path) {
+  const r = await fetch(path, { headers: { Authorization: `Bearer ${config.token}`, "X-Company-ID": config.companyId } });
+  const body = await r.json();
+  if (!r.ok) throw new ExportError(body.error?.code ?? "HTTP_ERROR", body.error?.error ?? `HTTP ${r.status}`, { status: r.status });
+  return body.data;
+}
+
+function say(text, kind = "") {
+  $("status").textContent = text;
+  $("status").className = kind;
+}
+
+function timeIn(seconds) {
+  return new Date(Date.now() + seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function explain(err) {
+  switch (err?.code) {
+    case "RATE_LIMIT_EXCEEDED":
+      return `You have requested several exports recently. You can request another export at ${timeIn(err.retryAfter ?? 60)}.`;
+    case "NETWORK_ERROR":
+      return "We couldn't reach the server. Check your connection and try again.";
+    case "UNAUTHORIZED":
+      return "Your session has expired. Please sign in again.";
+    case "ABORTED":
+      return "Export cancelled. Nothing was downloaded.";
+    case "DATE_RANGE_INVALID":
+      return "Please check the date range: the start must be before the end.";
+    default:
+      return `The export failed: ${err?.message ?? err}`;
+  }
+}
+
+async function loadSummary() {
+  const list = $("included");
+  try {
+    const s = await api("/api/data/summary");
+    list.replaceChildren(...s.data_types.map((t) => {
+      const li = document.createElement("li");
+      li.dataset.type = t.data_type;
+      const n = document.createElement("strong");
+      n.textContent = t.records.toLocaleString();
+      li.append(n, ` ${LABELS[t.data_type] ?? t.description}`);
+      return li;
+    }));
+  } catch (e) {
+    list.replaceChildren(Object.assign(document.createElement("li"), { textContent: explain(e) }));
+  } finally {
+    list.setAttribute("aria-busy", "false");
+  }
+}
+
+async function loadRecent() {
+  const body = $("recent").tBodies[0];
+  try {
+    const { requests } = await api("/api/data/export?limit=5");
+    if (!requests.length) {
+      body.innerHTML = '<tr><td colspan="4" class="muted">No exports yet.</td></tr>';
+      return;
+    }
+    body.replaceChildren(...requests.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.requestId = r.request_id;
+      const cells = [new Date(r.created_at).toLocaleString(), r.export_format.toUpperCase(), r.record_count ?? "–"];
+      for (const c of cells) tr.append(Object.assign(document.createElement("td"), { textContent: String(c) }));
+      const badge = Object.assign(document.createElement("span"), { className: `badge ${r.status}`, textContent: r.status });
+      const td = document.createElement("td");
+      td.append(badge);
+      tr.append(td);
+      return tr;
+    }));
+  } catch (e) {
+    body.innerHTML = "";
+    body.append(Object.assign(document.createElement("tr"), { innerHTML: `<td colspan="4"></td>` }));
+    body.querySelector("td").textContent = explain(e);
+  }
+}
+
+function showProgress(p) {
+  $("progress").value = p.percentage;
+  $("progress-pct").textContent = `${p.percentage}%`;
+  $("progress-type").textContent = p.currentType ? `${LABELS[p.currentType] ?? p.currentType} · ${p.recordsProcessed.toLocaleString()} of ${p.totalRecords.toLocaleString()} records` : "finishing";
+  $("progress-label").textContent = p.percentage === 100 ? "Export ready" : "Preparing export…";
+}
+
+async function runExport(event) {
+  event.preventDefault();
+  const form = $("export-form");
+  const format = form.elements.format.value;
+  const start = $("start").value;
+  const end = $("end").value;
+  const dateRange = start || end ? { start: start ? `${start}T00:00:00Z` : null, end: end ? `${end}T23:59:59.999Z` : null } : undefined;
+  controller = new AbortController();
+  $("export-button").disabled = true;
+  $("export-button").textContent = "Preparing export…";
+  $("cancel-button").hidden = false;
+  $("progress-box").hidden = false;
+  showProgress({ percentage: 0, currentType: null, recordsProcessed: 0, totalRecords: 0 });
+  $("progress-type").textContent = "starting";
+  say("");
+  const run = $("use-worker").checked ? exportDataInWorker : exportData;
+  try {
+    const result = await run({
+      baseUrl: location.origin, token: config.token, companyId: config.companyId, format,
+      dataTypes: Object.keys(LABELS), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
+      onProgress: showProgress, signal: controller.signal,
+    });
+    say(`Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`, "ok");
+  } catch (err) {
+    $("progress-box").hidden = true;
+    say(explain(err), "error");
+  } finally {
+    controller = null;
+    $("export-button").disabled = false;
+    $("export-button").textContent = "Export data";
+    $("cancel-button").hidden = true;
+    loadRecent();
+  }
+}
+
+async function main() {
+  await init();
+  config = await (await fetch("/demo-config.json")).json();
+  $("export-form").addEventListener("submit", runExport);
+  $("cancel-button").addEventListener("click", () => controller?.abort());
+  await Promise.all([loadSummary(), loadRecent()]);
+  document.body.dataset.ready = "true";
+}
+
+main().catch((e) => say(explain(e), "error"));
