@@ -27,7 +27,7 @@ cargo run -q -p handover --example format_records > /dev/null
 
 step "wasm tests of formatRecords in headless Chromium"
 CHROMEDRIVER=$(command -v chromedriver) \
-CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner WASM_BINDGEN_TEST_TIMEOUT=300 \
   cargo test -p handover --target wasm32-unknown-unknown --test browser_format
 
 step "wasm tests of exportData in headless Chromium against real servers (one injecting faults)"

@@ -566,3 +566,40 @@ async fn json_survives_faults_identical_records() {
     let (faulty, clean) = survives_faults("user_0010", "json").await;
     assert_eq!(normalise_json(&faulty), normalise_json(&clean));
 }
+
+#[wasm_bindgen_test]
+async fn exhausted_retries_fail_clearly_and_the_server_is_told() {
+    let broken = option_env!("HANDOVER_TEST_BROKEN_SERVER")
+        .expect("HANDOVER_TEST_BROKEN_SERVER unset: run through scripts/test.sh");
+    let o = options(broken, "user_0012", "csv", &["payment_history"]);
+    set(&o, "retries", 3);
+    set(&o, "retryBaseMs", 1);
+    set(&o, "maxRetryAfterSeconds", 0);
+    let err = export_data(o).await.unwrap_err();
+    let code = code_of(&err);
+    assert!(
+        ["INTERNAL_ERROR", "NETWORK_ERROR", "RATE_LIMIT_EXCEEDED"].contains(&code.as_str()),
+        "{code}"
+    );
+    let message = get(&err, "message").as_string().unwrap();
+    assert!(!message.is_empty());
+    let (_, list) = api(
+        "GET",
+        &format!("{}/api/data/export?limit=1", server()),
+        "user_0012",
+        None,
+    )
+    .await;
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    let id = list["data"]["requests"][0]["request_id"].as_str().unwrap();
+    let (_, d) = api(
+        "GET",
+        &format!("{}/api/data/export/{id}", server()),
+        "user_0012",
+        None,
+    )
+    .await;
+    let d: Value = serde_json::from_slice(&d).unwrap();
+    assert_eq!(d["data"]["status"], "failed");
+    assert_eq!(d["data"]["failure_reason"], format!("client error: {code}"));
+}

@@ -49,6 +49,11 @@ pub enum ApiError {
         window_secs: u64,
         retry_after: u64,
     },
+    /// The user's daily export quota (records) is used up.
+    #[error(
+        "export quota exceeded: at most {quota} records per 24 hours; retry in {retry_after} s"
+    )]
+    QuotaExceeded { quota: u64, retry_after: u64 },
     /// The export is not in a state that allows this (`EXPORT_NOT_READY`, `EXPORT_NOT_OPEN`).
     #[error("{1}")]
     Conflict(&'static str, String),
@@ -122,6 +127,12 @@ impl ApiError {
                 "rate_limit",
                 "medium",
             ),
+            Self::QuotaExceeded { .. } => (
+                S::TOO_MANY_REQUESTS,
+                "QUOTA_EXCEEDED",
+                "rate_limit",
+                "medium",
+            ),
             Self::Conflict(code, _) => (S::CONFLICT, code, "validation", "medium"),
             Self::CreationFailed(_) => (
                 S::INTERNAL_SERVER_ERROR,
@@ -148,7 +159,9 @@ impl IntoResponse for ApiError {
                 error["field"] = json!(field);
                 error["details"] = json!({ "code": code, "field": field });
             }
-            Self::RateLimited { retry_after, .. } => error["retry_after"] = json!(retry_after),
+            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
+                error["retry_after"] = json!(retry_after)
+            }
             _ => {}
         }
         let mut response =
@@ -161,7 +174,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="handover", error="invalid_token""#),
                 );
             }
-            Self::RateLimited { retry_after, .. } => {
+            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}

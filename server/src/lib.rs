@@ -91,6 +91,10 @@ pub struct Settings {
     pub stale_after: time::Duration,
     pub sweep_every: Duration,
     pub fault: Option<FaultInjection>,
+    /// Largest estimated export (`FILE_TOO_LARGE` beyond).
+    pub max_export_bytes: u64,
+    /// Records one user may export per company in 24 hours (`QUOTA_EXCEEDED` beyond).
+    pub daily_record_quota: u64,
 }
 
 impl Default for Settings {
@@ -102,6 +106,8 @@ impl Default for Settings {
             stale_after: time::Duration::minutes(15),
             sweep_every: Duration::from_secs(30),
             fault: None,
+            max_export_bytes: 2 << 30,
+            daily_record_quota: 50_000_000,
         }
     }
 }

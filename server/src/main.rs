@@ -142,6 +142,16 @@ struct ServeArgs {
     /// Origins allowed to call the API from browsers, comma-separated (`*` for any).
     #[arg(long, env = "HANDOVER_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// Largest export accepted, in MB (estimated); larger ones get FILE_TOO_LARGE.
+    #[arg(long, env = "HANDOVER_MAX_EXPORT_MB", default_value_t = 2048)]
+    max_export_mb: u64,
+    /// Records one user may export per company in 24 hours (QUOTA_EXCEEDED beyond).
+    #[arg(
+        long,
+        env = "HANDOVER_DAILY_RECORD_QUOTA",
+        default_value_t = 50_000_000
+    )]
+    daily_record_quota: u64,
     /// Demo mode: users generated, and records per user.
     #[arg(long, env = "HANDOVER_DEMO_USERS", default_value_t = 3)]
     demo_users: u64,
@@ -270,6 +280,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 .then(|| (args.www_dir.clone(), args.pkg_dir.clone())),
             demo_token: demo_token.clone(),
             cors_origins: args.cors_origins.clone(),
+            max_export_bytes: args.max_export_mb.saturating_mul(1_048_576),
+            daily_record_quota: args.daily_record_quota,
             stale_after: time::Duration::seconds(args.stale_after_secs as i64),
             sweep_every: Duration::from_secs(args.sweep_secs.max(1)),
             fault,

@@ -24,6 +24,9 @@ struct Opts {
     config: Option<String>,
     rs256: bool,
     records: Option<u64>,
+    dev_no_auth: bool,
+    max_export_bytes: Option<u64>,
+    daily_record_quota: Option<u64>,
 }
 
 struct TestApp {
@@ -91,13 +94,21 @@ async fn spawn_with(opts: Opts, dir: Option<Arc<TempDir>>) -> TestApp {
         registry,
         auth: AuthConfig {
             jwt: Some(jwt),
-            dev_no_auth: false,
+            dev_no_auth: opts.dev_no_auth,
         },
         audit: audit::AuditLog::default(),
         metrics: Default::default(),
         files: files::FileStore::new(dir.path().join("exports"), DataKey::from_bytes([7; 32]))
             .unwrap(),
-        settings: Settings::default(),
+        settings: Settings {
+            max_export_bytes: opts
+                .max_export_bytes
+                .unwrap_or(Settings::default().max_export_bytes),
+            daily_record_quota: opts
+                .daily_record_quota
+                .unwrap_or(Settings::default().daily_record_quota),
+            ..Settings::default()
+        },
         jobs: Default::default(),
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2218,4 +2229,108 @@ async fn the_focus_timer_app_config_exports_its_own_types() {
     assert!(text.starts_with("data_type,user_id,focus_minutes,break_minutes,sound,appearance.theme,appearance.language,id,"), "{}", &text[..200]);
     assert!(text.contains("\r\nsettings,user_456,25,5,true,dark,en,"));
     assert_eq!(text.lines().count(), 1 + 1 + 127);
+}
+
+#[tokio::test]
+async fn file_too_large_and_quota_exceeded_are_reachable() {
+    let app = spawn_with(
+        Opts {
+            max_export_bytes: Some(4096),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    assert_eq!(r.status, 201, "a small export fits");
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"]}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code(), r.detail_code()),
+        (422, "VALIDATION_ERROR", "FILE_TOO_LARGE"),
+        "{}",
+        r.body
+    );
+    assert!(r.body["error"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("reduce the date range"));
+
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(100),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let payments = app.count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'").await;
+    assert!(payments > 50 && payments < 100);
+    app.create_id(json!({"export_format": "json", "data_types": ["payment_history"]}))
+        .await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"]}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (429, "QUOTA_EXCEEDED"),
+        "{}",
+        r.body
+    );
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!(
+        (86_000..=86_400).contains(&retry),
+        "space frees up in a day: {retry}"
+    );
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    assert_eq!(r.status, 201, "what still fits the quota is allowed");
+}
+
+#[tokio::test]
+async fn development_mode_without_tokens_exists_only_when_switched_on() {
+    let app = spawn_app().await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            None,
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let dev = spawn_with(
+        Opts {
+            dev_no_auth: true,
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = dev
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            None,
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["data"]["user_id"], "user_456");
+    let r = dev
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some("hov_bad_token"),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401, "a token that is sent is still checked");
 }

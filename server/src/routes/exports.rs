@@ -272,7 +272,64 @@ pub async fn plan(
     Ok((manifest, bytes + 512))
 }
 
-#[utoipa::path(post, path = "/api/data/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body = crate::openapi::CreateExport, responses((status = 201, description = "Created; with `manifest` for client delivery", body = crate::openapi::Envelope), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: INVALID_FORMAT, INVALID_DATA_TYPE, DATE_RANGE_INVALID, INVALID_METADATA", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
+/// `FILE_TOO_LARGE` beyond the size limit; `QUOTA_EXCEEDED` when the
+/// records exported in the last 24 hours would pass the daily quota.
+async fn check_size_and_quota(
+    state: &AppState,
+    scope: &Scope,
+    manifest: &Manifest,
+    estimated_bytes: u64,
+) -> ApiResult<()> {
+    let limit = state.settings.max_export_bytes;
+    if estimated_bytes > limit {
+        return Err(ApiError::validation(
+            "FILE_TOO_LARGE",
+            "date_range_start",
+            format!(
+                "the export would be about {} MB, over the limit of {} MB: reduce the date range or the data types",
+                estimated_bytes / 1_048_576 + 1,
+                limit / 1_048_576
+            ),
+        ));
+    }
+    let day_ago = handover::model::format_timestamp(
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    );
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT estimated_records, created_at FROM export_requests WHERE user_id = ? AND company_id = ? AND created_at > ? ORDER BY created_at",
+    )
+    .bind(&scope.user_id)
+    .bind(&scope.company_id)
+    .bind(&day_ago)
+    .fetch_all(&state.db)
+    .await?;
+    let quota = state.settings.daily_record_quota;
+    let used: u64 = rows.iter().map(|(n, _)| *n as u64).sum();
+    if used + manifest.total_records() > quota {
+        // Space frees up as the oldest exports leave the 24-hour window.
+        let needed = (used + manifest.total_records()).saturating_sub(quota);
+        let mut freed = 0;
+        let mut until = None;
+        for (n, at) in &rows {
+            freed += *n as u64;
+            until = parse_timestamp(at);
+            if freed >= needed {
+                break;
+            }
+        }
+        let retry_after = until
+            .map(|t| {
+                (t + time::Duration::days(1) - time::OffsetDateTime::now_utc())
+                    .whole_seconds()
+                    .max(1) as u64
+            })
+            .unwrap_or(86_400);
+        return Err(ApiError::QuotaExceeded { quota, retry_after });
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/api/data/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body = crate::openapi::CreateExport, responses((status = 201, description = "Created; with `manifest` for client delivery", body = crate::openapi::Envelope), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: INVALID_FORMAT, INVALID_DATA_TYPE, DATE_RANGE_INVALID, INVALID_METADATA, FILE_TOO_LARGE", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED or QUOTA_EXCEEDED (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -294,6 +351,7 @@ pub(crate) async fn create(
     let (manifest, estimated_bytes) = plan(&state, &scope, &data_types, &range, None)
         .await
         .map_err(ApiError::CreationFailed)?;
+    check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
     let new = NewExport {
         user_id: scope.user_id.clone(),
         company_id: scope.company_id.clone(),

@@ -1,6 +1,7 @@
 // Runs the wasm-bindgen browser tests of exportData against real servers:
-// one clean and one that injects faults (500s, 429s, dropped connections)
-// into a third of the record pages, both on the same database. Server
+// one clean, one that injects faults (500s, 429s, dropped connections)
+// into a third of the record pages, and one that fails every page, all on
+// the same database. Server
 // URLs and tokens reach the tests as compile-time environment variables.
 import { spawnSync } from "node:child_process";
 import { makeDatabase, makeToken, companyOf, startServer, removeDatabase, ROOT } from "./server.mjs";
@@ -8,6 +9,7 @@ import { makeDatabase, makeToken, companyOf, startServer, removeDatabase, ROOT }
 const db = makeDatabase({ users: 12, records: 300 });
 const clean = await startServer(db);
 const faulty = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "0.3" } });
+const broken = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "1" } });
 const tokens = {};
 for (let n = 1; n <= 12; n++) {
   const user = `user_${String(n).padStart(4, "0")}`;
@@ -25,8 +27,12 @@ try {
         ...process.env,
         HANDOVER_TEST_SERVER: clean.url,
         HANDOVER_TEST_FAULTY_SERVER: faulty.url,
+        HANDOVER_TEST_BROKEN_SERVER: broken.url,
         HANDOVER_TEST_TOKENS: JSON.stringify(tokens),
         CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER: "wasm-bindgen-test-runner",
+        // The whole headless run must finish within this (default 20 s); the
+        // fault tests wait out injected 429s.
+        WASM_BINDGEN_TEST_TIMEOUT: process.env.WASM_BINDGEN_TEST_TIMEOUT ?? "300",
         CHROMEDRIVER: process.env.CHROMEDRIVER ?? "/usr/bin/chromedriver",
       },
     },
@@ -35,6 +41,7 @@ try {
 } finally {
   await clean.stop();
   await faulty.stop();
+  await broken.stop();
   removeDatabase(db);
 }
 process.exit(status);
