@@ -603,3 +603,29 @@ async fn exhausted_retries_fail_clearly_and_the_server_is_told() {
     assert_eq!(d["data"]["status"], "failed");
     assert_eq!(d["data"]["failure_reason"], format!("client error: {code}"));
 }
+
+#[wasm_bindgen_test]
+async fn a_stalled_server_times_out_and_the_export_fails_clearly() {
+    let stalled = option_env!("HANDOVER_TEST_STALLED_SERVER")
+        .expect("HANDOVER_TEST_STALLED_SERVER unset: run through scripts/test.sh");
+    let o = options(stalled, "user_0013", "json", &["payment_history"]);
+    set(&o, "retries", 2);
+    set(&o, "retryBaseMs", 1);
+    set(&o, "requestTimeoutMs", 300);
+    let err = export_data(o).await.unwrap_err();
+    assert_eq!(code_of(&err), "NETWORK_ERROR");
+    let message = get(&err, "message").as_string().unwrap();
+    assert!(message.contains("no answer within 300 ms"), "{message}");
+    let (_, list) = api(
+        "GET",
+        &format!("{}/api/data/export?limit=1", server()),
+        "user_0013",
+        None,
+    )
+    .await;
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    assert_eq!(
+        list["data"]["requests"][0]["status"], "failed",
+        "the server was told"
+    );
+}

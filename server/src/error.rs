@@ -174,7 +174,15 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="handover", error="invalid_token""#),
                 );
             }
-            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
+            Self::RateLimited {
+                retry_after, limit, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                headers.insert("ratelimit-limit", HeaderValue::from(*limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from(0));
+                headers.insert("ratelimit-reset", HeaderValue::from(*retry_after));
+            }
+            Self::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}

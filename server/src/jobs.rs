@@ -207,8 +207,8 @@ pub async fn drain(state: &AppState) -> anyhow::Result<()> {
     }
 }
 
-/// Fails client exports idle for longer than the stale limit and expires
-/// exports past their retention.
+/// Fails client exports idle for longer than the stale limit, requeues (or
+/// fails) interrupted server builds, and expires exports past their retention.
 pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
     let cutoff = handover::model::format_timestamp(
         time::OffsetDateTime::now_utc() - state.settings.stale_after,
@@ -223,6 +223,30 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
     for r in stale {
         if let Some(row) = exports::find_any(&state.db, &r.try_get::<String, _>("id")?).await? {
             exports::fail(state, &row, "abandoned: no activity from the browser", None).await?;
+        }
+    }
+    // A server build interrupted (e.g. by a restart) is queued again once,
+    // then failed: it never stays `processing`.
+    let stuck = sqlx::query(
+        "SELECT id FROM export_requests WHERE status = 'processing' AND delivery = 'server' \
+         AND deleted_at IS NULL AND last_activity_at < ?",
+    )
+    .bind(&cutoff)
+    .fetch_all(&state.db)
+    .await?;
+    for r in stuck {
+        let Some(row) = exports::find_any(&state.db, &r.try_get::<String, _>("id")?).await? else {
+            continue;
+        };
+        state.files.destroy(&state.db, &row.id).await?;
+        if row.attempts < 2 {
+            sqlx::query("UPDATE export_requests SET status = 'pending' WHERE id = ? AND status = 'processing'")
+                .bind(&row.id)
+                .execute(&state.db)
+                .await?;
+            state.jobs.notify_one();
+        } else {
+            exports::fail(state, &row, "generation was interrupted twice", None).await?;
         }
     }
     let now = exports::now();

@@ -21,6 +21,8 @@ pub mod ratelimit;
 pub mod routes;
 
 use std::ops::Deref;
+
+use futures_util::StreamExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,8 @@ use crate::error::ApiError;
 pub struct FaultInjection {
     /// Share of page requests that fail, 0.0–1.0.
     pub rate: f64,
+    /// Instead of failing, answer the headers and then never finish the body.
+    pub stall: bool,
 }
 
 impl FaultInjection {
@@ -48,6 +52,13 @@ impl FaultInjection {
     pub fn roll(&self) -> Option<Response> {
         if rand::random::<f64>() >= self.rate {
             return None;
+        }
+        if self.stall {
+            let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+                axum::body::Bytes::from_static(b"{"),
+            )])
+            .chain(futures_util::stream::pending());
+            return Some(Response::new(axum::body::Body::from_stream(stream)));
         }
         match rand::random_range(0..3) {
             0 => {

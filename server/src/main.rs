@@ -139,6 +139,14 @@ struct ServeArgs {
     /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
     #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
     fault_pages: Option<f64>,
+    /// TESTS ONLY: `stall` makes the injected faults hang instead of failing.
+    #[arg(
+        long,
+        env = "HANDOVER_FAULT_KIND",
+        hide = true,
+        default_value = "mixed"
+    )]
+    fault_kind: String,
     /// Origins allowed to call the API from browsers, comma-separated (`*` for any).
     #[arg(long, env = "HANDOVER_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
@@ -235,7 +243,14 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 rate = r,
                 "HANDOVER_FAULT_PAGES: injecting faults into record pages (tests only)"
             );
-            Some(FaultInjection { rate: r })
+            anyhow::ensure!(
+                ["mixed", "stall"].contains(&args.fault_kind.as_str()),
+                "HANDOVER_FAULT_KIND must be mixed or stall"
+            );
+            Some(FaultInjection {
+                rate: r,
+                stall: args.fault_kind == "stall",
+            })
         }
         Some(r) => anyhow::bail!("HANDOVER_FAULT_PAGES must be between 0 and 1, got {r}"),
         None => None,

@@ -1390,9 +1390,13 @@ async fn rate_limits_hold_at_their_boundaries_with_headers() {
     let retry: u64 = r.header("retry-after").parse().unwrap();
     assert!((3590..=3600).contains(&retry), "retry-after {retry}");
     assert_eq!(
-        r.header("ratelimit-limit"),
-        "",
-        "refused requests carry Retry-After"
+        (
+            r.header("ratelimit-limit"),
+            r.header("ratelimit-remaining"),
+            r.header("ratelimit-reset")
+        ),
+        ("5", "0", retry.to_string().as_str()),
+        "a 429 carries the RateLimit-* headers too"
     );
     // Another company has its own budget; other endpoints theirs.
     let body = json!({"export_format": "json", "data_types": ["user_profile"]}).to_string();
@@ -2333,4 +2337,42 @@ async fn development_mode_without_tokens_exists_only_when_switched_on() {
         )
         .await;
     assert_eq!(r.status, 401, "a token that is sent is still checked");
+}
+
+#[tokio::test]
+async fn an_interrupted_server_build_is_requeued_once_then_failed() {
+    let app = spawn_app().await;
+    let id = app
+        .create_id(json!({"export_format": "csv", "data_types": ["user_profile"]}))
+        .await;
+    // As if a server died mid-build: processing, attempt 1, long idle.
+    sqlx::query("UPDATE export_requests SET status = 'processing', attempts = 1, last_activity_at = '2020-01-01T00:00:00.000Z' WHERE id = ?")
+        .bind(&id)
+        .execute(&app.state.db)
+        .await
+        .unwrap();
+    jobs::sweep(&app.state).await.unwrap();
+    let d = app
+        .call(Method::GET, &format!("/api/data/export/{id}"), None)
+        .await;
+    assert_eq!(d.body["data"]["status"], "pending", "queued again");
+    jobs::drain(&app.state).await.unwrap();
+    let d = app
+        .call(Method::GET, &format!("/api/data/export/{id}"), None)
+        .await;
+    assert_eq!(d.body["data"]["status"], "completed");
+
+    let id = app
+        .create_id(json!({"export_format": "csv", "data_types": ["user_profile"]}))
+        .await;
+    sqlx::query("UPDATE export_requests SET status = 'processing', attempts = 2, last_activity_at = '2020-01-01T00:00:00.000Z' WHERE id = ?")
+        .bind(&id)
+        .execute(&app.state.db)
+        .await
+        .unwrap();
+    jobs::sweep(&app.state).await.unwrap();
+    let d = app
+        .call(Method::GET, &format!("/api/data/export/{id}"), None)
+        .await;
+    assert_eq!(d.body["data"]["status"], "failed");
 }

@@ -119,6 +119,7 @@ pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
         max_attempts: opts.max_attempts,
         retry_base_ms: opts.retry_base_ms,
         max_retry_after_secs: opts.max_retry_after_secs,
+        request_timeout_ms: opts.request_timeout_ms,
     };
     let range = opts.date_range.clone().unwrap_or_default();
     let body = json!({

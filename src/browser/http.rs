@@ -30,6 +30,8 @@ pub(crate) struct Client {
     pub max_attempts: u32,
     pub retry_base_ms: u32,
     pub max_retry_after_secs: u32,
+    /// A request (headers and body) taking longer is aborted and retried.
+    pub request_timeout_ms: u32,
 }
 
 enum Outcome {
@@ -84,6 +86,65 @@ pub(crate) async fn sleep(ms: f64, signal: Option<&AbortSignal>) -> Result<(), J
     JsFuture::from(promise).await.map(|_| ())
 }
 
+/// One request's own AbortController: fired by the caller's signal or by
+/// the timeout. Dropping it removes the listener and clears the timer.
+struct RequestGuard {
+    controller: web_sys::AbortController,
+    user_signal: Option<AbortSignal>,
+    on_user_abort: Closure<dyn FnMut()>,
+    _on_timeout: Closure<dyn FnMut()>,
+    timer: JsValue,
+    timed_out: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl RequestGuard {
+    fn new(user_signal: Option<&AbortSignal>, timeout_ms: u32) -> Result<Self, JsValue> {
+        let controller = web_sys::AbortController::new()?;
+        let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
+        let on_timeout = {
+            let (c, t) = (controller.clone(), timed_out.clone());
+            Closure::<dyn FnMut()>::new(move || {
+                t.set(true);
+                c.abort();
+            })
+        };
+        let on_user_abort = {
+            let c = controller.clone();
+            Closure::<dyn FnMut()>::new(move || c.abort())
+        };
+        if let Some(s) = user_signal {
+            s.add_event_listener_with_callback("abort", on_user_abort.as_ref().unchecked_ref())?;
+        }
+        let timer = global_fn("setTimeout")?.call2(
+            &JsValue::NULL,
+            on_timeout.as_ref(),
+            &JsValue::from(timeout_ms),
+        )?;
+        Ok(Self {
+            controller,
+            user_signal: user_signal.cloned(),
+            on_user_abort,
+            _on_timeout: on_timeout,
+            timer,
+            timed_out,
+        })
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if let Ok(clear) = global_fn("clearTimeout") {
+            let _ = clear.call1(&JsValue::NULL, &self.timer);
+        }
+        if let Some(s) = &self.user_signal {
+            let _ = s.remove_event_listener_with_callback(
+                "abort",
+                self.on_user_abort.as_ref().unchecked_ref(),
+            );
+        }
+    }
+}
+
 impl Client {
     fn url(&self, path: &str) -> String {
         if path.starts_with("http://") || path.starts_with("https://") {
@@ -103,9 +164,8 @@ impl Client {
         if let Some(b) = body {
             init.set_body(&JsValue::from_str(b));
         }
-        if let Some(s) = &self.signal {
-            init.set_signal(Some(s));
-        }
+        let guard = RequestGuard::new(self.signal.as_ref(), self.request_timeout_ms)?;
+        init.set_signal(Some(&guard.controller.signal()));
         let request = Request::new_with_str_and_init(&self.url(path), &init).map_err(|_| {
             export_error(
                 "INVALID_OPTIONS",
@@ -123,13 +183,7 @@ impl Client {
         let promise: Promise = fetch.call1(&js_sys::global(), &request)?.unchecked_into();
         let response: Response = match JsFuture::from(promise).await {
             Ok(r) => r.unchecked_into(),
-            Err(e) => {
-                return Ok(if self.is_aborted() {
-                    Outcome::Aborted
-                } else {
-                    Outcome::Network(describe(&e))
-                });
-            }
+            Err(e) => return Ok(self.failed(&guard, &e)),
         };
         let status = response.status();
         let retry_after = response
@@ -143,20 +197,28 @@ impl Client {
             Ok(p) => JsFuture::from(p).await,
             Err(e) => Err(e),
         };
-        match buffer {
-            Ok(buf) => Ok(Outcome::Reply {
+        Ok(match buffer {
+            Ok(buf) => Outcome::Reply {
                 status,
                 body: Uint8Array::new(&buf).to_vec(),
                 retry_after,
-            }),
-            Err(e) if self.is_aborted() => {
-                let _ = e;
-                Ok(Outcome::Aborted)
-            }
-            Err(e) => Ok(Outcome::Network(format!(
-                "the connection broke while reading the response: {}",
-                describe(&e)
-            ))),
+            },
+            Err(e) => match self.failed(&guard, &e) {
+                Outcome::Network(msg) => Outcome::Network(format!(
+                    "the connection broke while reading the response: {msg}"
+                )),
+                other => other,
+            },
+        })
+    }
+
+    fn failed(&self, guard: &RequestGuard, e: &JsValue) -> Outcome {
+        if self.is_aborted() {
+            Outcome::Aborted
+        } else if guard.timed_out.get() {
+            Outcome::Network(format!("no answer within {} ms", self.request_timeout_ms))
+        } else {
+            Outcome::Network(describe(e))
         }
     }
 

@@ -54,6 +54,8 @@ export interface ExportOptions {
   retryBaseMs?: number;
   /** Longest Retry-After (s) waited for on a 429 while paging. Default 120. */
   maxRetryAfterSeconds?: number;
+  /** A request that has not fully answered in this many ms is aborted and retried. Default 60000. */
+  requestTimeoutMs?: number;
   /** Prefix cells starting with = + - @ tab CR NUL with ' (CSV, XLSX). Default true. */
   neutralizeFormulas?: boolean;
   csv?: { bom?: boolean };
@@ -100,6 +102,7 @@ struct Raw {
     retries: Option<u32>,
     retry_base_ms: Option<u32>,
     max_retry_after_seconds: Option<u32>,
+    request_timeout_ms: Option<u32>,
     neutralize_formulas: Option<bool>,
     csv: Option<RawCsv>,
 }
@@ -126,6 +129,7 @@ pub(crate) struct ExportOptions {
     pub max_attempts: u32,
     pub retry_base_ms: u32,
     pub max_retry_after_secs: u32,
+    pub request_timeout_ms: u32,
     pub format_options: FormatOptions,
     pub on_progress: Option<Function>,
     pub signal: Option<AbortSignal>,
@@ -251,6 +255,12 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
     if !(1..=20).contains(&max_attempts) {
         return Err(invalid("options.retries must be from 1 to 20"));
     }
+    let request_timeout_ms = raw.request_timeout_ms.unwrap_or(60_000);
+    if !(100..=600_000).contains(&request_timeout_ms) {
+        return Err(invalid(
+            "options.requestTimeoutMs must be from 100 to 600000",
+        ));
+    }
     if let Some(f) = &raw.filename {
         if f.trim().is_empty() || f.contains(['/', '\\']) {
             return Err(invalid("options.filename must be a plain file name"));
@@ -270,6 +280,7 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
         max_attempts,
         retry_base_ms: raw.retry_base_ms.unwrap_or(250).min(60_000),
         max_retry_after_secs: raw.max_retry_after_seconds.unwrap_or(120),
+        request_timeout_ms,
         format_options: FormatOptions {
             neutralize_formulas: raw.neutralize_formulas.unwrap_or(true),
             csv_bom: raw.csv.and_then(|c| c.bom).unwrap_or(false),

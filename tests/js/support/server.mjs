@@ -65,7 +65,8 @@ export function startServer(db, { extraEnv = {}, args = [], timeoutMs = 30000 } 
         child.kill("SIGTERM");
       });
     const onData = (chunk) => {
-      out += chunk.toString();
+      // Keep only the tail: the servers log every request.
+      out = (out + chunk.toString()).slice(-200_000);
       // eslint-disable-next-line no-control-regex
       const plain = out.replace(/\x1b\[[0-9;]*m/g, "");
       const m = /listening\s+addr=(127\.0\.0\.1:\d+)/.exec(plain);
