@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::QueryMap;
 use crate::audit::AuditRow;
-use crate::auth::{self, PERM_AUDIT};
+use crate::auth::PERM_AUDIT;
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::ratelimit;
@@ -28,16 +28,7 @@ pub(crate) async fn list(
     q: QueryMap,
 ) -> ApiResult<Json<Value>> {
     ctx.set_action("audit.list", None);
-    let scope = auth::scope(&state, &ctx, &headers, PERM_AUDIT).await?;
-    ctx.set_rate(
-        ratelimit::admit(
-            &state.db,
-            ratelimit::OTHER_READ,
-            &scope.user_id,
-            &scope.company_id,
-        )
-        .await?,
-    );
+    let scope = super::enter(&state, &ctx, &headers, PERM_AUDIT, ratelimit::OTHER_READ).await?;
     let limit = q.int("limit", 100, 1, 500, "INVALID_LIMIT")?;
     let offset = q.int("offset", 0, 0, i64::MAX as u64, "INVALID_OFFSET")?;
     if let Some(o) = q.get("outcome") {

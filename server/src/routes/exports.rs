@@ -32,10 +32,7 @@ pub fn router() -> Router<AppState> {
 
 /// Authenticates for `data:export` and admits under `limit`.
 async fn enter(state: &AppState, ctx: &Ctx, headers: &HeaderMap, limit: Limit) -> ApiResult<Scope> {
-    let scope = auth::scope(state, ctx, headers, PERM_EXPORT).await?;
-    let rate = ratelimit::admit(&state.db, limit, &scope.user_id, &scope.company_id).await?;
-    ctx.set_rate(rate);
-    Ok(scope)
+    super::enter(state, ctx, headers, PERM_EXPORT, limit).await
 }
 
 /// The caller's export `id`, or 404 (also for other users' and companies' ids).
@@ -340,14 +337,7 @@ pub(crate) async fn create(
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
     let JsonObject(body) = body?;
     let (format, data_types, range, metadata, delivery) = validate_create(&state, &body)?;
-    let rate = ratelimit::admit(
-        &state.db,
-        ratelimit::CREATE,
-        &scope.user_id,
-        &scope.company_id,
-    )
-    .await?;
-    ctx.set_rate(rate);
+    super::admit(&state, &ctx, &scope, ratelimit::CREATE).await?;
     let (manifest, estimated_bytes) = plan(&state, &scope, &data_types, &range, None)
         .await
         .map_err(ApiError::CreationFailed)?;

@@ -16,7 +16,48 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::error::ApiError;
+use axum::http::HeaderMap;
+
+use crate::auth::{self, Scope};
+use crate::context::Ctx;
+use crate::error::{ApiError, ApiResult};
+use crate::ratelimit::{self, Limit};
+use crate::AppState;
+
+/// Admits the request under `limit` for the scope's user and company, and
+/// hands the limit's state to the `RateLimit-*` headers.
+///
+/// # Errors
+///
+/// `429 RATE_LIMIT_EXCEEDED`.
+pub(crate) async fn admit(
+    state: &AppState,
+    ctx: &Ctx,
+    scope: &Scope,
+    limit: Limit,
+) -> ApiResult<()> {
+    let rate = ratelimit::admit(&state.db, limit, &scope.user_id, &scope.company_id).await?;
+    ctx.set_rate(rate);
+    Ok(())
+}
+
+/// The prologue of every API handler: authenticate for `permission`, check
+/// the company, admit under `limit`.
+///
+/// # Errors
+///
+/// 401, 403, 400 (no company) or 429.
+pub(crate) async fn enter(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    permission: &str,
+    limit: Limit,
+) -> ApiResult<Scope> {
+    let scope = auth::scope(state, ctx, headers, permission).await?;
+    admit(state, ctx, &scope, limit).await?;
+    Ok(scope)
+}
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -10,7 +10,7 @@ use axum::Router;
 use serde_json::json;
 
 use super::QueryMap;
-use crate::auth::{self, PERM_EXPORT};
+use crate::auth::PERM_EXPORT;
 use crate::context::Ctx;
 use crate::datatypes::PageError;
 use crate::error::{ApiError, ApiResult};
@@ -35,15 +35,7 @@ pub(crate) async fn page(
     q: QueryMap,
 ) -> ApiResult<Response> {
     ctx.set_action("export.records", None);
-    let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
-    let rate = ratelimit::admit(
-        &state.db,
-        ratelimit::RECORDS,
-        &scope.user_id,
-        &scope.company_id,
-    )
-    .await?;
-    ctx.set_rate(rate);
+    let scope = super::enter(&state, &ctx, &headers, PERM_EXPORT, ratelimit::RECORDS).await?;
     let Ok(Path((id, data_type))) = path else {
         return Err(ApiError::ExportNotFound);
     };

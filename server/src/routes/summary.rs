@@ -7,7 +7,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::auth::{self, PERM_EXPORT};
+use crate::auth::PERM_EXPORT;
 use crate::context::Ctx;
 use crate::datatypes::Range;
 use crate::error::ApiResult;
@@ -25,16 +25,7 @@ pub(crate) async fn summary(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     ctx.set_action("data.summary", None);
-    let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
-    ctx.set_rate(
-        ratelimit::admit(
-            &state.db,
-            ratelimit::OTHER_READ,
-            &scope.user_id,
-            &scope.company_id,
-        )
-        .await?,
-    );
+    let scope = super::enter(&state, &ctx, &headers, PERM_EXPORT, ratelimit::OTHER_READ).await?;
     let mut types = Vec::new();
     let mut total = 0;
     for t in state.registry.all() {
