@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Benchmarks of the format writers (release build), as a table. Sizes via
-# BENCH_SIZES (default "100000 1000000").
+# Benchmarks, as tables: the format writers natively (release build; sizes
+# via BENCH_SIZES, default "100000 1000000"), then exportData in headless
+# Chromium against a release handover-server for one user with about
+# BENCH_RECORDS (default 1000000) payments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --release -p handover --example bench_formats
@@ -11,3 +13,8 @@ for n in ${BENCH_SIZES:-100000 1000000}; do
     target/release/examples/bench_formats "$f" "$n"
   done
 done
+
+echo
+cargo build -q --release -p handover-server
+scripts/build-pkg.sh > /dev/null
+node benches/browser-export.mjs

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
+use tracing::Instrument as _;
 
 use crate::audit::AuditEntry;
 use crate::error::{ApiError, ErrorCode, InternalErrorText};
@@ -138,10 +139,9 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     let path = req.uri().path().to_string();
     req.extensions_mut().insert(ctx.clone());
 
+    // Every log line of the handler carries the request id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
-    let _enter = span.enter();
-    drop(_enter);
-    let mut response = next.run(req).await;
+    let mut response = next.run(req).instrument(span).await;
 
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);

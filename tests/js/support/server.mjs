@@ -43,9 +43,9 @@ export function companyOf(n) {
  * (HANDOVER_FAULT_PAGES, HANDOVER_DEMO, …); `args` extra flags.
  * Resolves to { url, token (demo mode), stop() }.
  */
-export function startServer(db, { extraEnv = {}, args = [], timeoutMs = 30000 } = {}) {
+export function startServer(db, { extraEnv = {}, args = [], timeoutMs = 30000, bin = BIN } = {}) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["serve", "--bind", "127.0.0.1:0", ...args], {
+    const child = spawn(bin, ["serve", "--bind", "127.0.0.1:0", ...args], {
       env: { ...process.env, ...db.env, HANDOVER_CORS_ORIGINS: "*", HANDOVER_LOG: "info", ...extraEnv },
       stdio: ["ignore", "pipe", "pipe"],
     });
