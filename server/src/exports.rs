@@ -428,3 +428,59 @@ pub async fn fail(
     .await?;
     Ok(true)
 }
+
+/// What a completed export handed over.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub records: u64,
+    pub byte_size: u64,
+    pub sha256: String,
+    /// More for the audit event (e.g. the operator of a CLI export).
+    pub details: serde_json::Map<String, Value>,
+}
+
+/// Marks an open export completed with what was handed over, counts it in
+/// the metrics and writes the `export.completed` event (with the checksum:
+/// what the privacy officer proves). False when it was no longer open.
+///
+/// # Errors
+///
+/// Database or audit errors.
+pub async fn mark_completed(
+    state: &AppState,
+    row: &ExportRow,
+    done: &Completion,
+    request_id: Option<&str>,
+) -> anyhow::Result<bool> {
+    let at = now();
+    let r = sqlx::query(
+        "UPDATE export_requests SET status = 'completed', completed_at = ?, record_count = ?, byte_size = ?, sha256 = ?, \
+         records_served = MAX(records_served, ?), current_type = NULL, last_activity_at = ? \
+         WHERE id = ? AND status IN ('pending', 'processing')",
+    )
+    .bind(&at)
+    .bind(done.records as i64)
+    .bind(done.byte_size as i64)
+    .bind(&done.sha256)
+    .bind(done.records as i64)
+    .bind(&at)
+    .bind(&row.id)
+    .execute(&state.db)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let processing = handover::model::parse_timestamp(&row.created_at)
+        .map(|c| (OffsetDateTime::now_utc() - c).unsigned_abs())
+        .unwrap_or_default();
+    state
+        .metrics
+        .export_completed(done.byte_size, done.records, processing);
+    let mut details = json!({ "delivery": row.delivery, "export_format": row.export_format, "data_types": row.data_types,
+                              "record_count": done.records, "byte_size": done.byte_size, "sha256": done.sha256 });
+    if let Value::Object(d) = &mut details {
+        d.extend(done.details.clone());
+    }
+    event(state, row, "export.completed", request_id, details).await?;
+    Ok(true)
+}

@@ -161,34 +161,14 @@ pub async fn drain(state: &AppState) -> anyhow::Result<()> {
         )
         .await?;
         match run_one(state, &row).await {
-            Ok((records, size, sha)) => {
-                let done = exports::now();
-                sqlx::query(
-                    "UPDATE export_requests SET status = 'completed', completed_at = ?, record_count = ?, byte_size = ?, sha256 = ?, \
-                     records_served = ?, current_type = NULL, last_activity_at = ? WHERE id = ? AND status = 'processing'",
-                )
-                .bind(&done)
-                .bind(records as i64)
-                .bind(size as i64)
-                .bind(&sha)
-                .bind(records as i64)
-                .bind(&done)
-                .bind(&id)
-                .execute(&state.db)
-                .await?;
-                let processing = parse_timestamp(&row.created_at)
-                    .map(|c| (time::OffsetDateTime::now_utc() - c).unsigned_abs())
-                    .unwrap_or_default();
-                state.metrics.export_completed(size, records, processing);
-                exports::event(
-                    state,
-                    &row,
-                    "export.completed",
-                    None,
-                    json!({ "delivery": "server", "export_format": row.export_format, "data_types": row.data_types,
-                            "record_count": records, "byte_size": size, "sha256": sha }),
-                )
-                .await?;
+            Ok((records, byte_size, sha256)) => {
+                let done = exports::Completion {
+                    records,
+                    byte_size,
+                    sha256,
+                    details: Default::default(),
+                };
+                exports::mark_completed(state, &row, &done, None).await?;
             }
             Err(e) => {
                 tracing::error!(export = %id, attempt = row.attempts, error = %format!("{e:#}"), "building export failed");

@@ -426,18 +426,16 @@ async fn export_cli(
         .into_inner();
     tokio::io::AsyncWriteExt::flush(&mut file).await?;
     let sha = hasher.finish_hex();
-    let now = exports::now();
-    sqlx::query("UPDATE export_requests SET status='completed', completed_at=?, record_count=?, byte_size=?, sha256=?, records_served=? WHERE id=?")
-        .bind(&now)
-        .bind(records as i64)
-        .bind(size as i64)
-        .bind(&sha)
-        .bind(records as i64)
-        .bind(&row.id)
-        .execute(&state.db)
-        .await?;
-    exports::event(&state, &row, "export.completed", None, json!({ "delivery": "cli", "operator": operator,
-        "record_count": records, "byte_size": size, "sha256": sha, "file": out.display().to_string() })).await?;
+    let mut details = serde_json::Map::new();
+    details.insert("operator".into(), json!(operator));
+    details.insert("file".into(), json!(out.display().to_string()));
+    let done = exports::Completion {
+        records,
+        byte_size: size,
+        sha256: sha.clone(),
+        details,
+    };
+    exports::mark_completed(&state, &row, &done, None).await?;
     eprintln!(
         "{}: {records} records, {size} bytes, sha256 {sha} (request {})",
         out.display(),

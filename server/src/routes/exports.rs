@@ -596,38 +596,18 @@ pub(crate) async fn complete(
             ),
         ));
     }
-    let done = exports::now();
-    let r = sqlx::query(
-        "UPDATE export_requests SET status = 'completed', completed_at = ?, record_count = ?, byte_size = ?, sha256 = ?, \
-         current_type = NULL, last_activity_at = ? WHERE id = ? AND status IN ('pending', 'processing')",
-    )
-    .bind(&done)
-    .bind(count as i64)
-    .bind(byte_size as i64)
-    .bind(&sha)
-    .bind(&done)
-    .bind(&row.id)
-    .execute(&state.db)
-    .await?;
-    if r.rows_affected() == 0 {
+    let done = exports::Completion {
+        records: count,
+        byte_size,
+        sha256: sha,
+        details: Default::default(),
+    };
+    if !exports::mark_completed(&state, &row, &done, Some(ctx.request_id())).await? {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
             "export is no longer open".into(),
         ));
     }
-    let processing = parse_timestamp(&row.created_at)
-        .map(|c| (time::OffsetDateTime::now_utc() - c).unsigned_abs())
-        .unwrap_or_default();
-    state.metrics.export_completed(byte_size, count, processing);
-    exports::event(
-        &state,
-        &row,
-        "export.completed",
-        Some(ctx.request_id()),
-        json!({ "delivery": "client", "export_format": row.export_format, "data_types": row.data_types,
-                "record_count": count, "byte_size": byte_size, "sha256": sha }),
-    )
-    .await?;
     let row = exports::find(&state.db, &scope, &row.id)
         .await?
         .ok_or(ApiError::ExportNotFound)?;
