@@ -80,10 +80,16 @@ test("a worker-built export gives the same, correct file", async () => {
 });
 
 test("progress, cancel and the during/after screenshots", async () => {
-  // Slow the record pages down so the export can be seen (and cancelled) mid-way.
+  // The first two pages pass; later ones are held until the test has
+  // clicked Cancel (bounded: released after 15 s in any case), so the
+  // export is reliably caught mid-way.
+  let pages = 0;
+  let release;
+  const gate = new Promise((ok) => { release = ok; setTimeout(ok, 15000); });
   await page.route("**/records/**", async (route) => {
-    await new Promise((r) => setTimeout(r, 120));
-    await route.continue();
+    pages += 1;
+    if (pages > 2) await gate;
+    await route.continue().catch(() => { /* aborted by the cancel */ });
   });
   await page.check("input[name=format][value=xlsx]");
   await page.uncheck("#use-worker");
@@ -96,6 +102,7 @@ test("progress, cancel and the during/after screenshots", async () => {
   page.once("download", () => { downloaded = true; });
   await page.click("#cancel-button");
   await page.waitForFunction(() => document.querySelector("#status").textContent.includes("cancelled"), null, { timeout: 10000 });
+  release();
   assert.equal(downloaded, false);
   await page.waitForSelector("#recent .badge.failed", { timeout: 10000 });
   await page.unroute("**/records/**");
