@@ -107,7 +107,7 @@ struct ServeArgs {
     #[arg(long, env = "HANDOVER_BIND", default_value = "127.0.0.1:8080")]
     bind: String,
     /// Load demo data into an empty database; serve www/ at / and pkg/ at /pkg/.
-    #[arg(long, env = "HANDOVER_DEMO")]
+    #[arg(long, env = "HANDOVER_DEMO", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     demo: bool,
     #[arg(long, env = "HANDOVER_WWW_DIR", default_value = "www")]
     www_dir: PathBuf,
@@ -129,7 +129,7 @@ struct ServeArgs {
     #[arg(long, env = "HANDOVER_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
     /// DEVELOPMENT ONLY: accept requests without a token.
-    #[arg(long, env = "HANDOVER_DEV_NO_AUTH")]
+    #[arg(long, env = "HANDOVER_DEV_NO_AUTH", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     dev_no_auth: bool,
     /// Fail client exports idle this many seconds.
     #[arg(long, env = "HANDOVER_STALE_AFTER_SECS", default_value_t = 900)]

@@ -2376,3 +2376,67 @@ async fn an_interrupted_server_build_is_requeued_once_then_failed() {
         .await;
     assert_eq!(d.body["data"]["status"], "failed");
 }
+
+#[tokio::test]
+async fn the_binary_serves_demo_mode_from_the_environment() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = TempDir::new().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .arg("serve")
+        .env("HANDOVER_DEMO", "1")
+        .env("HANDOVER_BIND", "127.0.0.1:0")
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/demo.db", dir.path().display()),
+        )
+        .env("HANDOVER_DATA_DIR", dir.path().join("data"))
+        .env(
+            "HANDOVER_WWW_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../www"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
+    let mut token = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(u) = line.trim().strip_prefix("handover demo: ") {
+                url = Some(u.trim_end_matches('/').to_string());
+            }
+            if let Some((_, t)) = line.split_once("): ") {
+                token = Some(t.trim().to_string());
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the demo server announces itself");
+    let (url, token) = (url.expect("URL printed"), token.expect("token printed"));
+    let client = reqwest::Client::new();
+    let page = client.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.text().await.unwrap().contains("Data export"),
+        "www/ is served at /"
+    );
+    let summary: Value = client
+        .get(format!("{url}/api/data/summary"))
+        .bearer_auth(&token)
+        .header("x-company-id", "company_123")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        summary["data"]["total_records"].as_u64().unwrap() > 100,
+        "demo data loaded into the empty database"
+    );
+    child.kill().await.unwrap();
+}
