@@ -123,6 +123,29 @@ async fn pause(ms: i32) {
     JsFuture::from(p).await.unwrap();
 }
 
+/// The details of `who`'s most recent export, as the server sees it.
+async fn latest_export(who: &str) -> Value {
+    let (_, list) = api(
+        "GET",
+        &format!("{}/api/data/export?limit=1", server()),
+        who,
+        None,
+    )
+    .await;
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    let id = list["data"]["requests"][0]["request_id"]
+        .as_str()
+        .expect("the user has an export");
+    let (_, d) = api(
+        "GET",
+        &format!("{}/api/data/export/{id}", server()),
+        who,
+        None,
+    )
+    .await;
+    serde_json::from_slice(&d).unwrap()
+}
+
 /// The same export built by the server (server delivery), downloaded.
 async fn server_build(who: &str, format: &str, types: &[&str]) -> Vec<u8> {
     let body = serde_json::json!({ "export_format": format, "data_types": types }).to_string();
@@ -378,23 +401,7 @@ async fn abort_mid_export_rejects_aborted_tells_the_server_and_downloads_nothing
     assert_eq!(code_of(&err), "ABORTED");
     assert_eq!(*pages.borrow(), 3, "stopped within the current request");
     assert_eq!(*urls.borrow(), 0, "no download happened");
-    let (_, list) = api(
-        "GET",
-        &format!("{}/api/data/export?limit=1", server()),
-        "user_0005",
-        None,
-    )
-    .await;
-    let list: Value = serde_json::from_slice(&list).unwrap();
-    let id = list["data"]["requests"][0]["request_id"].as_str().unwrap();
-    let (_, d) = api(
-        "GET",
-        &format!("{}/api/data/export/{id}", server()),
-        "user_0005",
-        None,
-    )
-    .await;
-    let d: Value = serde_json::from_slice(&d).unwrap();
+    let d = latest_export("user_0005").await;
     assert_eq!(d["data"]["status"], "failed");
     assert_eq!(d["data"]["failure_reason"], "cancelled");
     // An already-aborted signal makes no request at all.
@@ -583,23 +590,7 @@ async fn exhausted_retries_fail_clearly_and_the_server_is_told() {
     );
     let message = get(&err, "message").as_string().unwrap();
     assert!(!message.is_empty());
-    let (_, list) = api(
-        "GET",
-        &format!("{}/api/data/export?limit=1", server()),
-        "user_0012",
-        None,
-    )
-    .await;
-    let list: Value = serde_json::from_slice(&list).unwrap();
-    let id = list["data"]["requests"][0]["request_id"].as_str().unwrap();
-    let (_, d) = api(
-        "GET",
-        &format!("{}/api/data/export/{id}", server()),
-        "user_0012",
-        None,
-    )
-    .await;
-    let d: Value = serde_json::from_slice(&d).unwrap();
+    let d = latest_export("user_0012").await;
     assert_eq!(d["data"]["status"], "failed");
     assert_eq!(d["data"]["failure_reason"], format!("client error: {code}"));
 }
@@ -616,16 +607,6 @@ async fn a_stalled_server_times_out_and_the_export_fails_clearly() {
     assert_eq!(code_of(&err), "NETWORK_ERROR");
     let message = get(&err, "message").as_string().unwrap();
     assert!(message.contains("no answer within 300 ms"), "{message}");
-    let (_, list) = api(
-        "GET",
-        &format!("{}/api/data/export?limit=1", server()),
-        "user_0013",
-        None,
-    )
-    .await;
-    let list: Value = serde_json::from_slice(&list).unwrap();
-    assert_eq!(
-        list["data"]["requests"][0]["status"], "failed",
-        "the server was told"
-    );
+    let d = latest_export("user_0013").await;
+    assert_eq!(d["data"]["status"], "failed", "the server was told");
 }

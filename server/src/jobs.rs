@@ -37,25 +37,54 @@ pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportIn
     Ok(info)
 }
 
+/// Where a server-side build puts the file's bytes.
+pub trait ChunkSink {
+    /// Appends the next chunk of the file.
+    fn write_chunk(
+        &mut self,
+        chunk: &[u8],
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
+
+impl ChunkSink for crate::files::FileWriter {
+    async fn write_chunk(&mut self, chunk: &[u8]) -> anyhow::Result<()> {
+        self.write(chunk).await
+    }
+}
+
+/// A plain file on disk with its running size and SHA-256 (the DPO's CLI export).
+#[derive(Debug)]
+pub struct PlainFile {
+    pub file: tokio::fs::File,
+    pub sha: handover::Sha256Stream,
+    pub size: u64,
+}
+
+impl ChunkSink for PlainFile {
+    async fn write_chunk(&mut self, chunk: &[u8]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.sha.update(chunk);
+        self.size += chunk.len() as u64;
+        self.file.write_all(chunk).await?;
+        Ok(())
+    }
+}
+
 /// Streams every record of `row` through `format`'s writer into `sink`.
 /// Returns the number of records written.
 ///
 /// # Errors
 ///
 /// Database, format or sink errors.
-pub async fn build<F, Fut>(
+pub async fn build(
     state: &AppState,
     row: &ExportRow,
     format: ExportFormat,
-    mut sink: F,
-) -> anyhow::Result<u64>
-where
-    F: FnMut(Vec<u8>) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
+    sink: &mut (impl ChunkSink + Send),
+) -> anyhow::Result<u64> {
     let info = export_info(state, row)?;
     let mut writer = ExportWriter::new(format, &row.manifest, &info, &FormatOptions::default())?;
-    sink(writer.begin()?).await?;
+    sink.write_chunk(&writer.begin()?).await?;
     let range = row.range();
     let owner = crate::auth::Scope {
         user_id: row.user_id.clone(),
@@ -75,7 +104,7 @@ where
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let chunk = writer.write_page(name, &records)?;
             if !chunk.is_empty() {
-                sink(chunk).await?;
+                sink.write_chunk(&chunk).await?;
             }
             sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
                 .bind(writer.records_written() as i64)
@@ -90,7 +119,7 @@ where
             }
         }
     }
-    sink(writer.finish()?).await?;
+    sink.write_chunk(&writer.finish()?).await?;
     Ok(writer.records_written())
 }
 
@@ -104,17 +133,8 @@ async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64,
     }
     let mut result = None;
     for f in formats {
-        let file = state.files.create(&row.id, f).await?;
-        let cell = std::sync::Arc::new(tokio::sync::Mutex::new(Some(file)));
-        let records = build(state, row, f, |chunk| {
-            let cell = cell.clone();
-            async move {
-                let mut guard = cell.lock().await;
-                guard.as_mut().context("file closed")?.write(&chunk).await
-            }
-        })
-        .await?;
-        let file = cell.lock().await.take().context("file closed")?;
+        let mut file = state.files.create(&row.id, f).await?;
+        let records = build(state, row, f, &mut file).await?;
         let (size, sha) = file.finish(&state.db, &row.id, f).await?;
         if f == format {
             result = Some((records, size, sha));

@@ -397,23 +397,12 @@ async fn export_cli(
     let file = tokio::fs::File::create(out)
         .await
         .with_context(|| format!("creating {}", out.display()))?;
-    let cell = Arc::new(tokio::sync::Mutex::new((
+    let mut sink = jobs::PlainFile {
         file,
-        handover::Sha256Stream::default(),
-        0u64,
-    )));
-    let built = jobs::build(&state, &row, format, |chunk| {
-        let cell = cell.clone();
-        async move {
-            use tokio::io::AsyncWriteExt;
-            let mut g = cell.lock().await;
-            g.1.update(&chunk);
-            g.2 += chunk.len() as u64;
-            g.0.write_all(&chunk).await?;
-            Ok(())
-        }
-    })
-    .await;
+        sha: handover::Sha256Stream::default(),
+        size: 0,
+    };
+    let built = jobs::build(&state, &row, format, &mut sink).await;
     let records = match built {
         Ok(n) => n,
         Err(e) => {
@@ -421,11 +410,8 @@ async fn export_cli(
             return Err(e);
         }
     };
-    let (mut file, hasher, size) = Arc::try_unwrap(cell)
-        .map_err(|_| anyhow::anyhow!("writer still shared"))?
-        .into_inner();
-    tokio::io::AsyncWriteExt::flush(&mut file).await?;
-    let sha = hasher.finish_hex();
+    tokio::io::AsyncWriteExt::flush(&mut sink.file).await?;
+    let (sha, size) = (sink.sha.finish_hex(), sink.size);
     let mut details = serde_json::Map::new();
     details.insert("operator".into(), json!(operator));
     details.insert("file".into(), json!(out.display().to_string()));

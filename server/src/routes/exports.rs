@@ -30,6 +30,24 @@ pub fn router() -> Router<AppState> {
         .route("/api/data/export/{id}/fail", post(fail))
 }
 
+/// The prologue of the browser's reports (`complete`, `fail`): the caller,
+/// their export named in the path, and the JSON body.
+async fn report(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<JsonObject, ApiError>,
+    action: &'static str,
+) -> ApiResult<(Scope, ExportRow, Map<String, Value>)> {
+    ctx.set_action(action, None);
+    let scope = enter(state, ctx, headers, ratelimit::REPORT).await?;
+    let row = owned(state, &scope, id).await?;
+    ctx.set_action(action, Some(&row.id));
+    let JsonObject(body) = body?;
+    Ok((scope, row, body))
+}
+
 /// Authenticates for `data:export` and admits under `limit`.
 async fn enter(state: &AppState, ctx: &Ctx, headers: &HeaderMap, limit: Limit) -> ApiResult<Scope> {
     super::enter(state, ctx, headers, PERM_EXPORT, limit).await
@@ -528,11 +546,7 @@ pub(crate) async fn complete(
     id: Result<Path<String>, PathRejection>,
     body: Result<JsonObject, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    ctx.set_action("export.complete", None);
-    let scope = enter(&state, &ctx, &headers, ratelimit::REPORT).await?;
-    let row = owned(&state, &scope, id).await?;
-    ctx.set_action("export.complete", Some(&row.id));
-    let JsonObject(body) = body?;
+    let (scope, row, body) = report(&state, &ctx, &headers, id, body, "export.complete").await?;
     if row.delivery != "client" || !row.is_open() {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
@@ -622,11 +636,7 @@ pub(crate) async fn fail(
     id: Result<Path<String>, PathRejection>,
     body: Result<JsonObject, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    ctx.set_action("export.fail", None);
-    let scope = enter(&state, &ctx, &headers, ratelimit::REPORT).await?;
-    let row = owned(&state, &scope, id).await?;
-    ctx.set_action("export.fail", Some(&row.id));
-    let JsonObject(body) = body?;
+    let (scope, row, body) = report(&state, &ctx, &headers, id, body, "export.fail").await?;
     let reason = body
         .get("reason")
         .and_then(Value::as_str)
