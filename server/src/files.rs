@@ -178,27 +178,19 @@ impl FileStore {
         let mut header = [0u8; HEADER_SIZE];
         file.read_exact(&mut header).await?;
         let dec = Decryptor::new(&key, &header)?;
-        let stream = futures_util::stream::unfold(Some((file, dec)), |state| async move {
-            let (mut file, mut dec) = state?;
-            let mut buf = vec![0u8; CHUNK_SIZE + TAG_SIZE];
-            let step = async {
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
-                    return Ok::<_, std::io::Error>((
-                        dec.finish().map_err(std::io::Error::other)?,
-                        true,
-                        None,
-                    ));
-                }
-                let out = dec.push(&buf[..n]).map_err(std::io::Error::other)?;
-                Ok((out, false, Some(dec)))
+        // One sealed chunk per read; `None` state = the last chunk was opened.
+        let stream = futures_util::stream::try_unfold(Some((file, dec)), |state| async move {
+            let Some((mut file, mut dec)) = state else {
+                return Ok(None);
             };
-            match step.await {
-                Ok((out, true, _)) => Some((Ok(Bytes::from(out)), None)),
-                Ok((out, false, Some(dec))) => Some((Ok(Bytes::from(out)), Some((file, dec)))),
-                Ok((_, false, None)) => None,
-                Err(e) => Some((Err(e), None)),
+            let mut buf = vec![0u8; CHUNK_SIZE + TAG_SIZE];
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                let last = dec.finish().map_err(std::io::Error::other)?;
+                return Ok(Some((Bytes::from(last), None)));
             }
+            let out = dec.push(&buf[..n]).map_err(std::io::Error::other)?;
+            Ok(Some((Bytes::from(out), Some((file, dec)))))
         });
         Ok(Some(OpenFile {
             byte_size,
