@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod format;
 pub mod model;
+pub mod wire;
 
 mod checksum;
 pub use checksum::Sha256Stream;

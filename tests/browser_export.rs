@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::Read;
 use std::rc::Rc;
 
 use handover::browser::{export_data, ExportError};
@@ -198,21 +197,26 @@ fn normalise_json(bytes: &[u8]) -> Value {
     v
 }
 
-/// The data sheets of a workbook (everything but the Summary sheet, whose
-/// request id and time differ between two requests).
-fn data_sheets(bytes: &[u8]) -> Vec<(String, String)> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+/// The data sheets of a workbook, cell by cell as a reader sees them
+/// (everything but the Summary sheet, whose request id and time differ
+/// between two requests). Cells, not XML: the server writes its sheets in
+/// rust_xlsxwriter's constant-memory mode (inline strings).
+fn data_sheets(bytes: &[u8]) -> Vec<(String, Vec<Vec<String>>)> {
+    use calamine::Reader as _;
+    let mut wb: calamine::Xlsx<_> =
+        calamine::open_workbook_from_rs(std::io::Cursor::new(bytes.to_vec())).unwrap();
     let mut out = Vec::new();
-    for i in 0..zip.len() {
-        let mut f = zip.by_index(i).unwrap();
-        let name = f.name().unwrap().to_string();
-        if name.starts_with("xl/worksheets/sheet") && name != "xl/worksheets/sheet1.xml" {
-            let mut s = String::new();
-            f.read_to_string(&mut s).unwrap();
-            out.push((name, s));
+    for name in wb.sheet_names() {
+        if name == "Summary" {
+            continue;
         }
+        let range = wb.worksheet_range(&name).unwrap();
+        let rows = range
+            .rows()
+            .map(|r| r.iter().map(|c| format!("{c:?}")).collect())
+            .collect();
+        out.push((name, rows));
     }
-    out.sort();
     assert!(!out.is_empty());
     out
 }

@@ -103,6 +103,31 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// The success envelope around `data`, already JSON text (a frame of
+    /// records: written once, never re-parsed).
+    pub fn ok_raw(&self, data: Vec<u8>) -> Response {
+        let meta = json!({
+            "requestId": self.request_id(),
+            "timestamp": handover::model::format_timestamp(time::OffsetDateTime::now_utc()),
+            "version": API_VERSION,
+            "processingTimeMs": self.0.started.elapsed().as_millis() as u64,
+        });
+        let mut body = Vec::with_capacity(data.len() + 200);
+        body.extend_from_slice(b"{\"success\":true,\"data\":");
+        body.extend_from_slice(&data);
+        body.extend_from_slice(b",\"meta\":");
+        body.extend_from_slice(meta.to_string().as_bytes());
+        body.push(b'}');
+        let mut r = Response::new(axum::body::Body::from(body));
+        r.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     type Rejection = ApiError;
 

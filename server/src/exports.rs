@@ -2,10 +2,7 @@
 //! completed | failed, then expired or deleted. Every query is scoped to
 //! the owning user *and* company, so another party's id reads as absent.
 
-use std::collections::BTreeMap;
-
 use handover::model::{format_timestamp, Manifest};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
 use time::OffsetDateTime;
@@ -20,21 +17,6 @@ pub const RETENTION: time::Duration = time::Duration::days(30);
 
 /// The request states of the API reference.
 pub const STATUSES: [&str; 5] = ["pending", "processing", "completed", "failed", "expired"];
-
-/// Per data type paging state of a client export; lets a retried page be
-/// served again without counting its records twice.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct TypeProgress {
-    /// Records served up to and including the last page.
-    pub served: u64,
-    /// Cursor the last page was requested with (`""` for the first page).
-    pub last_cursor: Option<String>,
-    /// `served` before the last page.
-    pub served_before_last: u64,
-    /// The next page's cursor; `None` + `done` when the type is finished.
-    pub next_cursor: Option<String>,
-    pub done: bool,
-}
 
 /// One export request as stored.
 #[derive(Debug, Clone)]
@@ -54,7 +36,6 @@ pub struct ExportRow {
     pub estimated_bytes: i64,
     pub records_served: i64,
     pub current_type: Option<String>,
-    pub progress: BTreeMap<String, TypeProgress>,
     pub attempts: i64,
     pub record_count: Option<i64>,
     pub byte_size: Option<i64>,
@@ -88,7 +69,6 @@ impl ExportRow {
             estimated_bytes: r.try_get("estimated_bytes")?,
             records_served: r.try_get("records_served")?,
             current_type: r.try_get("current_type")?,
-            progress: serde_json::from_value(json("progress")?)?,
             attempts: r.try_get("attempts")?,
             record_count: r.try_get("record_count")?,
             byte_size: r.try_get("byte_size")?,
@@ -483,4 +463,113 @@ pub async fn mark_completed(
     }
     event(state, row, "export.completed", request_id, details).await?;
     Ok(true)
+}
+
+/// What was served of one data type of a client export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeProgress {
+    pub data_type: String,
+    /// Distinct records served (the furthest position reached).
+    pub served: u64,
+    /// Records sent in all, re-reads included.
+    pub reads: u64,
+    /// Whether the last page was served.
+    pub done: bool,
+}
+
+/// Records that a page (or stream frame) of `data_type` reaching position
+/// `served` was sent with `rows` records; `done` when nothing follows. One
+/// atomic statement per counter, so concurrent requests never lose counts.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn record_progress(
+    db: &SqlitePool,
+    id: &str,
+    data_type: &str,
+    served: u64,
+    rows: u64,
+    done: bool,
+) -> anyhow::Result<()> {
+    let now = now();
+    sqlx::query(
+        "INSERT INTO export_progress (export_id, data_type, served, reads, done) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (export_id, data_type) DO UPDATE SET served = MAX(served, excluded.served), \
+         reads = reads + excluded.reads, done = MAX(done, excluded.done)",
+    )
+    .bind(id)
+    .bind(data_type)
+    .bind(served as i64)
+    .bind(rows as i64)
+    .bind(done)
+    .execute(db)
+    .await?;
+    sqlx::query(
+        "UPDATE export_requests SET records_served = (SELECT COALESCE(SUM(served), 0) FROM export_progress WHERE export_id = ?1), \
+         current_type = ?2, last_activity_at = ?3 WHERE id = ?1",
+    )
+    .bind(id)
+    .bind(data_type)
+    .bind(&now)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// What was served of each data type of export `id` so far.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn progress(db: &SqlitePool, id: &str) -> anyhow::Result<Vec<TypeProgress>> {
+    let rows = sqlx::query(
+        "SELECT data_type, served, reads, done FROM export_progress WHERE export_id = ?",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TypeProgress {
+                data_type: r.try_get("data_type")?,
+                served: r.try_get::<i64, _>("served")? as u64,
+                reads: r.try_get::<i64, _>("reads")? as u64,
+                done: r.try_get::<i64, _>("done")? != 0,
+            })
+        })
+        .collect()
+}
+
+/// Moves a pending client export to `processing` when its first records
+/// are read, and writes `export.started` once.
+///
+/// # Errors
+///
+/// Database or audit errors.
+pub async fn mark_started(
+    state: &AppState,
+    row: &ExportRow,
+    request_id: Option<&str>,
+) -> anyhow::Result<()> {
+    let now = now();
+    let r = sqlx::query(
+        "UPDATE export_requests SET status = 'processing', started_at = COALESCE(started_at, ?1), last_activity_at = ?1 \
+         WHERE id = ?2 AND status = 'pending'",
+    )
+    .bind(&now)
+    .bind(&row.id)
+    .execute(&state.db)
+    .await?;
+    if r.rows_affected() == 1 {
+        event(
+            state,
+            row,
+            "export.started",
+            request_id,
+            json!({ "delivery": row.delivery }),
+        )
+        .await?;
+    }
+    Ok(())
 }

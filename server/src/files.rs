@@ -7,11 +7,15 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use axum::body::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use handover::crypto::{DataKey, Decryptor, Encryptor, CHUNK_SIZE, HEADER_SIZE, TAG_SIZE};
-use handover::format::ExportFormat;
+use handover::format::{ExportFormat, ExportWriter, FormatOptions};
 use sqlx::{Row, SqlitePool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The stored kind of a server build's rows as frames (the wire format),
+/// from which downloads in another format are converted.
+pub const FRAMES: &str = "frames";
 
 use crate::exports::ExportRow;
 use crate::AppState;
@@ -41,8 +45,11 @@ pub struct FileWriter {
 
 /// A stored file opened for download.
 pub struct OpenFile {
-    pub byte_size: u64,
-    pub sha256: String,
+    /// Size and checksum: known for stored files, not for conversions.
+    pub byte_size: Option<u64>,
+    pub sha256: Option<String>,
+    /// The stored file this one was converted from, if any.
+    pub converted_from: Option<String>,
     pub stream: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
 }
 
@@ -63,6 +70,8 @@ impl FileStore {
     /// The directory cannot be created.
     pub fn new(dir: PathBuf, master: DataKey) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = Self::tmp_of(&dir);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         Ok(Self { dir, master })
     }
 
@@ -71,11 +80,11 @@ impl FileStore {
     /// # Errors
     ///
     /// I/O or randomness errors.
-    pub async fn create(&self, id: &str, format: ExportFormat) -> anyhow::Result<FileWriter> {
+    pub async fn create(&self, id: &str, kind: &str) -> anyhow::Result<FileWriter> {
         let key = DataKey::generate()?;
         let wrapped = self.master.wrap(&key)?;
         let enc = Encryptor::new(&key)?;
-        let path = self.dir.join(format!("{id}.{}.enc", format.extension()));
+        let path = self.dir.join(format!("{id}.{kind}.enc"));
         let mut file = tokio::fs::File::create(&path)
             .await
             .with_context(|| format!("creating {}", path.display()))?;
@@ -90,8 +99,22 @@ impl FileStore {
         })
     }
 
-    /// Opens the `format` file of `row` for download, converting the stored
-    /// JSON when CSV is asked of a JSON or XLSX export. `None`: no file.
+    /// Where builds keep temporary files (XLSX sheets in constant-memory
+    /// mode): beside the export files, on the same disk.
+    pub fn tempdir(&self) -> PathBuf {
+        Self::tmp_of(&self.dir)
+    }
+
+    fn tmp_of(dir: &std::path::Path) -> PathBuf {
+        let name = dir
+            .file_name()
+            .map_or_else(|| "exports".into(), |n| n.to_string_lossy().into_owned());
+        dir.with_file_name(format!("{name}-tmp"))
+    }
+
+    /// Opens the `format` file of `row` for download. A format other than
+    /// the one built is converted from the stored frames as it is sent:
+    /// memory stays flat whatever the size. `None`: no file.
     ///
     /// # Errors
     ///
@@ -102,38 +125,37 @@ impl FileStore {
         row: &ExportRow,
         format: ExportFormat,
     ) -> anyhow::Result<Option<OpenFile>> {
-        if let Some(f) = self.open_stored(&state.db, &row.id, format).await? {
+        if let Some(f) = self
+            .open_stored(&state.db, &row.id, format.as_str())
+            .await?
+        {
             return Ok(Some(f));
         }
-        if format != ExportFormat::Csv {
-            return Ok(None);
-        }
-        // Converted from the stored JSON with the same writers.
-        let Some(json) = self
-            .read_all(&state.db, &row.id, ExportFormat::Json)
-            .await?
-        else {
+        let Some(frames) = self.open_stored(&state.db, &row.id, FRAMES).await? else {
             return Ok(None);
         };
-        let v: serde_json::Value = serde_json::from_slice(&json)?;
-        let data: indexmap::IndexMap<String, Vec<serde_json::Value>> =
-            serde_json::from_value(v["export"]["data"].clone())?;
         let info = crate::jobs::export_info(state, row)?;
-        let bytes = handover::format::write_all(
-            ExportFormat::Csv,
-            &data,
-            Some(&row.manifest),
-            &info,
-            &handover::format::FormatOptions::default(),
-        )?;
-        let mut h = handover::Sha256Stream::default();
-        h.update(&bytes);
+        let writer = ExportWriter::new(format, &row.manifest, &info, &FormatOptions::default())?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let manifest = row.manifest.clone();
+        let id = row.id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = convert(frames.stream, writer, &manifest, &tx).await {
+                tracing::error!(export = %id, error = %format!("{e:#}"), "conversion failed");
+                let _ = tx
+                    .send(Err(std::io::Error::other("conversion failed")))
+                    .await;
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .fuse();
         Ok(Some(OpenFile {
-            byte_size: bytes.len() as u64,
-            sha256: h.finish_hex(),
-            stream: Box::pin(futures_util::stream::once(
-                async move { Ok(Bytes::from(bytes)) },
-            )),
+            byte_size: None,
+            sha256: None,
+            converted_from: Some(FRAMES.to_string()),
+            stream: Box::pin(stream),
         }))
     }
 
@@ -141,11 +163,11 @@ impl FileStore {
         &self,
         db: &SqlitePool,
         id: &str,
-        format: ExportFormat,
+        kind: &str,
     ) -> anyhow::Result<Option<(DataKey, PathBuf, u64, String)>> {
         let Some(r) = sqlx::query("SELECT path, wrapped_key, byte_size, sha256 FROM export_files WHERE request_id = ? AND format = ?")
             .bind(id)
-            .bind(format.as_str())
+            .bind(kind)
             .fetch_optional(db)
             .await?
         else {
@@ -167,9 +189,9 @@ impl FileStore {
         &self,
         db: &SqlitePool,
         id: &str,
-        format: ExportFormat,
+        kind: &str,
     ) -> anyhow::Result<Option<OpenFile>> {
-        let Some((key, path, byte_size, sha256)) = self.key_and_path(db, id, format).await? else {
+        let Some((key, path, byte_size, sha256)) = self.key_and_path(db, id, kind).await? else {
             return Ok(None);
         };
         let mut file = tokio::fs::File::open(&path)
@@ -193,8 +215,9 @@ impl FileStore {
             Ok(Some((Bytes::from(out), Some((file, dec)))))
         });
         Ok(Some(OpenFile {
-            byte_size,
-            sha256,
+            byte_size: Some(byte_size),
+            sha256: Some(sha256),
+            converted_from: None,
             stream: Box::pin(stream),
         }))
     }
@@ -208,9 +231,9 @@ impl FileStore {
         &self,
         db: &SqlitePool,
         id: &str,
-        format: ExportFormat,
+        kind: &str,
     ) -> anyhow::Result<Option<Vec<u8>>> {
-        let Some((key, path, _, _)) = self.key_and_path(db, id, format).await? else {
+        let Some((key, path, _, _)) = self.key_and_path(db, id, kind).await? else {
             return Ok(None);
         };
         let bytes = tokio::fs::read(&path).await?;
@@ -270,7 +293,7 @@ impl FileWriter {
         mut self,
         db: &SqlitePool,
         id: &str,
-        format: ExportFormat,
+        kind: &str,
     ) -> anyhow::Result<(u64, String)> {
         let enc = self
             .enc
@@ -287,7 +310,7 @@ impl FileWriter {
             .to_string();
         sqlx::query("INSERT OR REPLACE INTO export_files (request_id, format, path, wrapped_key, byte_size, sha256) VALUES (?,?,?,?,?,?)")
             .bind(id)
-            .bind(format.as_str())
+            .bind(kind)
             .bind(name)
             .bind(&self.wrapped)
             .bind(self.size as i64)
@@ -296,4 +319,91 @@ impl FileWriter {
             .await?;
         Ok((self.size, sha))
     }
+}
+
+/// Converts stored frames (one per line) into `writer`'s format, sending the
+/// output as it is produced.
+async fn convert(
+    mut frames: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+    mut writer: ExportWriter,
+    manifest: &handover::model::Manifest,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> anyhow::Result<()> {
+    let send = |chunk: Vec<u8>| async move {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        tx.send(Ok(Bytes::from(chunk)))
+            .await
+            .map_err(|_| anyhow::anyhow!("the client went away"))
+    };
+    send(writer.begin()?).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut cells = Vec::new();
+    let mut lines = 0u64;
+    while let Some(chunk) = frames.next().await {
+        pending.extend_from_slice(&chunk?);
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &pending[start..start + nl];
+            start += nl + 1;
+            lines += 1;
+            write_frame(&mut writer, manifest, line, &mut cells)
+                .with_context(|| format!("stored frame {lines}"))?;
+            send(writer.take_output()).await?;
+        }
+        pending.drain(..start);
+    }
+    anyhow::ensure!(
+        pending.is_empty(),
+        "the stored frames end in the middle of a line"
+    );
+    send(writer.finish()?).await?;
+    while let Some(piece) = writer.next_output()? {
+        send(piece).await?;
+    }
+    Ok(())
+}
+
+/// Decodes one stored frame into `writer`.
+fn write_frame(
+    writer: &mut ExportWriter,
+    manifest: &handover::model::Manifest,
+    line: &[u8],
+    spare: &mut Vec<handover::format::Cell<'static>>,
+) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Head<'h> {
+        #[serde(borrow)]
+        data_type: std::borrow::Cow<'h, str>,
+    }
+    // Stored frames start with their data type (a plain identifier).
+    let quick = line
+        .strip_prefix(b"{\"data_type\":\"")
+        .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]))
+        .and_then(|name| std::str::from_utf8(name).ok());
+    let name = match quick {
+        Some(n) => std::borrow::Cow::Borrowed(n),
+        None => serde_json::from_slice::<Head<'_>>(line)?.data_type,
+    };
+    let t = writer
+        .type_index(&name)
+        .with_context(|| format!("data type {name} is not in the manifest"))?;
+    let columns = &manifest.types[t].columns;
+    let frame = handover::wire::decode_frame(line, columns)?;
+    let mut cells: Vec<handover::format::Cell<'_>> = std::mem::take(spare)
+        .into_iter()
+        .map(|_| handover::format::Cell::Null)
+        .collect();
+    for row in frame.rows() {
+        cells.clear();
+        cells.extend(row.iter().map(handover::wire::WireCell::as_cell));
+        writer.write_row(t, &cells)?;
+    }
+    cells.clear();
+    *spare = cells
+        .into_iter()
+        .map(|_| handover::format::Cell::Null)
+        .collect();
+    Ok(())
 }

@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use handover::format::{ExportFormat, ExportWriter, FormatOptions};
+use handover::format::{Cell, ExportFormat, ExportWriter, FormatOptions};
 use handover::model::{parse_timestamp, DateRange, ExportInfo};
+use handover::wire::FrameEncoder;
 use serde_json::json;
 use sqlx::Row;
 
 use crate::exports::{self, ExportRow};
+use crate::source::{PageRequest, RowSink};
 use crate::AppState;
 
 /// Records per database page while building a file.
@@ -70,77 +72,162 @@ impl ChunkSink for PlainFile {
     }
 }
 
-/// Streams every record of `row` through `format`'s writer into `sink`.
-/// Returns the number of records written.
+/// Where the rows of a build go as they are read: the file's writer and,
+/// for server builds, the frames kept beside the file for conversions.
+struct BuildSink {
+    writer: ExportWriter,
+    t: usize,
+    frames: Option<(Vec<u8>, Option<FrameEncoder>)>,
+}
+
+impl RowSink for BuildSink {
+    fn row(&mut self, cells: &[Cell<'_>]) -> anyhow::Result<()> {
+        self.writer.write_row(self.t, cells)?;
+        if let Some((buf, Some(enc))) = &mut self.frames {
+            enc.row(buf, cells);
+        }
+        Ok(())
+    }
+}
+
+/// What a build produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Built {
+    pub records: u64,
+}
+
+/// Streams every record of `row` through `format`'s writer into `sink`, in
+/// one pass over the data: rows go from the database to the writer as
+/// typed cells. With `frames`, the same rows are also kept as frames (the
+/// wire format), from which downloads in another format are converted.
+/// XLSX uses rust_xlsxwriter's constant-memory mode with temporary files in
+/// `tempdir`, so memory stays flat whatever the size.
 ///
 /// # Errors
 ///
 /// Database, format or sink errors.
-pub async fn build(
+pub async fn build<S, F>(
     state: &AppState,
     row: &ExportRow,
     format: ExportFormat,
-    sink: &mut (impl ChunkSink + Send),
-) -> anyhow::Result<u64> {
+    tempdir: &std::path::Path,
+    sink: &mut S,
+    mut frames: Option<&mut F>,
+) -> anyhow::Result<Built>
+where
+    S: ChunkSink + Send,
+    F: ChunkSink + Send,
+{
     let info = export_info(state, row)?;
-    let mut writer = ExportWriter::new(format, &row.manifest, &info, &FormatOptions::default())?;
-    sink.write_chunk(&writer.begin()?).await?;
-    let range = row.range();
+    let options = FormatOptions::default();
+    let writer = match format {
+        ExportFormat::Xlsx => {
+            ExportWriter::xlsx_constant_memory(&row.manifest, &info, &options, tempdir)?
+        }
+        f => ExportWriter::new(f, &row.manifest, &info, &options)?,
+    };
+    let mut b = BuildSink {
+        writer,
+        t: 0,
+        frames: frames.is_some().then(|| (Vec::new(), None)),
+    };
+    sink.write_chunk(&b.writer.begin()?).await?;
     let owner = crate::auth::Scope {
         user_id: row.user_id.clone(),
         company_id: row.company_id.clone(),
     };
     for name in &row.data_types {
-        let t = state
-            .registry
+        b.t = b
+            .writer
+            .type_index(name)
+            .with_context(|| format!("data type {name} is not in the manifest"))?;
+        let columns = row
+            .manifest
+            .types
             .get(name)
-            .with_context(|| format!("data type {name} is no longer configured"))?;
-        let mut cursor: Option<String> = None;
+            .map(|t| t.columns.clone())
+            .unwrap_or_default();
+        let mut after = None;
+        let mut offset = 0;
         loop {
-            let (records, next) = state
-                .registry
-                .page(&state.db, t, &owner, &range, cursor.as_deref(), BUILD_PAGE)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let chunk = writer.write_page(name, &records)?;
+            if let Some((buf, enc)) = &mut b.frames {
+                *enc = Some(FrameEncoder::begin(
+                    buf,
+                    name,
+                    offset,
+                    (offset == 0).then_some(columns.as_slice()),
+                ));
+            }
+            let req = PageRequest {
+                data_type: name.clone(),
+                owner: owner.clone(),
+                range: row.range(),
+                after: after.take(),
+                limit: BUILD_PAGE,
+            };
+            let (back, end) = state.source.read_page(req, b).await?;
+            b = back;
+            let chunk = b.writer.take_output();
             if !chunk.is_empty() {
                 sink.write_chunk(&chunk).await?;
             }
+            if let (Some((buf, enc)), Some(out)) = (&mut b.frames, frames.as_deref_mut()) {
+                if let Some(enc) = enc.take() {
+                    enc.end(buf, end.next.is_some().then_some("more"));
+                }
+                buf.push(b'\n');
+                out.write_chunk(buf).await?;
+                buf.clear();
+            }
+            offset += end.rows;
             sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
-                .bind(writer.records_written() as i64)
+                .bind(b.writer.records_written() as i64)
                 .bind(name)
                 .bind(exports::now())
                 .bind(&row.id)
                 .execute(&state.db)
                 .await?;
-            match next {
-                Some(c) => cursor = Some(c),
+            match end.next {
+                Some(k) => after = Some(k),
                 None => break,
             }
         }
     }
-    sink.write_chunk(&writer.finish()?).await?;
-    Ok(writer.records_written())
-}
-
-/// Builds and stores the file(s) of a claimed server export.
-async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64, String)> {
-    let format: ExportFormat = row.export_format.parse()?;
-    let mut formats = vec![format];
-    if format != ExportFormat::Json {
-        // Kept so the download can also offer json and csv.
-        formats.push(ExportFormat::Json);
-    }
-    let mut result = None;
-    for f in formats {
-        let mut file = state.files.create(&row.id, f).await?;
-        let records = build(state, row, f, &mut file).await?;
-        let (size, sha) = file.finish(&state.db, &row.id, f).await?;
-        if f == format {
-            result = Some((records, size, sha));
+    let mut chunk = b.writer.finish()?;
+    loop {
+        if !chunk.is_empty() {
+            sink.write_chunk(&chunk).await?;
+        }
+        match b.writer.next_output()? {
+            Some(next) => chunk = next,
+            None => break,
         }
     }
-    result.context("no file built")
+    Ok(Built {
+        records: b.writer.records_written(),
+    })
+}
+
+/// Builds and stores the file of a claimed server export, with its frames
+/// for conversions, in one pass.
+async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64, String)> {
+    let format: ExportFormat = row.export_format.parse()?;
+    let mut file = state.files.create(&row.id, format.as_str()).await?;
+    let mut frames = state.files.create(&row.id, crate::files::FRAMES).await?;
+    let built = build(
+        state,
+        row,
+        format,
+        &state.files.tempdir(),
+        &mut file,
+        Some(&mut frames),
+    )
+    .await?;
+    frames
+        .finish(&state.db, &row.id, crate::files::FRAMES)
+        .await?;
+    let (size, sha) = file.finish(&state.db, &row.id, format.as_str()).await?;
+    Ok((built.records, size, sha))
 }
 
 /// Claims and builds pending server exports until none is left.

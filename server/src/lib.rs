@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod auth;
 pub mod context;
+pub mod cursor;
 pub mod datatypes;
 pub mod db;
 pub mod demo;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod source;
 
 use std::ops::Deref;
 
@@ -37,50 +39,70 @@ use tower_http::services::ServeDir;
 
 use crate::error::ApiError;
 
-/// Test-only fault injection on record pages (`HANDOVER_FAULT_PAGES`).
+/// Test-only fault injection on record pages and stream frames
+/// (`HANDOVER_FAULT_PAGES`).
 #[derive(Debug, Clone)]
 pub struct FaultInjection {
-    /// Share of page requests that fail, 0.0–1.0.
+    /// Share of page requests (and of stream frames) that fail, 0.0–1.0.
     pub rate: f64,
     /// Instead of failing, answer the headers and then never finish the body.
     pub stall: bool,
 }
 
+/// One injected fault.
+#[derive(Debug)]
+pub enum Fault {
+    /// An error answer: a 500, or a 429 with `Retry-After: 1`.
+    Status(Response),
+    /// The connection drops in the middle of the body.
+    Drop,
+    /// The body never finishes.
+    Stall,
+}
+
 impl FaultInjection {
-    /// Decides whether this request fails, and how: a 500, a 429 with
-    /// `Retry-After: 1`, or a connection dropped mid-body.
-    pub fn roll(&self) -> Option<Response> {
+    /// Decides whether this request (or stream frame) fails, and how.
+    pub fn roll(&self) -> Option<Fault> {
         if rand::random::<f64>() >= self.rate {
             return None;
         }
         if self.stall {
-            let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
-                axum::body::Bytes::from_static(b"{"),
-            )])
-            .chain(futures_util::stream::pending());
-            return Some(Response::new(axum::body::Body::from_stream(stream)));
+            return Some(Fault::Stall);
         }
-        match rand::random_range(0..3) {
+        Some(match rand::random_range(0..3) {
             0 => {
-                return Some(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response())
+                Fault::Status(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response())
             }
-            1 => {
-                let limited = ApiError::RateLimited {
+            1 => Fault::Status(
+                ApiError::RateLimited {
                     limit: 1,
                     window_secs: 1,
                     retry_after: 1,
-                };
-                return Some(limited.into_response());
-            }
-            _ => {}
-        }
-        let stream = futures_util::stream::iter(vec![
-            Ok(axum::body::Bytes::from_static(
-                b"{\"success\":true,\"data\":{\"records\":[",
-            )),
-            Err(std::io::Error::other("injected dropped connection")),
-        ]);
-        let mut r = Response::new(axum::body::Body::from_stream(stream));
+                }
+                .into_response(),
+            ),
+            _ => Fault::Drop,
+        })
+    }
+
+    /// A fault for a whole page answer, as its response.
+    pub fn roll_page(&self) -> Option<Response> {
+        let fault = self.roll()?;
+        let prefix: &'static [u8] = b"{\"success\":true,\"data\":{\"rows\":[";
+        let body = match fault {
+            Fault::Status(r) => return Some(r),
+            Fault::Stall => axum::body::Body::from_stream(
+                futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+                    axum::body::Bytes::from_static(prefix),
+                )])
+                .chain(futures_util::stream::pending()),
+            ),
+            Fault::Drop => axum::body::Body::from_stream(futures_util::stream::iter(vec![
+                Ok(axum::body::Bytes::from_static(prefix)),
+                Err(std::io::Error::other("injected dropped connection")),
+            ])),
+        };
+        let mut r = Response::new(body);
         r.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/json"),
@@ -128,6 +150,10 @@ impl Default for Settings {
 pub struct StateInner {
     pub db: SqlitePool,
     pub registry: datatypes::Registry,
+    /// Where the data types' records are read from.
+    pub source: source::Source,
+    /// Signs record-page cursors (derived from the master key).
+    pub cursor_key: cursor::CursorKey,
     pub auth: auth::AuthConfig,
     pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
@@ -197,6 +223,20 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
+/// HTTP compression negotiated from `Accept-Encoding` (zstd preferred, then
+/// brotli, gzip, deflate) at the fastest level: record pages and streams
+/// shrink several times over for little CPU. XLSX is a zip already.
+fn compression(
+) -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+    use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate as _};
+    use tower_http::compression::{CompressionLayer, CompressionLevel};
+    CompressionLayer::new()
+        .quality(CompressionLevel::Fastest)
+        .compress_when(DefaultPredicate::new().and(NotForContentType::const_new(
+            "application/vnd.openxmlformats",
+        )))
+}
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
@@ -231,6 +271,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             context::middleware,
         ))
+        .layer(compression())
         .with_state(state);
     // Outermost, so preflight requests are answered before routing.
     match cors {

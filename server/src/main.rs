@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use handover::crypto::DataKey;
 use handover::format::ExportFormat;
 use handover_server::auth::{self, AuthConfig, JwtConfig, Scope, PERM_AUDIT, PERM_EXPORT};
+use handover_server::cursor::CursorKey;
 use handover_server::datatypes::{Range, Registry};
+use handover_server::source::Source;
 use handover_server::{
     audit, db, demo, exports, files, jobs, AppState, FaultInjection, Settings, StateInner,
 };
@@ -255,10 +257,10 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         Some(r) => anyhow::bail!("HANDOVER_FAULT_PAGES must be between 0 and 1, got {r}"),
         None => None,
     };
-    let files = files::FileStore::new(
-        args.data_dir.join("exports"),
-        master_key(args.master_key.as_deref(), &args.data_dir)?,
-    )?;
+    let master = master_key(args.master_key.as_deref(), &args.data_dir)?;
+    let cursor_key = CursorKey::derive(&master);
+    let files = files::FileStore::new(args.data_dir.join("exports"), master)?;
+    let source = Source::open(&cli.database, &registry)?;
     if args.demo && !demo::has_data(&pool, &registry).await {
         let loaded = demo::load(&pool, &registry, args.demo_users, args.demo_records, 42).await?;
         tracing::info!(
@@ -282,6 +284,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     let state = AppState(Arc::new(StateInner {
         db: pool.clone(),
         registry,
+        source,
+        cursor_key,
         auth: AuthConfig {
             jwt,
             dev_no_auth: args.dev_no_auth,
@@ -360,13 +364,17 @@ async fn export_cli(
         }
         types.to_vec()
     };
+    let master = master_key(None, data_dir)?;
+    let source = Source::open(&cli.database, &registry)?;
     let state = AppState(Arc::new(StateInner {
         db: pool,
         registry,
+        source,
+        cursor_key: CursorKey::derive(&master),
         auth: AuthConfig::default(),
         audit: audit::AuditLog::default(),
         metrics: Default::default(),
-        files: files::FileStore::new(data_dir.join("exports"), master_key(None, data_dir)?)?,
+        files: files::FileStore::new(data_dir.join("exports"), master)?,
         settings: Settings::default(),
         jobs: Default::default(),
     }));
@@ -402,9 +410,22 @@ async fn export_cli(
         sha: handover::Sha256Stream::default(),
         size: 0,
     };
-    let built = jobs::build(&state, &row, format, &mut sink).await;
+    // XLSX sheets are assembled beside the output file.
+    let tempdir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let built = jobs::build(
+        &state,
+        &row,
+        format,
+        &tempdir,
+        &mut sink,
+        None::<&mut jobs::PlainFile>,
+    )
+    .await;
     let records = match built {
-        Ok(n) => n,
+        Ok(b) => b.records,
         Err(e) => {
             exports::fail(&state, &row, "generation failed", None).await?;
             return Err(e);

@@ -18,6 +18,8 @@ pub struct Metrics {
     export_bytes: AtomicU64,
     export_records: AtomicU64,
     export_processing_ms: AtomicU64,
+    bookkeeping_micros: AtomicU64,
+    bookkeeping_count: AtomicU64,
 }
 
 impl Metrics {
@@ -42,6 +44,13 @@ impl Metrics {
         self.export_records.fetch_add(records, Relaxed);
         self.export_processing_ms
             .fetch_add(processing.as_millis() as u64, Relaxed);
+    }
+
+    /// Time spent recording the progress of one record page or stream frame.
+    pub fn observe_bookkeeping(&self, elapsed: Duration) {
+        self.bookkeeping_count.fetch_add(1, Relaxed);
+        self.bookkeeping_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
     }
 
     pub fn export_failed(&self) {
@@ -123,6 +132,18 @@ impl Metrics {
             s,
             "handover_export_processing_seconds_count {}",
             g(&self.exports_completed)
+        );
+        let _ = writeln!(s, "# HELP handover_page_bookkeeping_seconds Time spent recording the progress of record pages and stream frames.");
+        let _ = writeln!(s, "# TYPE handover_page_bookkeeping_seconds summary");
+        let _ = writeln!(
+            s,
+            "handover_page_bookkeeping_seconds_sum {}",
+            g(&self.bookkeeping_micros) as f64 / 1e6
+        );
+        let _ = writeln!(
+            s,
+            "handover_page_bookkeeping_seconds_count {}",
+            g(&self.bookkeeping_count)
         );
         s
     }

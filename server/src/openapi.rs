@@ -58,6 +58,43 @@ pub struct Envelope {
     meta: Meta,
 }
 
+/// A page of records: the envelope around one frame.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct PageEnvelope {
+    success: bool,
+    data: Frame,
+    meta: Meta,
+}
+
+/// One frame of records of a data type: compact rows in column order.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct Frame {
+    #[schema(example = "payment_history")]
+    data_type: String,
+    /// Position of the first row within the data type.
+    offset: u64,
+    /// The data type's columns (always in a page; in the first frame of a stream).
+    columns: Option<Vec<FrameColumn>>,
+    /// One array per record, values in the order of `columns`: text and
+    /// datetimes as strings, integers and numbers as numbers, booleans,
+    /// `json` columns as nested JSON values, `null` for no value.
+    #[schema(value_type = Vec<Vec<Object>>, example = json!([["payment_123", 2999, "2025-10-24T19:50:00.000Z"]]))]
+    rows: Vec<Value>,
+    /// Pass as `cursor` for what follows; null on the last frame.
+    next_cursor: Option<String>,
+}
+
+/// A column of a frame.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct FrameColumn {
+    name: String,
+    /// `string`, `integer`, `number`, `boolean`, `datetime` or `json`.
+    kind: String,
+}
+
 /// Envelope metadata.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
@@ -120,10 +157,10 @@ impl Modify for BearerAuth {
     paths(
         routes::exports::create, routes::exports::list, routes::exports::details, routes::exports::delete,
         routes::exports::download, routes::exports::complete, routes::exports::fail,
-        routes::records::page, routes::summary::summary, routes::audit::list,
+        routes::records::page, routes::records::stream, routes::summary::summary, routes::audit::list,
         routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
     ),
-    components(schemas(CreateExport, CompleteExport, FailExport, Envelope, Meta, ErrorEnvelope, ErrorBody)),
+    components(schemas(CreateExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -89,17 +89,20 @@ async fn spawn_with(opts: Opts, dir: Option<Arc<TempDir>>) -> TestApp {
     } else {
         JwtConfig::hs256(JWT_SECRET.as_bytes(), Some(ISSUER), Some(AUDIENCE))
     };
+    let master = DataKey::from_bytes([7; 32]);
+    let source = handover_server::source::Source::open(&url, &registry).unwrap();
     let state = AppState(Arc::new(StateInner {
         db: pool.clone(),
         registry,
+        source,
+        cursor_key: handover_server::cursor::CursorKey::derive(&master),
         auth: AuthConfig {
             jwt: Some(jwt),
             dev_no_auth: opts.dev_no_auth,
         },
         audit: audit::AuditLog::default(),
         metrics: Default::default(),
-        files: files::FileStore::new(dir.path().join("exports"), DataKey::from_bytes([7; 32]))
-            .unwrap(),
+        files: files::FileStore::new(dir.path().join("exports"), master).unwrap(),
         settings: Settings {
             max_export_bytes: opts
                 .max_export_bytes
@@ -228,6 +231,42 @@ impl TestApp {
     }
 }
 
+/// The records of a frame (a page's `data`) as JSON objects: each row's
+/// values under their column names, dotted names as nested objects.
+fn frame_records(frame: &Value) -> Vec<Value> {
+    let names: Vec<&str> = frame["columns"]
+        .as_array()
+        .expect("a page lists its columns")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    frame["rows"]
+        .as_array()
+        .expect("a frame has rows")
+        .iter()
+        .map(|row| {
+            let row = row.as_array().unwrap();
+            assert_eq!(row.len(), names.len(), "one value per column");
+            let mut rec = serde_json::Map::new();
+            for (name, v) in names.iter().zip(row) {
+                match name.split_once('.') {
+                    None => {
+                        rec.insert(name.to_string(), v.clone());
+                    }
+                    Some((top, sub)) => {
+                        rec.entry(top.to_string())
+                            .or_insert_with(|| json!({}))
+                            .as_object_mut()
+                            .unwrap()
+                            .insert(sub.to_string(), v.clone());
+                    }
+                }
+            }
+            Value::Object(rec)
+        })
+        .collect()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -252,13 +291,7 @@ async fn fetch_all(
                 )
                 .await;
             assert_eq!(r.status, 200, "{}", r.body);
-            records.extend(
-                r.body["data"]["records"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .cloned(),
-            );
+            records.extend(frame_records(&r.body["data"]));
             match r.body["data"]["next_cursor"].as_str() {
                 Some(c) => cursor = c.to_string(),
                 None => break,
@@ -496,7 +529,7 @@ async fn client_export_pages_complete_and_progress() {
             None,
         )
         .await;
-    assert_eq!(p.body["data"]["records"].as_array().unwrap().len(), 10);
+    assert_eq!(p.body["data"]["rows"].as_array().unwrap().len(), 10);
     let d = app
         .call(Method::GET, &format!("/api/data/export/{id}"), None)
         .await;
@@ -769,7 +802,7 @@ async fn delete_destroys_the_export_and_its_files() {
             .unwrap()
             .count(),
         2,
-        "csv + json"
+        "csv + the frames for conversions"
     );
     let r = app
         .call(Method::DELETE, &format!("/api/data/export/{id}"), None)
@@ -895,6 +928,7 @@ async fn health_metrics_and_openapi_match_the_server() {
         "POST /api/data/export/{id}/complete",
         "POST /api/data/export/{id}/fail",
         "GET /api/data/export/{id}/records/{data_type}",
+        "GET /api/data/export/{id}/records/{data_type}/stream",
         "GET /api/data/summary",
         "GET /api/audit",
         "GET /healthz",
@@ -1351,7 +1385,7 @@ async fn isolation_matrix_two_users_two_companies() {
             let r = app
                 .raw(Method::GET, &path, Some(tok), Some(company), None)
                 .await;
-            for rec in r.body["data"]["records"].as_array().unwrap() {
+            for rec in &frame_records(&r.body["data"]) {
                 assert_eq!(rec["user_id"], users[i]);
                 let pid = rec["id"].as_str().unwrap();
                 let owner: (String, String) =

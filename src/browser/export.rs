@@ -7,10 +7,11 @@ use wasm_bindgen::prelude::*;
 use web_sys::{Blob, BlobPropertyBag};
 
 use super::error::export_error;
-use super::http::{aborted_error, Client, Retry};
+use super::http::{aborted_error, sleep, Client, Retry, StreamError};
 use super::options::{self, ExportOptions};
 use crate::format::ExportWriter;
-use crate::model::{ExportInfo, Manifest, Page};
+use crate::model::{ExportInfo, Manifest};
+use crate::wire::{decode_frame, WireError};
 use crate::Sha256Stream;
 
 #[derive(Deserialize)]
@@ -79,6 +80,167 @@ impl Progress<'_> {
         set("bytesWritten", JsValue::from_f64(bytes as f64));
         // A throwing progress callback must not break the export.
         let _ = cb.call1(&JsValue::NULL, &o);
+    }
+}
+
+/// Where the records of `name` are read: the manifest's `records_url`,
+/// which must be on the server's own origin (the bearer token is sent there).
+fn records_url(
+    opts: &ExportOptions,
+    id: &str,
+    name: &str,
+    given: Option<&str>,
+) -> Result<String, JsValue> {
+    let url = given.map_or_else(
+        || format!("/api/data/export/{id}/records/{name}"),
+        str::to_string,
+    );
+    if url.starts_with('/') && !url.starts_with("//") {
+        return Ok(url);
+    }
+    let base = &opts.base_url;
+    if !base.is_empty() && (url == *base || url.starts_with(&format!("{base}/"))) {
+        return Ok(url);
+    }
+    Err(export_error(
+        "INVALID_RESPONSE",
+        &format!("the server named records of {name} on another origin ({url}); the token is not sent there"),
+    ))
+}
+
+/// Largest frame (one line of a stream) accepted from the server.
+const MAX_FRAME_BYTES: usize = 256 << 20;
+
+/// Reads every record of one data type from its stream into the writer,
+/// resuming from the last frame's cursor when the stream breaks, so the
+/// rows are exactly those of an unbroken read.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_type(
+    client: &Client,
+    opts: &ExportOptions,
+    url: &str,
+    t: usize,
+    columns: &[crate::model::Column],
+    writer: &mut ExportWriter,
+    out: &mut Output,
+    progress: &mut Progress<'_>,
+    name: &str,
+) -> Result<(), JsValue> {
+    let mut cursor: Option<String> = None;
+    let mut offset: u64 = 0;
+    let mut failures = 0;
+    loop {
+        if client
+            .signal
+            .as_ref()
+            .is_some_and(web_sys::AbortSignal::aborted)
+        {
+            return Err(aborted_error());
+        }
+        let mut path = format!("{url}/stream?limit={}", opts.page_size);
+        if let Some(c) = &cursor {
+            path.push_str("&cursor=");
+            path.push_str(&String::from(js_sys::encode_uri_component(c)));
+        }
+        let mut stream = client.open_stream(&path).await?;
+        let mut pending: Vec<u8> = Vec::new();
+        let broken = loop {
+            let chunk = match stream.next_chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break "the stream ended early".to_string(),
+                Err(StreamError::Aborted) => return Err(aborted_error()),
+                Err(StreamError::Network(msg)) => break msg,
+            };
+            pending.extend_from_slice(&chunk);
+            let mut start = 0;
+            let mut finished = false;
+            let mut server_error = None;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                let line = &pending[start..start + nl];
+                start += nl + 1;
+                let frame = match decode_frame(line, columns) {
+                    Ok(f) => f,
+                    Err(WireError::Server { code, message }) => {
+                        server_error = Some(format!("{code}: {message}"));
+                        break;
+                    }
+                    Err(e) => return Err(export_error(e.code(), &e.to_string())),
+                };
+                if frame.offset != offset {
+                    return Err(export_error(
+                        "INVALID_RESPONSE",
+                        &format!(
+                            "records of {name} arrived at position {} where {offset} was expected",
+                            frame.offset
+                        ),
+                    ));
+                }
+                if frame.row_count() == 0 && frame.next_cursor.is_some() {
+                    return Err(export_error(
+                        "INVALID_RESPONSE",
+                        &format!("the server sent an empty page of {name} that does not end it"),
+                    ));
+                }
+                let mut cells = Vec::with_capacity(columns.len());
+                for row in frame.rows() {
+                    cells.clear();
+                    cells.extend(row.iter().map(crate::wire::WireCell::as_cell));
+                    writer.write_row(t, &cells)?;
+                }
+                out.push(writer.take_output());
+                failures = 0;
+                drop(cells);
+                let rows = frame.row_count() as u64;
+                match frame.next_cursor {
+                    Some(next) if Some(next.as_ref()) == cursor.as_deref() => {
+                        return Err(export_error(
+                            "INVALID_RESPONSE",
+                            "the server repeated a cursor",
+                        ))
+                    }
+                    Some(next) => cursor = Some(next.into_owned()),
+                    None => finished = true,
+                }
+                offset += rows;
+                progress.processed += rows;
+                progress.emit(Some(name), out.bytes, false);
+                if client
+                    .signal
+                    .as_ref()
+                    .is_some_and(web_sys::AbortSignal::aborted)
+                {
+                    return Err(aborted_error());
+                }
+                if finished {
+                    break;
+                }
+            }
+            pending.drain(..start);
+            if finished {
+                return Ok(());
+            }
+            if let Some(e) = server_error {
+                break e;
+            }
+            if pending.len() > MAX_FRAME_BYTES {
+                return Err(export_error(
+                    "INVALID_RESPONSE",
+                    &format!("a page of {name} is larger than {MAX_FRAME_BYTES} bytes"),
+                ));
+            }
+        };
+        drop(stream);
+        failures += 1;
+        if failures >= client.max_attempts {
+            return Err(export_error(
+                "NETWORK_ERROR",
+                &format!("could not read the records of {name}: {broken}"),
+            ));
+        }
+        // Exponential backoff with jitter, then resume from the cursor.
+        let base = f64::from(client.retry_base_ms) * 2f64.powi(failures as i32 - 1);
+        let delay = (base * (0.5 + js_sys::Math::random() * 0.5)).min(30_000.0);
+        sleep(delay, client.signal.as_ref()).await?;
     }
 }
 
@@ -196,35 +358,25 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
         false,
     );
     for (name, t) in &created.manifest.types {
-        let url = t
-            .records_url
-            .clone()
-            .unwrap_or_else(|| format!("/api/data/export/{id}/records/{name}"));
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut path = format!("{url}?limit={}", opts.page_size);
-            if let Some(c) = &cursor {
-                path.push_str("&cursor=");
-                path.push_str(&String::from(js_sys::encode_uri_component(c)));
-            }
-            let page: Page = parse(
-                &client.send("GET", &path, None, Retry::Idempotent).await?,
-                "page of records",
-            )?;
-            out.push(writer.write_page(name, &page.records)?);
-            progress.processed += page.records.len() as u64;
-            progress.emit(Some(name), out.bytes, false);
-            match page.next_cursor {
-                Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
-                Some(_) => {
-                    return Err(export_error(
-                        "INVALID_RESPONSE",
-                        "the server repeated a cursor",
-                    ))
-                }
-                None => break,
-            }
-        }
+        let url = records_url(opts, id, name, t.records_url.as_deref())?;
+        let ti = writer.type_index(name).ok_or_else(|| {
+            export_error(
+                "INVALID_RESPONSE",
+                &format!("{name} is not in the manifest"),
+            )
+        })?;
+        fetch_type(
+            client,
+            opts,
+            &url,
+            ti,
+            &t.columns,
+            &mut writer,
+            &mut out,
+            &mut progress,
+            name,
+        )
+        .await?;
     }
     out.push(writer.finish()?);
     let sha256 = std::mem::take(&mut out.sha).finish_hex();

@@ -40,8 +40,87 @@ enum Outcome {
         body: Vec<u8>,
         retry_after: Option<f64>,
     },
+    /// A 2xx whose body is read as it arrives.
+    Stream(Stream),
     Network(String),
     Aborted,
+}
+
+/// Largest response body read whole (an answer that is not a stream).
+const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// The body of a streamed answer, read chunk by chunk; the request times
+/// out when no chunk arrives for the request timeout.
+pub(crate) struct Stream {
+    reader: JsValue,
+    guard: RequestGuard,
+    signal: Option<AbortSignal>,
+}
+
+/// Why a stream stopped early.
+pub(crate) enum StreamError {
+    Aborted,
+    Network(String),
+}
+
+impl Stream {
+    /// The next chunk of the body; `None` at its end.
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StreamError> {
+        let read: Function = Reflect::get(&self.reader, &"read".into())
+            .and_then(|f| f.dyn_into::<Function>())
+            .map_err(|_| StreamError::Network("the response body cannot be read".into()))?;
+        let promise: Promise = read
+            .call0(&self.reader)
+            .map_err(|e| StreamError::Network(describe(&e)))?
+            .unchecked_into();
+        match JsFuture::from(promise).await {
+            Ok(result) => {
+                let _ = self.guard.restart();
+                let done = Reflect::get(&result, &"done".into())
+                    .ok()
+                    .and_then(|d| d.as_bool())
+                    .unwrap_or(true);
+                if done {
+                    return Ok(None);
+                }
+                let value = Reflect::get(&result, &"value".into()).unwrap_or(JsValue::UNDEFINED);
+                Ok(Some(Uint8Array::new(&value).to_vec()))
+            }
+            Err(e) => {
+                if self.signal.as_ref().is_some_and(AbortSignal::aborted) {
+                    Err(StreamError::Aborted)
+                } else if self.guard.timed_out.get() {
+                    Err(StreamError::Network(format!(
+                        "no answer within {} ms",
+                        self.guard.timeout_ms
+                    )))
+                } else {
+                    Err(StreamError::Network(format!(
+                        "the connection broke while reading the response: {}",
+                        describe(&e)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Stop the download of whatever is left.
+        if let Ok(cancel) =
+            Reflect::get(&self.reader, &"cancel".into()).and_then(|f| f.dyn_into::<Function>())
+        {
+            if let Ok(p) = cancel.call0(&self.reader) {
+                if let Ok(p) = p.dyn_into::<Promise>() {
+                    // Awaited so that a rejected cancel is handled, not reported.
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let _ = JsFuture::from(p).await;
+                    });
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn aborted_error() -> JsValue {
@@ -92,8 +171,9 @@ struct RequestGuard {
     controller: web_sys::AbortController,
     user_signal: Option<AbortSignal>,
     on_user_abort: Closure<dyn FnMut()>,
-    _on_timeout: Closure<dyn FnMut()>,
+    on_timeout: Closure<dyn FnMut()>,
     timer: JsValue,
+    timeout_ms: u32,
     timed_out: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
@@ -124,10 +204,22 @@ impl RequestGuard {
             controller,
             user_signal: user_signal.cloned(),
             on_user_abort,
-            _on_timeout: on_timeout,
+            on_timeout,
             timer,
+            timeout_ms,
             timed_out,
         })
+    }
+
+    /// Starts the timeout anew (a stream that keeps delivering is alive).
+    fn restart(&mut self) -> Result<(), JsValue> {
+        global_fn("clearTimeout")?.call1(&JsValue::NULL, &self.timer)?;
+        self.timer = global_fn("setTimeout")?.call2(
+            &JsValue::NULL,
+            self.on_timeout.as_ref(),
+            &JsValue::from(self.timeout_ms),
+        )?;
+        Ok(())
     }
 }
 
@@ -158,7 +250,13 @@ impl Client {
         self.signal.as_ref().is_some_and(AbortSignal::aborted)
     }
 
-    async fn once(&self, method: &str, path: &str, body: Option<&str>) -> Result<Outcome, JsValue> {
+    async fn once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        stream: bool,
+    ) -> Result<Outcome, JsValue> {
         let init = RequestInit::new();
         init.set_method(method);
         if let Some(b) = body {
@@ -192,17 +290,51 @@ impl Client {
             .ok()
             .flatten()
             .and_then(|v| v.trim().parse::<f64>().ok());
+        if stream && (200..300).contains(&status) {
+            let reader = response
+                .body()
+                .map(|b| b.get_reader())
+                .ok_or_else(|| export_error("INVALID_RESPONSE", "the answer has no body"))?;
+            return Ok(Outcome::Stream(Stream {
+                reader: reader.into(),
+                guard,
+                signal: self.signal.clone(),
+            }));
+        }
+        if let Some(len) = response
+            .headers()
+            .get("Content-Length")
+            .ok()
+            .flatten()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            if len > MAX_BODY_BYTES {
+                return Err(export_error(
+                    "INVALID_RESPONSE",
+                    &format!("the server's answer is too large ({len} bytes)"),
+                ));
+            }
+        }
         // Read the body as bytes: records are parsed in Rust, never as JS objects.
         let buffer = match response.array_buffer() {
             Ok(p) => JsFuture::from(p).await,
             Err(e) => Err(e),
         };
         Ok(match buffer {
-            Ok(buf) => Outcome::Reply {
-                status,
-                body: Uint8Array::new(&buf).to_vec(),
-                retry_after,
-            },
+            Ok(buf) => {
+                let body = Uint8Array::new(&buf);
+                if body.length() as usize > MAX_BODY_BYTES {
+                    return Err(export_error(
+                        "INVALID_RESPONSE",
+                        &format!("the server's answer is too large ({} bytes)", body.length()),
+                    ));
+                }
+                Outcome::Reply {
+                    status,
+                    body: body.to_vec(),
+                    retry_after,
+                }
+            }
             Err(e) => match self.failed(&guard, &e) {
                 Outcome::Network(msg) => Outcome::Network(format!(
                     "the connection broke while reading the response: {msg}"
@@ -236,6 +368,36 @@ impl Client {
         body: Option<&str>,
         retry: Retry,
     ) -> Result<Vec<u8>, JsValue> {
+        match self.request(method, path, body, retry, false).await? {
+            Outcome::Reply { body, .. } => Ok(body),
+            _ => Err(export_error("INVALID_RESPONSE", "unexpected answer")),
+        }
+    }
+
+    /// Opens a streamed `GET`, retried like [`send`](Self::send) until the
+    /// server answers 2xx; the body is then read with [`Stream::next_chunk`].
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub(crate) async fn open_stream(&self, path: &str) -> Result<Stream, JsValue> {
+        match self
+            .request("GET", path, None, Retry::Idempotent, true)
+            .await?
+        {
+            Outcome::Stream(s) => Ok(s),
+            _ => Err(export_error("INVALID_RESPONSE", "unexpected answer")),
+        }
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        retry: Retry,
+        stream: bool,
+    ) -> Result<Outcome, JsValue> {
         let mut attempt = 0;
         let mut waits_429 = 0;
         loop {
@@ -243,12 +405,11 @@ impl Client {
                 return Err(aborted_error());
             }
             attempt += 1;
-            let outcome = self.once(method, path, body).await?;
+            let outcome = self.once(method, path, body, stream).await?;
             let last_error = match outcome {
                 Outcome::Aborted => return Err(aborted_error()),
-                Outcome::Reply { status, body, .. } if (200..300).contains(&status) => {
-                    return Ok(body)
-                }
+                s @ Outcome::Stream(_) => return Ok(s),
+                r @ Outcome::Reply { status, .. } if (200..300).contains(&status) => return Ok(r),
                 Outcome::Reply {
                     status: 429,
                     body,

@@ -1,46 +1,112 @@
 //! The seed's flattened CSV layout: `data_type` first, then the union of all
-//! data types' columns in manifest order; RFC 4180 quoting with CRLF.
+//! data types' columns in manifest order; RFC 4180 quoting (a field is quoted
+//! when it holds a comma, a quote, CR or LF, as decided by `csv_core`, the
+//! engine of the `csv` crate) with CRLF line ends. Rows are written straight
+//! into the output, cell by cell.
 
 use serde_json::Value;
 
-use super::{neutralize, Backend, FormatError, FormatOptions, TypeLayout};
+use super::{
+    needs_neutralizing, push_float, Backend, Cell, FormatError, FormatOptions, TypeLayout,
+};
 use crate::model::Record;
 
 pub(crate) struct CsvBackend {
     options: FormatOptions,
-    /// Rebuilt after every call so its bytes can be handed out page by page.
-    writer: ::csv::Writer<Vec<u8>>,
-    /// For each data type, the header position of each of its columns.
-    positions: Vec<Vec<usize>>,
-    row: Vec<String>,
+    /// For each data type: for each header column after `data_type`, the
+    /// type's column that fills it (`None`: left empty).
+    slots: Vec<Vec<Option<usize>>>,
+    /// Each data type's name as a quoted-if-needed field.
+    type_fields: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
 }
 
 impl CsvBackend {
     pub(crate) fn new(options: &FormatOptions) -> Self {
         Self {
             options: options.clone(),
-            writer: new_writer(),
-            positions: Vec::new(),
-            row: Vec::new(),
+            slots: Vec::new(),
+            type_fields: Vec::new(),
+            scratch: Vec::new(),
         }
     }
+}
 
-    fn write_row(&mut self) -> Result<(), FormatError> {
-        // Writing into memory only fails on a broken invariant.
-        self.writer
-            .write_record(&self.row)
-            .map_err(|_| FormatError::State("CSV write to memory failed"))
+thread_local! {
+    /// The quoting rule of the `csv` crate with `QuoteStyle::Necessary` and
+    /// a CRLF terminator.
+    static QUOTER: csv_core::Writer = csv_core::WriterBuilder::new()
+        .terminator(csv_core::Terminator::CRLF)
+        .quote_style(csv_core::QuoteStyle::Necessary)
+        .build();
+}
+
+/// Appends `field`, quoted (quotes doubled) when it must be.
+fn push_field(out: &mut Vec<u8>, field: &[u8]) {
+    if !QUOTER.with(|q| q.should_quote(field)) {
+        out.extend_from_slice(field);
+        return;
+    }
+    out.reserve(field.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in field.iter().enumerate() {
+        if b == b'"' {
+            out.extend_from_slice(&field[start..=i]);
+            out.push(b'"');
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&field[start..]);
+    out.push(b'"');
+}
+
+impl CsvBackend {
+    fn push_cell(&mut self, out: &mut Vec<u8>, cell: &Cell<'_>) {
+        match cell {
+            Cell::Null => {}
+            Cell::Bool(true) => out.extend_from_slice(b"true"),
+            Cell::Bool(false) => out.extend_from_slice(b"false"),
+            Cell::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+            Cell::UInt(u) => out.extend_from_slice(itoa::Buffer::new().format(*u).as_bytes()),
+            Cell::Float(f) if f.is_finite() => push_float(out, *f),
+            Cell::Float(_) => {}
+            Cell::Text(s) => {
+                if self.options.neutralize_formulas && needs_neutralizing(s) {
+                    self.scratch.clear();
+                    self.scratch.push(b'\'');
+                    self.scratch.extend_from_slice(s.as_bytes());
+                    push_field(out, &self.scratch);
+                } else {
+                    push_field(out, s.as_bytes());
+                }
+            }
+            Cell::Json(raw) => push_field(out, raw.as_bytes()),
+            Cell::Value(v) => match v {
+                Value::Array(_) | Value::Object(_) => {
+                    self.scratch.clear();
+                    // Writing a value into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut self.scratch, v);
+                    push_field(out, &self.scratch);
+                }
+                scalar => {
+                    let c = Cell::from_value(scalar);
+                    self.push_cell(out, &c);
+                }
+            },
+        }
     }
 }
 
 impl Backend for CsvBackend {
     fn begin(&mut self, layouts: &[TypeLayout], out: &mut Vec<u8>) -> Result<(), FormatError> {
-        let mut header: Vec<String> = vec!["data_type".to_string()];
+        let mut header: Vec<String> = Vec::new();
+        let mut positions = Vec::with_capacity(layouts.len());
         for layout in layouts {
             let mut pos = Vec::with_capacity(layout.columns.len());
             for c in &layout.columns {
-                let p = match header[1..].iter().position(|h| *h == c.name) {
-                    Some(p) => p + 1,
+                let p = match header.iter().position(|h| *h == c.name) {
+                    Some(p) => p,
                     None => {
                         header.push(c.name.clone());
                         header.len() - 1
@@ -48,13 +114,31 @@ impl Backend for CsvBackend {
                 };
                 pos.push(p);
             }
-            self.positions.push(pos);
+            positions.push(pos);
+        }
+        for (layout, pos) in layouts.iter().zip(&positions) {
+            let mut slots = vec![None; header.len()];
+            for (c, &p) in pos.iter().enumerate() {
+                slots[p] = Some(c);
+            }
+            self.slots.push(slots);
+            let mut field = Vec::new();
+            push_field(&mut field, layout.data_type.as_bytes());
+            self.type_fields.push(field);
         }
         if self.options.csv_bom {
             out.extend_from_slice("\u{feff}".as_bytes());
         }
-        self.row = header;
-        self.write_row()
+        push_field(out, b"data_type");
+        for h in &header {
+            out.push(b',');
+            // Header cells are neutralised like data cells: a column name
+            // comes from the operator's config or the app's records.
+            let cell = Cell::Text(h);
+            self.push_cell(out, &cell);
+        }
+        out.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     fn open_type(
@@ -66,39 +150,23 @@ impl Backend for CsvBackend {
         Ok(())
     }
 
-    fn record(
+    fn row(
         &mut self,
         t: usize,
-        layout: &TypeLayout,
-        cells: &[Option<&Value>],
-        _record: &Record,
-        _out: &mut Vec<u8>,
+        _layout: &TypeLayout,
+        cells: &[Cell<'_>],
+        _record: Option<&Record>,
+        out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
-        for cell in self.row.iter_mut() {
-            cell.clear();
-        }
-        self.row[0].push_str(&layout.data_type);
-        for (cell, &p) in cells.iter().zip(&self.positions[t]) {
-            let target = &mut self.row[p];
-            match cell {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) => {
-                    match self
-                        .options
-                        .neutralize_formulas
-                        .then(|| neutralize(s))
-                        .flatten()
-                    {
-                        Some(n) => target.push_str(&n),
-                        None => target.push_str(s),
-                    }
-                }
-                Some(Value::Bool(b)) => target.push_str(if *b { "true" } else { "false" }),
-                Some(Value::Number(n)) => target.push_str(&n.to_string()),
-                Some(v @ (Value::Array(_) | Value::Object(_))) => target.push_str(&v.to_string()),
+        out.extend_from_slice(&self.type_fields[t]);
+        for s in 0..self.slots[t].len() {
+            out.push(b',');
+            if let Some(c) = self.slots[t][s] {
+                self.push_cell(out, &cells[c]);
             }
         }
-        self.write_row()
+        out.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     fn close_type(
@@ -119,20 +187,44 @@ impl Backend for CsvBackend {
     ) -> Result<(), FormatError> {
         Ok(())
     }
-
-    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), FormatError> {
-        let writer = std::mem::replace(&mut self.writer, new_writer());
-        let bytes = writer
-            .into_inner()
-            .map_err(|_| FormatError::State("CSV flush to memory failed"))?;
-        out.extend_from_slice(&bytes);
-        Ok(())
-    }
 }
 
-fn new_writer() -> ::csv::Writer<Vec<u8>> {
-    ::csv::WriterBuilder::new()
-        .terminator(::csv::Terminator::CRLF)
-        .quote_style(::csv::QuoteStyle::Necessary)
-        .from_writer(Vec::new())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_matches_the_csv_crate() {
+        let fields = [
+            "",
+            "plain",
+            "a,b",
+            "say \"hi\"",
+            "line\nbreak",
+            "cr\r",
+            " spaced ",
+            "#hash",
+            "'quote",
+            "é",
+            "\"",
+            ",",
+        ];
+        let mut ours = Vec::new();
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                ours.push(b',');
+            }
+            push_field(&mut ours, f.as_bytes());
+        }
+        ours.extend_from_slice(b"\r\n");
+        let mut theirs = ::csv::WriterBuilder::new()
+            .terminator(::csv::Terminator::CRLF)
+            .quote_style(::csv::QuoteStyle::Necessary)
+            .from_writer(Vec::new());
+        theirs.write_record(fields).unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(theirs.into_inner().unwrap()).unwrap()
+        );
+    }
 }

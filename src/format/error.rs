@@ -48,6 +48,14 @@ pub enum FormatError {
         /// The offending value (shortened).
         value: String,
     },
+    /// A data type's columns are not usable (e.g. a name declared twice).
+    #[error("data type {data_type}: {reason}")]
+    InvalidColumns {
+        /// The data type.
+        data_type: String,
+        /// What is wrong with its columns.
+        reason: String,
+    },
     /// The writer was used in the wrong order (e.g. records after finish).
     #[error("format writer misuse: {0}")]
     State(&'static str),
@@ -70,6 +78,7 @@ impl FormatError {
             Self::InvalidRecord { .. } => "INVALID_RECORD",
             Self::UnknownField { .. } => "UNKNOWN_FIELD",
             Self::InvalidDate { .. } => "INVALID_DATE",
+            Self::InvalidColumns { .. } => "INVALID_COLUMNS",
             Self::State(_) => "INTERNAL_ERROR",
             Self::Xlsx(_) => "XLSX_ERROR",
         }

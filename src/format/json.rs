@@ -1,9 +1,7 @@
 //! The seed's JSON layout, written as a stream:
 //! `{"export":{"request_id","generated_at","data_types","data":{type:[…]}},"metadata":{…}}`.
 
-use serde_json::Value;
-
-use super::{Backend, FormatError, TypeLayout};
+use super::{Backend, Cell, FormatError, TypeLayout};
 use crate::model::{ExportInfo, Record, EXPORT_VERSION};
 
 pub(crate) struct JsonBackend {
@@ -55,12 +53,12 @@ impl Backend for JsonBackend {
         Ok(())
     }
 
-    fn record(
+    fn row(
         &mut self,
         _t: usize,
-        _layout: &TypeLayout,
-        _cells: &[Option<&Value>],
-        record: &Record,
+        layout: &TypeLayout,
+        cells: &[Cell<'_>],
+        record: Option<&Record>,
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
         if !self.first_in_type {
@@ -68,7 +66,14 @@ impl Backend for JsonBackend {
         }
         self.first_in_type = false;
         out.push(b'\n');
-        push_json(out, record)
+        match record {
+            // A record an app holds is written as it is (its own key order).
+            Some(r) => push_json(out, r),
+            None => {
+                layout.push_json_row(cells, out);
+                Ok(())
+            }
+        }
     }
 
     fn close_type(

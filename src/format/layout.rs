@@ -6,13 +6,14 @@ use std::collections::{HashMap, HashSet};
 use indexmap::IndexMap;
 use serde_json::Value;
 
-use super::FormatError;
+use super::{Cell, FormatError};
 use crate::model::{
     is_rfc3339, parse_timestamp, Column, ColumnKind, Manifest, Record, TypeManifest,
 };
 
 /// The columns of one data type with a lookup table, used to place each
-/// field of a record into its cell.
+/// field of a record into its cell, and the plan for writing a row of cells
+/// as a JSON object (dotted column names become nested objects).
 #[derive(Debug)]
 pub(crate) struct TypeLayout {
     pub(crate) data_type: String,
@@ -20,70 +21,161 @@ pub(crate) struct TypeLayout {
     index: HashMap<String, usize>,
     /// Every proper prefix (`a`, `a.b`) of a dotted column name (`a.b.c`).
     prefixes: HashSet<String>,
+    /// How a row of cells is written as a JSON object.
+    json_plan: Vec<JsonStep>,
+}
+
+/// One step of writing a row as a JSON object: literal bytes (keys,
+/// punctuation, nested-object openings) then the value of a column.
+#[derive(Debug)]
+struct JsonStep {
+    before: Vec<u8>,
+    column: usize,
+}
+
+/// A node of the JSON object a row becomes.
+enum Node {
+    Leaf(usize),
+    Group(Vec<(String, Node)>),
+}
+
+fn insert_node(members: &mut Vec<(String, Node)>, path: &[&str], column: usize) {
+    let (first, rest) = (path[0], &path[1..]);
+    let existing = members.iter().position(|(k, _)| k == first);
+    match (existing, rest.is_empty()) {
+        (None, true) => members.push((first.to_string(), Node::Leaf(column))),
+        (None, false) => {
+            let mut inner = Vec::new();
+            insert_node(&mut inner, rest, column);
+            members.push((first.to_string(), Node::Group(inner)));
+        }
+        (Some(i), false) if matches!(members[i].1, Node::Group(_)) => {
+            if let Node::Group(inner) = &mut members[i].1 {
+                insert_node(inner, rest, column);
+            }
+        }
+        // A name used both as a value and as an object, or twice: keep the
+        // full dotted name as a key of its own so that no value is lost.
+        _ => members.push((path.join("."), Node::Leaf(column))),
+    }
+}
+
+fn plan_members(members: &[(String, Node)], pending: &mut Vec<u8>, steps: &mut Vec<JsonStep>) {
+    pending.push(b'{');
+    for (i, (key, node)) in members.iter().enumerate() {
+        if i > 0 {
+            pending.push(b',');
+        }
+        super::cell::push_json_str(pending, key);
+        pending.push(b':');
+        match node {
+            Node::Leaf(c) => steps.push(JsonStep {
+                before: std::mem::take(pending),
+                column: *c,
+            }),
+            Node::Group(inner) => plan_members(inner, pending, steps),
+        }
+    }
+    pending.push(b'}');
 }
 
 impl TypeLayout {
-    pub(crate) fn new(data_type: &str, columns: &[Column]) -> Self {
+    pub(crate) fn new(data_type: &str, columns: &[Column]) -> Result<Self, FormatError> {
         let mut index = HashMap::with_capacity(columns.len());
         let mut prefixes = HashSet::new();
+        let mut members = Vec::new();
         for (i, c) in columns.iter().enumerate() {
-            index.entry(c.name.clone()).or_insert(i);
+            if index.insert(c.name.clone(), i).is_some() {
+                return Err(FormatError::InvalidColumns {
+                    data_type: data_type.to_string(),
+                    reason: format!("column {:?} is declared twice", c.name),
+                });
+            }
             let mut end = 0;
             while let Some(dot) = c.name[end..].find('.') {
                 end += dot;
                 prefixes.insert(c.name[..end].to_string());
                 end += 1;
             }
+            let path: Vec<&str> = c.name.split('.').collect();
+            insert_node(&mut members, &path, i);
         }
-        Self {
+        let mut json_plan = Vec::with_capacity(columns.len() + 1);
+        let mut pending = Vec::new();
+        plan_members(&members, &mut pending, &mut json_plan);
+        // The closing braces after the last value.
+        json_plan.push(JsonStep {
+            before: pending,
+            column: usize::MAX,
+        });
+        Ok(Self {
             data_type: data_type.to_string(),
             columns: columns.to_vec(),
             index,
             prefixes,
+            json_plan,
+        })
+    }
+
+    /// Writes a row of cells (one per column, in column order) as a JSON object.
+    pub(crate) fn push_json_row(&self, cells: &[Cell<'_>], out: &mut Vec<u8>) {
+        for step in &self.json_plan {
+            out.extend_from_slice(&step.before);
+            if let Some(cell) = cells.get(step.column) {
+                super::cell::push_json_cell(out, cell);
+            }
         }
     }
 
-    /// Places the fields of `record` into one cell per column (`None` where
-    /// the record has no value), checking that no field would be lost and
-    /// that datetime columns hold timestamps.
-    pub(crate) fn cells<'r>(
-        &self,
-        record: &'r Record,
-        index: u64,
-    ) -> Result<Vec<Option<&'r Value>>, FormatError> {
-        let mut cells = vec![None; self.columns.len()];
-        let mut name = String::new();
-        self.place(record, &mut name, &mut cells, index)?;
-        for (i, col) in self.columns.iter().enumerate() {
+    /// Checks that a row of cells fits the columns: one cell per column,
+    /// and timestamps (or nothing) in datetime columns.
+    pub(crate) fn check_row(&self, cells: &[Cell<'_>], index: u64) -> Result<(), FormatError> {
+        if cells.len() != self.columns.len() {
+            return Err(FormatError::InvalidRecord {
+                data_type: self.data_type.clone(),
+                index,
+                reason: format!(
+                    "a row has {} values for {} columns",
+                    cells.len(),
+                    self.columns.len()
+                ),
+            });
+        }
+        for (cell, col) in cells.iter().zip(&self.columns) {
             if col.kind != ColumnKind::Datetime {
                 continue;
             }
-            match cells[i] {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) if parse_timestamp(s).is_some() => {}
-                Some(other) => {
-                    let mut value = match other {
-                        Value::String(s) => s.clone(),
-                        v => v.to_string(),
-                    };
-                    if value.len() > 64 {
-                        let cut = (0..=64)
-                            .rev()
-                            .find(|&i| value.is_char_boundary(i))
-                            .unwrap_or(0);
-                        value.truncate(cut);
-                        value.push('…');
-                    }
+            match cell {
+                Cell::Null => {}
+                Cell::Text(s) if parse_timestamp(s).is_some() => {}
+                other => {
                     return Err(FormatError::InvalidDate {
                         data_type: self.data_type.clone(),
                         index,
                         field: col.name.clone(),
-                        value,
-                    });
+                        value: other.describe(),
+                    })
                 }
             }
         }
-        Ok(cells)
+        Ok(())
+    }
+
+    /// Places the fields of `record` into one cell per column (`Null` where
+    /// the record has no value), checking that no field would be lost and
+    /// that datetime columns hold timestamps.
+    pub(crate) fn record_cells<'r>(
+        &self,
+        record: &'r Record,
+        index: u64,
+        cells: &mut Vec<Cell<'r>>,
+    ) -> Result<(), FormatError> {
+        let mut slots: Vec<Option<&'r Value>> = vec![None; self.columns.len()];
+        let mut name = String::new();
+        self.place(record, &mut name, &mut slots, index)?;
+        cells.clear();
+        cells.extend(slots.iter().map(|v| v.map_or(Cell::Null, Cell::from_value)));
+        self.check_row(cells, index)
     }
 
     fn place<'r>(
@@ -244,11 +336,16 @@ pub(crate) fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// OWASP CSV-injection defence: a text cell that a spreadsheet could read as
-/// a formula gets a leading apostrophe.
+/// OWASP CSV-injection defence: whether a text cell could be read as a
+/// formula by a spreadsheet (and so gets a leading apostrophe).
+pub(crate) fn needs_neutralizing(s: &str) -> bool {
+    matches!(
+        s.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r' | b'\0')
+    )
+}
+
+/// `s` with a leading apostrophe when it could be read as a formula.
 pub(crate) fn neutralize(s: &str) -> Option<String> {
-    match s.as_bytes().first() {
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r' | b'\0') => Some(format!("'{s}")),
-        _ => None,
-    }
+    needs_neutralizing(s).then(|| format!("'{s}"))
 }

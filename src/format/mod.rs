@@ -1,6 +1,7 @@
 //! Streaming export writers: begin with the manifest and export metadata,
-//! take pages of records per data type in manifest order, finish. Every call
-//! returns the bytes it produced, so JSON and CSV never hold the whole file.
+//! take rows (typed [`Cell`]s, or records an app holds) per data type in
+//! manifest order, finish. The output is handed out as it is produced, so
+//! no format holds the whole file.
 //!
 //! ```
 //! use handover::format::{ExportFormat, ExportWriter, FormatOptions};
@@ -21,6 +22,7 @@
 //! assert_eq!(String::from_utf8(file).unwrap(), "data_type,id,amount_cents\r\npayment_history,p1,2999\r\n");
 //! ```
 
+mod cell;
 mod csv;
 mod error;
 mod json;
@@ -34,9 +36,11 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use cell::Cell;
+pub(crate) use cell::{push_float, push_json_cell, push_json_str};
 pub use error::FormatError;
 pub use layout::infer_manifest;
-pub(crate) use layout::{json_type, neutralize, TypeLayout};
+pub(crate) use layout::{json_type, needs_neutralizing, neutralize, TypeLayout};
 
 use crate::model::{ExportInfo, Manifest, Record};
 
@@ -122,7 +126,7 @@ impl Default for FormatOptions {
 }
 
 /// What a format needs to implement; [`ExportWriter`] handles ordering,
-/// validation and counting around it.
+/// validation and counting around it. Output goes into `out`.
 pub(crate) trait Backend {
     fn begin(&mut self, layouts: &[TypeLayout], out: &mut Vec<u8>) -> Result<(), FormatError>;
     fn open_type(
@@ -131,12 +135,14 @@ pub(crate) trait Backend {
         layout: &TypeLayout,
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError>;
-    fn record(
+    /// One row, already checked against the columns. `record` is the record
+    /// the cells came from, when there was one (JSON writes it as it is).
+    fn row(
         &mut self,
         t: usize,
         layout: &TypeLayout,
-        cells: &[Option<&Value>],
-        record: &Record,
+        cells: &[Cell<'_>],
+        record: Option<&Record>,
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError>;
     fn close_type(
@@ -152,9 +158,10 @@ pub(crate) trait Backend {
         counts: &[u64],
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError>;
-    /// Moves anything buffered into `out`; called at the end of every call.
-    fn flush(&mut self, _out: &mut Vec<u8>) -> Result<(), FormatError> {
-        Ok(())
+    /// Output that follows `finish` without passing through memory at once
+    /// (a file assembled on disk): the next piece, `None` when done.
+    fn tail(&mut self) -> Result<Option<Vec<u8>>, FormatError> {
+        Ok(None)
     }
 }
 
@@ -167,10 +174,13 @@ enum Stage {
 
 /// A streaming export writer for one file.
 ///
-/// Call [`begin`](Self::begin) once, [`write_page`](Self::write_page) for each
-/// page of each data type (types in manifest order, a type's pages together;
-/// types without records may be skipped), then [`finish`](Self::finish).
-/// Concatenating the returned chunks gives the file.
+/// Call [`begin`](Self::begin) once, then [`write_row`](Self::write_row) or
+/// [`write_page`](Self::write_page) for the rows of each data type (types in
+/// manifest order, a type's rows together; types without records may be
+/// skipped), then [`finish`](Self::finish). The bytes produced so far are
+/// taken with [`take_output`](Self::take_output) (`begin`, `write_page` and
+/// `finish` return them directly); after `finish`, [`next_output`](Self::next_output)
+/// hands out any remainder. Concatenating everything gives the file.
 pub struct ExportWriter {
     backend: Box<dyn Backend + Send>,
     layouts: Vec<TypeLayout>,
@@ -180,6 +190,7 @@ pub struct ExportWriter {
     next: usize,
     stage: Stage,
     bytes: u64,
+    out: Vec<u8>,
 }
 
 impl fmt::Debug for ExportWriter {
@@ -193,31 +204,85 @@ impl fmt::Debug for ExportWriter {
     }
 }
 
+fn layouts_of(manifest: &Manifest) -> Result<Vec<TypeLayout>, FormatError> {
+    let mut layouts = Vec::with_capacity(manifest.types.len());
+    for (name, t) in &manifest.types {
+        if !crate::model::is_valid_data_type_name(name) {
+            return Err(FormatError::InvalidDataType(name.clone()));
+        }
+        layouts.push(TypeLayout::new(name, &t.columns)?);
+    }
+    Ok(layouts)
+}
+
 impl ExportWriter {
     /// A writer of `format` for the data types of `manifest`.
     ///
     /// # Errors
     ///
-    /// [`FormatError::InvalidDataType`] when a manifest type name is malformed.
+    /// [`FormatError::InvalidDataType`] when a manifest type name is
+    /// malformed, [`FormatError::InvalidColumns`] when a type declares a
+    /// column twice.
+    ///
+    /// ```
+    /// use handover::format::{ExportFormat, ExportWriter, FormatOptions};
+    /// use handover::model::{ExportInfo, Manifest};
+    /// let info = ExportInfo::new("export_1", time::OffsetDateTime::UNIX_EPOCH);
+    /// let w = ExportWriter::new(ExportFormat::Json, &Manifest::default(), &info, &FormatOptions::default());
+    /// assert!(w.is_ok());
+    /// ```
     pub fn new(
         format: ExportFormat,
         manifest: &Manifest,
         info: &ExportInfo,
         options: &FormatOptions,
     ) -> Result<Self, FormatError> {
-        let mut layouts = Vec::with_capacity(manifest.types.len());
-        for (name, t) in &manifest.types {
-            if !crate::model::is_valid_data_type_name(name) {
-                return Err(FormatError::InvalidDataType(name.clone()));
-            }
-            layouts.push(TypeLayout::new(name, &t.columns));
-        }
+        let layouts = layouts_of(manifest)?;
         let backend: Box<dyn Backend + Send> = match format {
             ExportFormat::Json => Box::new(json::JsonBackend::new(info)),
             ExportFormat::Csv => Box::new(csv::CsvBackend::new(options)),
             ExportFormat::Xlsx => Box::new(xlsx::XlsxBackend::new(info, options)?),
         };
-        Ok(Self {
+        Ok(Self::with_backend(backend, layouts))
+    }
+
+    /// An XLSX writer whose data sheets are written through
+    /// rust_xlsxwriter's constant-memory mode: rows go to temporary files in
+    /// `tempdir` as they arrive, so memory stays flat however many rows
+    /// there are. The workbook is assembled on disk by `finish`, and handed
+    /// out piece by piece by [`next_output`](Self::next_output).
+    ///
+    /// # Errors
+    ///
+    /// As [`ExportWriter::new`].
+    ///
+    /// ```
+    /// use handover::format::{ExportWriter, FormatOptions};
+    /// use handover::model::{ExportInfo, Manifest};
+    /// let info = ExportInfo::new("export_1", time::OffsetDateTime::UNIX_EPOCH);
+    /// let dir = std::env::temp_dir();
+    /// let mut w = ExportWriter::xlsx_constant_memory(&Manifest::default(), &info, &FormatOptions::default(), &dir).unwrap();
+    /// let mut file = w.begin().unwrap();
+    /// file.extend(w.finish().unwrap());
+    /// while let Some(piece) = w.next_output().unwrap() {
+    ///     file.extend(piece);
+    /// }
+    /// assert_eq!(&file[..2], b"PK");
+    /// ```
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn xlsx_constant_memory(
+        manifest: &Manifest,
+        info: &ExportInfo,
+        options: &FormatOptions,
+        tempdir: &std::path::Path,
+    ) -> Result<Self, FormatError> {
+        let layouts = layouts_of(manifest)?;
+        let backend = Box::new(xlsx::XlsxBackend::constant_memory(info, options, tempdir)?);
+        Ok(Self::with_backend(backend, layouts))
+    }
+
+    fn with_backend(backend: Box<dyn Backend + Send>, layouts: Vec<TypeLayout>) -> Self {
+        Self {
             backend,
             counts: vec![0; layouts.len()],
             layouts,
@@ -225,10 +290,11 @@ impl ExportWriter {
             next: 0,
             stage: Stage::New,
             bytes: 0,
-        })
+            out: Vec::new(),
+        }
     }
 
-    /// Starts the file.
+    /// Starts the file; returns the bytes produced.
     ///
     /// # Errors
     ///
@@ -238,12 +304,41 @@ impl ExportWriter {
             return Err(FormatError::State("begin called twice"));
         }
         self.stage = Stage::Begun;
-        let mut out = Vec::new();
-        self.backend.begin(&self.layouts, &mut out)?;
-        self.emit(out)
+        self.backend.begin(&self.layouts, &mut self.out)?;
+        Ok(self.take_output())
     }
 
-    /// Writes one page of records of `data_type`.
+    /// The position of `data_type` in the manifest, for [`write_row`](Self::write_row).
+    pub fn type_index(&self, data_type: &str) -> Option<usize> {
+        self.layouts.iter().position(|l| l.data_type == data_type)
+    }
+
+    /// The columns of the data type at `t`.
+    pub fn columns(&self, t: usize) -> &[crate::model::Column] {
+        self.layouts.get(t).map_or(&[], |l| l.columns.as_slice())
+    }
+
+    /// Writes one row of the data type at position `t`: one cell per column,
+    /// in column order. The bytes produced wait in the writer until
+    /// [`take_output`](Self::take_output).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::InvalidDataType`] for a position outside the manifest,
+    /// [`FormatError::OutOfOrder`] for a type whose turn has passed,
+    /// [`FormatError::InvalidRecord`] for a row of the wrong width,
+    /// [`FormatError::InvalidDate`] for a non-timestamp in a datetime column.
+    /// A failed row leaves the writer unusable for a consistent file.
+    pub fn write_row(&mut self, t: usize, cells: &[Cell<'_>]) -> Result<(), FormatError> {
+        self.enter_type(t)?;
+        let layout = &self.layouts[t];
+        layout.check_row(cells, self.counts[t])?;
+        self.backend.row(t, layout, cells, None, &mut self.out)?;
+        self.counts[t] += 1;
+        Ok(())
+    }
+
+    /// Writes one page of records of `data_type`; returns the bytes produced.
     ///
     /// # Errors
     ///
@@ -257,26 +352,51 @@ impl ExportWriter {
         data_type: &str,
         records: &[Record],
     ) -> Result<Vec<u8>, FormatError> {
-        if self.stage != Stage::Begun {
-            return Err(FormatError::State("write_page outside begin/finish"));
-        }
         let t = self
-            .layouts
-            .iter()
-            .position(|l| l.data_type == data_type)
+            .type_index(data_type)
             .ok_or_else(|| FormatError::InvalidDataType(data_type.to_string()))?;
-        let mut out = Vec::new();
-        self.advance_to(t, &mut out)?;
+        self.enter_type(t)?;
         let layout = &self.layouts[t];
+        let mut cells = Vec::with_capacity(layout.columns.len());
         for record in records {
-            let cells = layout.cells(record, self.counts[t])?;
-            self.backend.record(t, layout, &cells, record, &mut out)?;
+            layout.record_cells(record, self.counts[t], &mut cells)?;
+            self.backend
+                .row(t, layout, &cells, Some(record), &mut self.out)?;
             self.counts[t] += 1;
         }
-        self.emit(out)
+        Ok(self.take_output())
     }
 
-    /// Ends the file.
+    fn enter_type(&mut self, t: usize) -> Result<(), FormatError> {
+        if self.stage != Stage::Begun {
+            return Err(FormatError::State("rows written outside begin/finish"));
+        }
+        if t >= self.layouts.len() {
+            return Err(FormatError::InvalidDataType(format!("#{t}")));
+        }
+        if self.current != Some(t) {
+            let mut out = std::mem::take(&mut self.out);
+            let r = self.advance_to(t, &mut out);
+            self.out = out;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The bytes produced since the last call.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        let out = std::mem::take(&mut self.out);
+        self.bytes += out.len() as u64;
+        out
+    }
+
+    /// Bytes produced and not yet taken.
+    pub fn pending_output(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Ends the file; returns the bytes produced (for a file assembled on
+    /// disk, the rest follows from [`next_output`](Self::next_output)).
     ///
     /// # Errors
     ///
@@ -286,11 +406,32 @@ impl ExportWriter {
         if self.stage != Stage::Begun {
             return Err(FormatError::State("finish without begin, or twice"));
         }
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.out);
         self.advance_to(self.layouts.len(), &mut out)?;
         self.backend.finish(&self.layouts, &self.counts, &mut out)?;
+        self.out = out;
         self.stage = Stage::Finished;
-        self.emit(out)
+        Ok(self.take_output())
+    }
+
+    /// After [`finish`](Self::finish): the next piece of the file that was
+    /// not returned yet, or `None` when the whole file has been handed out.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Xlsx`] when the assembled file cannot be read.
+    pub fn next_output(&mut self) -> Result<Option<Vec<u8>>, FormatError> {
+        if !self.out.is_empty() {
+            return Ok(Some(self.take_output()));
+        }
+        if self.stage != Stage::Finished {
+            return Ok(None);
+        }
+        let piece = self.backend.tail()?;
+        if let Some(p) = &piece {
+            self.bytes += p.len() as u64;
+        }
+        Ok(piece)
     }
 
     /// Records written so far, over all data types.
@@ -298,7 +439,12 @@ impl ExportWriter {
         self.counts.iter().sum()
     }
 
-    /// Bytes returned so far.
+    /// Records written so far of the data type at `t`.
+    pub fn records_of(&self, t: usize) -> u64 {
+        self.counts.get(t).copied().unwrap_or(0)
+    }
+
+    /// Bytes handed out so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes
     }
@@ -333,12 +479,6 @@ impl ExportWriter {
             self.next = t + 1;
         }
         Ok(())
-    }
-
-    fn emit(&mut self, mut out: Vec<u8>) -> Result<Vec<u8>, FormatError> {
-        self.backend.flush(&mut out)?;
-        self.bytes += out.len() as u64;
-        Ok(out)
     }
 }
 
@@ -393,5 +533,8 @@ pub fn write_all(
         file.extend(w.write_page(data_type, &records)?);
     }
     file.extend(w.finish()?);
+    while let Some(piece) = w.next_output()? {
+        file.extend(piece);
+    }
     Ok(file)
 }

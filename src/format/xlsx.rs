@@ -9,7 +9,7 @@ use rust_xlsxwriter::{DocProperties, ExcelDateTime, Format, Workbook, Worksheet}
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use super::{neutralize, Backend, FormatError, FormatOptions, TypeLayout};
+use super::{neutralize, Backend, Cell, FormatError, FormatOptions, TypeLayout};
 use crate::model::{parse_timestamp, ColumnKind, ExportInfo, Record, EXPORT_VERSION};
 
 /// Rows per sheet, header included (Excel's hard limit).
@@ -48,7 +48,23 @@ pub(crate) struct XlsxBackend {
     row: u32,
     widths: Vec<usize>,
     long_values: Vec<LongValue>,
+    /// Data sheets go through rust_xlsxwriter's constant-memory mode, and
+    /// the workbook is assembled in this file (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    assembled: Option<Assembled>,
 }
+
+/// A workbook saved to a temporary file, handed out in pieces.
+#[cfg(not(target_arch = "wasm32"))]
+struct Assembled {
+    constant_memory: bool,
+    file: Option<std::io::BufReader<std::fs::File>>,
+    tempdir: std::path::PathBuf,
+}
+
+/// Pieces of an assembled workbook handed out per call.
+#[cfg(not(target_arch = "wasm32"))]
+const TAIL_PIECE: usize = 1 << 20;
 
 impl XlsxBackend {
     pub(crate) fn new(info: &ExportInfo, options: &FormatOptions) -> Result<Self, FormatError> {
@@ -76,7 +92,40 @@ impl XlsxBackend {
             row: 0,
             widths: Vec::new(),
             long_values: Vec::new(),
+            #[cfg(not(target_arch = "wasm32"))]
+            assembled: None,
         })
+    }
+
+    /// A writer whose data sheets use rust_xlsxwriter's constant-memory
+    /// mode, with temporary files in `tempdir`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn constant_memory(
+        info: &ExportInfo,
+        options: &FormatOptions,
+        tempdir: &std::path::Path,
+    ) -> Result<Self, FormatError> {
+        let mut this = Self::new(info, options)?;
+        this.workbook.set_tempdir(tempdir)?;
+        this.assembled = Some(Assembled {
+            constant_memory: true,
+            file: None,
+            tempdir: tempdir.to_path_buf(),
+        });
+        Ok(this)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn uses_constant_memory(&self) -> bool {
+        self.assembled.as_ref().is_some_and(|a| a.constant_memory)
+    }
+
+    fn new_data_worksheet(&mut self) -> Result<&mut Worksheet, FormatError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.uses_constant_memory() {
+            return Ok(self.workbook.add_worksheet_with_constant_memory()?);
+        }
+        Ok(self.workbook.add_worksheet())
     }
 
     /// A valid, unique sheet name from `base` plus an optional suffix.
@@ -117,10 +166,18 @@ impl XlsxBackend {
         };
         let name = self.sheet_name(&layout.data_type, &suffix);
         self.type_sheets[t].push(name.clone());
-        let ws = self.workbook.add_worksheet();
+        let bold = self.bold.clone();
+        let neutralise = self.options.neutralize_formulas;
+        let ws = self.new_data_worksheet()?;
         ws.set_name(&name)?;
         for (c, col) in layout.columns.iter().enumerate() {
-            ws.write_string_with_format(0, col_num(c)?, &col.name, &self.bold)?;
+            // Header cells are neutralised like data cells (a column name
+            // comes from the operator's config or the app's records).
+            let header = match neutralise.then(|| neutralize(&col.name)).flatten() {
+                Some(n) => n,
+                None => col.name.clone(),
+            };
+            ws.write_string_with_format(0, col_num(c)?, &header, &bold)?;
         }
         ws.set_freeze_panes(1, 0)?;
         self.sheet = self.workbook.worksheets().len() - 1;
@@ -285,6 +342,70 @@ impl XlsxBackend {
     }
 }
 
+impl XlsxBackend {
+    /// Writes one cell; returns the width it needs (0 past the sampled rows).
+    fn write_cell(
+        &mut self,
+        row: u32,
+        col: u16,
+        cell: &Cell<'_>,
+        datetime: bool,
+    ) -> Result<usize, FormatError> {
+        let neutralise = self.options.neutralize_formulas;
+        Ok(match cell {
+            Cell::Null => 0,
+            Cell::Float(f) if !f.is_finite() => 0,
+            Cell::Bool(b) => {
+                self.workbook
+                    .worksheet_from_index(self.sheet)?
+                    .write_boolean(row, col, *b)?;
+                5
+            }
+            Cell::Int(i) if i128::from(*i).abs() > MAX_EXACT_INTEGER => {
+                self.write_text(row, col, itoa::Buffer::new().format(*i), false)?
+            }
+            Cell::UInt(u) => self.write_text(row, col, itoa::Buffer::new().format(*u), false)?,
+            Cell::Int(i) => {
+                self.workbook
+                    .worksheet_from_index(self.sheet)?
+                    .write_number(row, col, *i as f64)?;
+                itoa::Buffer::new().format(*i).len()
+            }
+            Cell::Float(f) => {
+                self.workbook
+                    .worksheet_from_index(self.sheet)?
+                    .write_number(row, col, *f)?;
+                let mut text = Vec::new();
+                super::push_float(&mut text, *f);
+                text.len()
+            }
+            Cell::Text(s) if datetime => {
+                // The writer has checked that this parses.
+                match parse_timestamp(s).map(excel_datetime) {
+                    Some(Ok(dt)) => {
+                        let fmt = self.datetime.clone();
+                        self.workbook
+                            .worksheet_from_index(self.sheet)?
+                            .write_datetime_with_format(row, col, &dt, &fmt)?;
+                        19
+                    }
+                    // Outside Excel's 1900–9999 range: keep the text.
+                    _ => self.write_text(row, col, s, neutralise)?,
+                }
+            }
+            Cell::Text(s) => self.write_text(row, col, s, neutralise)?,
+            Cell::Json(raw) => self.write_text(row, col, raw, false)?,
+            Cell::Value(v @ (Value::Array(_) | Value::Object(_))) => {
+                self.write_text(row, col, &v.to_string(), false)?
+            }
+            Cell::Value(scalar) => {
+                let c = Cell::from_value(scalar);
+                self.write_cell(row, col, &c, datetime)?
+            }
+        })
+    }
+}
+
 impl Backend for XlsxBackend {
     fn begin(&mut self, layouts: &[TypeLayout], _out: &mut Vec<u8>) -> Result<(), FormatError> {
         self.workbook.add_worksheet().set_name(SUMMARY_SHEET)?;
@@ -301,12 +422,12 @@ impl Backend for XlsxBackend {
         self.add_data_sheet(t, layout)
     }
 
-    fn record(
+    fn row(
         &mut self,
         t: usize,
         layout: &TypeLayout,
-        cells: &[Option<&Value>],
-        _record: &Record,
+        cells: &[Cell<'_>],
+        _record: Option<&Record>,
         _out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
         if self.row + 1 >= EXCEL_MAX_ROWS {
@@ -315,51 +436,10 @@ impl Backend for XlsxBackend {
         }
         self.row += 1;
         let row = self.row;
-        let neutralise = self.options.neutralize_formulas;
         for (c, cell) in cells.iter().enumerate() {
             let col = col_num(c)?;
-            let width = match cell {
-                None | Some(Value::Null) => 0,
-                Some(Value::Bool(b)) => {
-                    self.workbook
-                        .worksheet_from_index(self.sheet)?
-                        .write_boolean(row, col, *b)?;
-                    5
-                }
-                Some(Value::Number(n)) => {
-                    let exact = n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
-                    match exact {
-                        Some(i) if i.abs() > MAX_EXACT_INTEGER => {
-                            self.write_text(row, col, &n.to_string(), false)?
-                        }
-                        _ => {
-                            let f = n.as_f64().unwrap_or(f64::NAN);
-                            self.workbook
-                                .worksheet_from_index(self.sheet)?
-                                .write_number(row, col, f)?;
-                            n.to_string().len()
-                        }
-                    }
-                }
-                Some(Value::String(s)) if layout.columns[c].kind == ColumnKind::Datetime => {
-                    // `cells()` has checked that this parses.
-                    match parse_timestamp(s).map(excel_datetime) {
-                        Some(Ok(dt)) => {
-                            let fmt = self.datetime.clone();
-                            self.workbook
-                                .worksheet_from_index(self.sheet)?
-                                .write_datetime_with_format(row, col, &dt, &fmt)?;
-                            19
-                        }
-                        // Outside Excel's 1900–9999 range: keep the text.
-                        _ => self.write_text(row, col, s, neutralise)?,
-                    }
-                }
-                Some(Value::String(s)) => self.write_text(row, col, s, neutralise)?,
-                Some(v @ (Value::Array(_) | Value::Object(_))) => {
-                    self.write_text(row, col, &v.to_string(), false)?
-                }
-            };
+            let datetime = layout.columns[c].kind == ColumnKind::Datetime;
+            let width = self.write_cell(row, col, cell, datetime)?;
             if row <= WIDTH_SAMPLE_ROWS && width > self.widths[c] {
                 self.widths[c] = width;
             }
@@ -385,8 +465,44 @@ impl Backend for XlsxBackend {
     ) -> Result<(), FormatError> {
         self.write_summary(layouts, counts)?;
         self.write_long_values()?;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(assembled) = &mut self.assembled {
+            // Saved to a temporary file and handed out by `tail`, so the
+            // workbook never sits in memory whole.
+            let file = tempfile::tempfile_in(&assembled.tempdir)
+                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
+            let mut writer = std::io::BufWriter::new(file);
+            self.workbook.save_to_writer(&mut writer)?;
+            let mut file = writer
+                .into_inner()
+                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
+            std::io::Seek::rewind(&mut file)
+                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
+            assembled.file = Some(std::io::BufReader::new(file));
+            return Ok(());
+        }
         out.extend(self.workbook.save_to_buffer()?);
         Ok(())
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn tail(&mut self) -> Result<Option<Vec<u8>>, FormatError> {
+        use std::io::Read as _;
+        let Some(file) = self.assembled.as_mut().and_then(|a| a.file.as_mut()) else {
+            return Ok(None);
+        };
+        let mut piece = Vec::with_capacity(TAIL_PIECE);
+        file.by_ref()
+            .take(TAIL_PIECE as u64)
+            .read_to_end(&mut piece)
+            .map_err(|e| FormatError::Xlsx(format!("reading the assembled workbook: {e}")))?;
+        if piece.is_empty() {
+            if let Some(a) = self.assembled.as_mut() {
+                a.file = None;
+            }
+            return Ok(None);
+        }
+        Ok(Some(piece))
     }
 }
 

@@ -248,28 +248,28 @@ pub async fn plan(
             .registry
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("data type {name} vanished"))?;
-        let records = state
-            .registry
-            .count(&state.db, t, &scope.user_id, &scope.company_id, range)
-            .await?;
+        let records = state.source.count(name, scope, range).await?;
         if records > 0 {
-            // A small sample gives the average record size; a sample that
+            // A small sample gives the average record size (its JSON
+            // values plus the keys a JSON record repeats); a sample that
             // cannot be read only makes the estimate rougher.
+            let keys: u64 = t.columns.iter().map(|c| c.name.len() as u64 + 4).sum();
+            let req = crate::source::PageRequest {
+                data_type: name.clone(),
+                owner: scope.clone(),
+                range: range.clone(),
+                after: None,
+                limit: 20,
+            };
             let avg = match state
-                .registry
-                .page(&state.db, t, scope, range, None, 20)
+                .source
+                .read_page(req, crate::source::SizeSample::default())
                 .await
             {
-                Ok((sample, _)) if !sample.is_empty() => {
-                    sample
-                        .iter()
-                        .map(|r| Value::Object(r.clone()).to_string().len() as u64 + 2)
-                        .sum::<u64>()
-                        / sample.len() as u64
-                }
+                Ok((sample, _)) if sample.rows > 0 => sample.json_bytes / sample.rows + keys,
                 Ok(_) => 256,
                 Err(e) => {
-                    tracing::warn!(data_type = %name, error = %e, "could not sample records for the size estimate");
+                    tracing::warn!(data_type = %name, error = %format!("{e:#}"), "could not sample records for the size estimate");
                     256
                 }
             };
@@ -518,7 +518,8 @@ pub(crate) async fn download(
         &row,
         "export.downloaded",
         Some(ctx.request_id()),
-        json!({ "format": format.as_str(), "byte_size": file.byte_size, "sha256": file.sha256 }),
+        json!({ "format": format.as_str(), "byte_size": file.byte_size, "sha256": file.sha256,
+                "converted": file.converted_from.is_some() }),
     )
     .await?;
     let filename = format!("{}.{}", row.id, format.extension());
@@ -528,11 +529,13 @@ pub(crate) async fn download(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(file.byte_size));
+    if let Some(size) = file.byte_size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&file.sha256) {
+    if let Some(Ok(v)) = file.sha256.as_deref().map(HeaderValue::from_str) {
         h.insert("x-content-sha256", v);
     }
     Ok(response)
@@ -589,25 +592,37 @@ pub(crate) async fn complete(
                 "sha256 must be 64 hexadecimal digits",
             )
         })?;
-    if let Some(t) = row
-        .data_types
-        .iter()
-        .find(|t| !row.progress.get(*t).is_some_and(|p| p.done))
-    {
-        return Err(ApiError::validation(
-            "EXPORT_INCOMPLETE",
-            "record_count",
-            format!("not every page was fetched: {t} is unfinished"),
-        ));
+    // What the browser reports must be what was served: every page of
+    // every type, as many records as the manifest promised.
+    let progress = exports::progress(&state.db, &row.id).await?;
+    let mut served = 0;
+    for (t, promised) in &row.manifest.types {
+        let p = progress.iter().find(|p| &p.data_type == t);
+        if !p.is_some_and(|p| p.done) {
+            return Err(ApiError::validation(
+                "EXPORT_INCOMPLETE",
+                "record_count",
+                format!("not every page was fetched: {t} is unfinished"),
+            ));
+        }
+        let got = p.map_or(0, |p| p.served);
+        if got != promised.records {
+            return Err(ApiError::validation(
+                "RECORD_COUNT_MISMATCH",
+                "record_count",
+                format!(
+                    "{got} records of {t} were served, but the manifest promised {} (the data changed during the export: start a new one)",
+                    promised.records
+                ),
+            ));
+        }
+        served += got;
     }
-    if count != row.records_served as u64 {
+    if count != served {
         return Err(ApiError::validation(
             "RECORD_COUNT_MISMATCH",
             "record_count",
-            format!(
-                "record_count {count} does not match the {} records served",
-                row.records_served
-            ),
+            format!("record_count {count} does not match the {served} records served"),
         ));
     }
     let done = exports::Completion {

@@ -1,41 +1,104 @@
-//! `GET /api/data/export/{id}/records/{data_type}`: one keyset page of the
-//! caller's records for a `client` export, counted for progress.
+//! The records of a `client` export, in the compact frames of
+//! [`handover::wire`], two ways:
+//!
+//! - `GET /api/data/export/{id}/records/{data_type}`: one page, as the
+//!   envelope's `data`;
+//! - `GET /api/data/export/{id}/records/{data_type}/stream`: every page from
+//!   the cursor on, one frame per line (NDJSON), so the client never waits
+//!   on a round trip between pages. A dropped stream resumes from the last
+//!   frame's cursor; cursors are positions in the data type's sort order, so
+//!   the rows after a resume are exactly the rows that would have followed.
+//!
+//! Both count what they served for the export's progress.
 
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use serde_json::json;
+use futures_util::StreamExt as _;
+use handover::format::Cell;
+use handover::model::Column;
+use handover::wire::{error_line, FrameEncoder, STREAM_CONTENT_TYPE};
 
 use super::QueryMap;
-use crate::auth::PERM_EXPORT;
+use crate::auth::{Scope, PERM_EXPORT};
 use crate::context::Ctx;
-use crate::datatypes::PageError;
+use crate::cursor::Cursor;
 use crate::error::{ApiError, ApiResult};
-use crate::exports::{self, TypeProgress};
-use crate::ratelimit;
-use crate::AppState;
+use crate::exports::{self, ExportRow};
+use crate::source::{PageRequest, RowSink};
+use crate::{ratelimit, AppState};
 
-/// Page size bounds.
+/// Rows per page (or per stream frame).
 pub const MAX_PAGE: u64 = 5000;
 pub const DEFAULT_PAGE: u64 = 1000;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/data/export/{id}/records/{data_type}", get(page))
+    Router::new()
+        .route("/api/data/export/{id}/records/{data_type}", get(page))
+        .route(
+            "/api/data/export/{id}/records/{data_type}/stream",
+            get(stream),
+        )
 }
 
-#[utoipa::path(get, path = "/api/data/export/{id}/records/{data_type}", tag = "client delivery", params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("id" = String, Path, description = "Export request id"), ("data_type" = String, Path), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("limit" = Option<u32>, Query, description = "1–5000, default 1000")), responses((status = 200, description = "records and next_cursor (null on the last page)", body = crate::openapi::Envelope), (status = 404, description = "EXPORT_NOT_FOUND", body = crate::openapi::ErrorEnvelope), (status = 409, description = "EXPORT_NOT_OPEN", body = crate::openapi::ErrorEnvelope), (status = 422, description = "INVALID_DATA_TYPE, INVALID_LIMIT, INVALID_CURSOR", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope)))]
-pub(crate) async fn page(
-    State(state): State<AppState>,
-    ctx: Ctx,
-    headers: HeaderMap,
+/// A frame being written as rows arrive.
+struct FrameSink {
+    buf: Vec<u8>,
+    enc: Option<FrameEncoder>,
+}
+
+impl FrameSink {
+    fn new(data_type: &str, offset: u64, columns: Option<&[Column]>) -> Self {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let enc = FrameEncoder::begin(&mut buf, data_type, offset, columns);
+        Self {
+            buf,
+            enc: Some(enc),
+        }
+    }
+
+    fn finish(mut self, next_cursor: Option<&str>) -> Vec<u8> {
+        if let Some(enc) = self.enc.take() {
+            enc.end(&mut self.buf, next_cursor);
+        }
+        self.buf
+    }
+}
+
+impl RowSink for FrameSink {
+    fn row(&mut self, cells: &[Cell<'_>]) -> anyhow::Result<()> {
+        if let Some(enc) = &mut self.enc {
+            enc.row(&mut self.buf, cells);
+        }
+        Ok(())
+    }
+}
+
+/// What both forms check first.
+struct Request {
+    scope: Scope,
+    row: ExportRow,
+    data_type: String,
+    columns: Vec<Column>,
+    limit: u32,
+    start: Option<Cursor>,
+}
+
+async fn prologue(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
-    q: QueryMap,
-) -> ApiResult<Response> {
+    q: &QueryMap,
+) -> ApiResult<Request> {
     ctx.set_action("export.records", None);
-    let scope = super::enter(&state, &ctx, &headers, PERM_EXPORT, ratelimit::RECORDS).await?;
+    let scope = super::enter(state, ctx, headers, PERM_EXPORT, ratelimit::RECORDS).await?;
     let Ok(Path((id, data_type))) = path else {
         return Err(ApiError::ExportNotFound);
     };
@@ -52,79 +115,229 @@ pub(crate) async fn page(
             ),
         ));
     }
-    if !row.data_types.contains(&data_type) {
+    let Some(columns) = row
+        .manifest
+        .types
+        .get(&data_type)
+        .map(|t| t.columns.clone())
+    else {
         return Err(ApiError::validation(
             "INVALID_DATA_TYPE",
             "data_type",
             format!("{data_type:?} is not one of this export's data types"),
         ));
-    }
+    };
     let limit = q.int("limit", DEFAULT_PAGE, 1, MAX_PAGE, "INVALID_LIMIT")? as u32;
-    let cursor = q.get("cursor").filter(|c| !c.is_empty());
+    let start = match q.get("cursor") {
+        None | Some("") => None,
+        Some(c) => Some(
+            state
+                .cursor_key
+                .decode(&row.id, &data_type, c)
+                .map_err(|_| {
+                    ApiError::validation(
+                        "INVALID_CURSOR",
+                        "cursor",
+                        "cursor is not valid for this export and data type: use a next_cursor the server sent",
+                    )
+                })?,
+        ),
+    };
     ctx.detail("data_type", data_type.as_str());
-    if let Some(fault) = state.settings.fault.as_ref().and_then(|f| f.roll()) {
+    if let Some(c) = &start {
+        ctx.detail("offset", c.offset);
+    }
+    Ok(Request {
+        scope,
+        row,
+        data_type,
+        columns,
+        limit,
+        start,
+    })
+}
+
+impl Request {
+    fn page_request(&self, after: Option<crate::source::SortKey>) -> PageRequest {
+        PageRequest {
+            data_type: self.data_type.clone(),
+            owner: self.scope.clone(),
+            range: self.row.range(),
+            after,
+            limit: self.limit,
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/data/export/{id}/records/{data_type}", tag = "client delivery",
+    params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("id" = String, Path, description = "Export request id"), ("data_type" = String, Path), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), ("limit" = Option<u32>, Query, description = "Rows, 1–5000, default 1000")),
+    responses((status = 200, description = "One frame as `data`: `{data_type, offset, columns:[{name,kind}], rows:[[…]] (values in column order), next_cursor}` (next_cursor null on the last page)", body = crate::openapi::PageEnvelope), (status = 404, description = "EXPORT_NOT_FOUND", body = crate::openapi::ErrorEnvelope), (status = 409, description = "EXPORT_NOT_OPEN", body = crate::openapi::ErrorEnvelope), (status = 422, description = "INVALID_DATA_TYPE, INVALID_LIMIT, INVALID_CURSOR", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope)))]
+pub(crate) async fn page(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    q: QueryMap,
+) -> ApiResult<Response> {
+    let req = prologue(&state, &ctx, &headers, path, &q).await?;
+    if let Some(fault) = state.settings.fault.as_ref().and_then(|f| f.roll_page()) {
         return Ok(fault);
     }
-    let t = state.registry.get(&data_type).ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!(
-            "data type {data_type} no longer configured"
-        ))
-    })?;
-    let (records, next_cursor) = state
-        .registry
-        .page(&state.db, t, &scope, &row.range(), cursor, limit)
+    let offset = req.start.as_ref().map_or(0, |c| c.offset);
+    let after = req.start.as_ref().map(|c| c.after.clone());
+    let sink = FrameSink::new(&req.data_type, offset, Some(&req.columns));
+    let (sink, end) = state
+        .source
+        .read_page(req.page_request(after), sink)
         .await
-        .map_err(|e| match e {
-            PageError::BadCursor => ApiError::validation(
-                "INVALID_CURSOR",
-                "cursor",
-                "cursor is not valid for this data type",
-            ),
-            PageError::Db(e) => ApiError::Internal(e),
-        })?;
-
-    // Progress: a repeated request for the last page (a client retry) is
-    // counted once.
-    let mut progress = row.progress.clone();
-    let p = progress
-        .entry(data_type.clone())
-        .or_insert_with(TypeProgress::default);
-    let key = cursor.unwrap_or_default().to_string();
-    let n = records.len() as u64;
-    if p.last_cursor.as_deref() == Some(key.as_str()) {
-        p.served = p.served_before_last + n;
-    } else {
-        p.served_before_last = p.served;
-        p.served += n;
-        p.last_cursor = Some(key);
-    }
-    p.next_cursor = next_cursor.clone();
-    p.done = next_cursor.is_none();
-    let served: u64 = progress.values().map(|p| p.served).sum();
-    let now = exports::now();
-    sqlx::query(
-        "UPDATE export_requests SET progress = ?, records_served = ?, current_type = ?, status = 'processing', \
-         started_at = COALESCE(started_at, ?), last_activity_at = ? WHERE id = ? AND status IN ('pending', 'processing')",
-    )
-    .bind(serde_json::to_string(&progress).map_err(|e| ApiError::Internal(e.into()))?)
-    .bind(served as i64)
-    .bind(&data_type)
-    .bind(&now)
-    .bind(&now)
-    .bind(&row.id)
-    .execute(&state.db)
-    .await?;
-    if row.status == "pending" {
-        exports::event(
-            &state,
-            &row,
-            "export.started",
-            Some(ctx.request_id()),
-            json!({ "delivery": "client" }),
+        .map_err(ApiError::Internal)?;
+    let served = offset + end.rows;
+    let next = end.next.map(|after| {
+        state.cursor_key.encode(
+            &req.row.id,
+            &req.data_type,
+            &Cursor {
+                after,
+                offset: served,
+            },
         )
-        .await?;
+    });
+    let frame = sink.finish(next.as_deref());
+    exports::mark_started(&state, &req.row, Some(ctx.request_id())).await?;
+    let bookkeeping = Instant::now();
+    exports::record_progress(
+        &state.db,
+        &req.row.id,
+        &req.data_type,
+        served,
+        end.rows,
+        next.is_none(),
+    )
+    .await?;
+    state.metrics.observe_bookkeeping(bookkeeping.elapsed());
+    Ok(ctx.ok_raw(frame))
+}
+
+#[utoipa::path(get, path = "/api/data/export/{id}/records/{data_type}/stream", tag = "client delivery",
+    params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("id" = String, Path, description = "Export request id"), ("data_type" = String, Path), ("cursor" = Option<String>, Query, description = "Resume after this next_cursor (absent: from the start)"), ("limit" = Option<u32>, Query, description = "Rows per frame, 1–5000, default 1000")),
+    responses((status = 200, description = "application/x-ndjson: one frame per line, as the page's `data` (columns in the first); ends with the frame whose next_cursor is null. A stream that ends without it was cut short: resume from the last next_cursor. A line `{\"error\":{code,error}}` reports a failure after the stream began.", content_type = "application/x-ndjson"), (status = 404, description = "EXPORT_NOT_FOUND", body = crate::openapi::ErrorEnvelope), (status = 409, description = "EXPORT_NOT_OPEN", body = crate::openapi::ErrorEnvelope), (status = 422, description = "INVALID_DATA_TYPE, INVALID_LIMIT, INVALID_CURSOR", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope)))]
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    q: QueryMap,
+) -> ApiResult<Response> {
+    let req = prologue(&state, &ctx, &headers, path, &q).await?;
+    // A fault before the stream begins may be an error answer.
+    let first_fault = match state.settings.fault.as_ref().and_then(|f| f.roll()) {
+        Some(crate::Fault::Status(response)) => return Ok(response),
+        other => other,
+    };
+    exports::mark_started(&state, &req.row, Some(ctx.request_id())).await?;
+    // Two frames in flight: the next page is read while one is sent.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let request_id = ctx.request_id().to_string();
+    tokio::spawn(produce(state, req, tx, first_fault, request_id));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .fuse();
+    let mut response = Response::new(Body::from_stream(body));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(STREAM_CONTENT_TYPE),
+    );
+    Ok(response.into_response())
+}
+
+/// Reads page after page into frames and sends them, until the last one,
+/// an error, or the client going away.
+async fn produce(
+    state: AppState,
+    req: Request,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut fault: Option<crate::Fault>,
+    request_id: String,
+) {
+    let mut offset = req.start.as_ref().map_or(0, |c| c.offset);
+    let mut after = req.start.as_ref().map(|c| c.after.clone());
+    let mut frames = 0u32;
+    loop {
+        if frames > 0 {
+            fault = state.settings.fault.as_ref().and_then(|f| f.roll());
+        }
+        match fault.take() {
+            None => {}
+            Some(crate::Fault::Stall) => {
+                // Hold the connection open without a byte more, until the
+                // client gives up.
+                tx.closed().await;
+                return;
+            }
+            Some(_) => {
+                let _ = tx
+                    .send(Err(std::io::Error::other("injected dropped connection")))
+                    .await;
+                return;
+            }
+        }
+        let columns = (frames == 0).then_some(req.columns.as_slice());
+        let sink = FrameSink::new(&req.data_type, offset, columns);
+        let (sink, end) = match state
+            .source
+            .read_page(req.page_request(after.clone()), sink)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "record stream failed");
+                let mut line = Vec::new();
+                error_line(
+                    &mut line,
+                    "INTERNAL_ERROR",
+                    "reading the records failed; resume from the last cursor",
+                );
+                let _ = tx.send(Ok(line.into())).await;
+                return;
+            }
+        };
+        let served = offset + end.rows;
+        let next = end.next.clone().map(|k| {
+            state.cursor_key.encode(
+                &req.row.id,
+                &req.data_type,
+                &Cursor {
+                    after: k,
+                    offset: served,
+                },
+            )
+        });
+        let mut line = sink.finish(next.as_deref());
+        line.push(b'\n');
+        if tx.send(Ok(line.into())).await.is_err() {
+            return; // the client went away
+        }
+        let bookkeeping = Instant::now();
+        if let Err(e) = exports::record_progress(
+            &state.db,
+            &req.row.id,
+            &req.data_type,
+            served,
+            end.rows,
+            next.is_none(),
+        )
+        .await
+        {
+            tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
+        }
+        state.metrics.observe_bookkeeping(bookkeeping.elapsed());
+        frames += 1;
+        offset = served;
+        match end.next {
+            Some(k) => after = Some(k),
+            None => return,
+        }
     }
-    Ok(ctx
-        .ok(json!({ "records": records, "next_cursor": next_cursor }))
-        .into_response())
 }

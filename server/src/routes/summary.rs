@@ -30,14 +30,8 @@ pub(crate) async fn summary(
     let mut total = 0;
     for t in state.registry.all() {
         let n = state
-            .registry
-            .count(
-                &state.db,
-                t,
-                &scope.user_id,
-                &scope.company_id,
-                &Range::default(),
-            )
+            .source
+            .count(&t.name, &scope, &Range::default())
             .await?;
         total += n;
         types.push(json!({ "data_type": t.name, "description": t.description, "records": n }));
