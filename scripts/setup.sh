@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what building and testing handover needs, skipping what is there:
-# the wasm32 target, wasm-bindgen-cli at the Cargo.lock version, wasm-pack,
-# Debian chromium + chromium-driver, the npm dev packages (including a
-# working wasm-opt from npm's binaryen) and Python's openpyxl.
+# Installs what building, testing and benchmarking handover needs, skipping
+# what is there: the wasm32 target, wasm-bindgen-cli at the Cargo.lock
+# version, wasm-pack, Debian chromium + chromium-driver and sqlite3, the npm
+# dev packages (including a working wasm-opt from npm's binaryen) and
+# Python's openpyxl.
 # Safe to run again; a second run takes a second or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,12 +37,18 @@ if ! command -v wasm-pack >/dev/null; then
   cargo install wasm-pack --locked || die "cargo install wasm-pack failed"
 fi
 
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  say "installing Debian chromium + chromium-driver"
+# Debian packages: Chromium for the browser tests, sqlite3 for the
+# benchmark's anchor.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v sqlite3 >/dev/null || missing+=(sqlite3)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
-    || die "apt-get install chromium chromium-driver failed"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
 fi
 # Debian's binaryen (wasm-opt 108) silently breaks wasm-bindgen output; we use npm's.
 

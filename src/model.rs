@@ -1,8 +1,9 @@
 //! The wire model shared by the browser module and `handover-server`.
 //!
 //! These types are what travels between the two sides (the manifest of a
-//! `client` export, a page of records) and what the format writers consume,
-//! so the server and the browser cannot drift apart.
+//! `client` export; the pages of records are [`crate::wire`] frames) and
+//! what the format writers consume, so the server and the browser cannot
+//! drift apart.
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -87,16 +88,6 @@ impl Column {
             kind,
         }
     }
-}
-
-/// One page of records of one data type, as served by
-/// `GET /api/data/export/{id}/records/{data_type}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Page {
-    /// The records of this page, in the data type's stable order.
-    pub records: Vec<Record>,
-    /// Opaque cursor for the next page; `None` on the last page.
-    pub next_cursor: Option<String>,
 }
 
 /// What the manifest says about one data type.
@@ -215,10 +206,14 @@ pub fn format_timestamp(t: OffsetDateTime) -> String {
 ///
 /// ```
 /// let t = handover::model::parse_timestamp("2025-10-24T21:50:00+02:00").unwrap();
+/// assert_eq!(handover::model::parse_timestamp("2025-10-24T19:50:00.5Z"), Some(time::macros::datetime!(2025-10-24 19:50:00.5 UTC)));
 /// assert_eq!(handover::model::format_timestamp(t), "2025-10-24T19:50:00.000Z");
 /// assert!(handover::model::parse_timestamp("yesterday").is_none());
 /// ```
 pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
+    if let Some(t) = parse_utc_fast(s.as_bytes()) {
+        return Some(t);
+    }
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Some(t);
     }
@@ -234,8 +229,88 @@ pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
         .map(|p| p.assume_utc())
 }
 
+/// The common shape `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, parsed without the
+/// general parser (datetime cells are checked and converted per row);
+/// `None` sends anything else to the general parser.
+fn parse_utc_fast(b: &[u8]) -> Option<OffsetDateTime> {
+    fn num(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let (hour, minute, second) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let nanos = match (b[19], b.last()) {
+        (b'Z', _) if b.len() == 20 => 0,
+        (b'.', Some(b'Z')) if (22..=30).contains(&b.len()) => {
+            let frac = &b[20..b.len() - 1];
+            num(frac)? * 10u32.pow(9 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    if second > 59 {
+        return None;
+    }
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date =
+        time::Date::from_calendar_date(i32::try_from(year).ok()?, month, u8::try_from(day).ok()?)
+            .ok()?;
+    let t = time::Time::from_hms_nano(
+        u8::try_from(hour).ok()?,
+        u8::try_from(minute).ok()?,
+        second as u8,
+        nanos,
+    )
+    .ok()?;
+    Some(time::PrimitiveDateTime::new(date, t).assume_utc())
+}
+
 /// Whether `s` is a strict RFC 3339 timestamp (used when inferring columns:
 /// only unambiguous timestamps make a column a datetime column).
 pub(crate) fn is_rfc3339(s: &str) -> bool {
     s.len() >= 20 && OffsetDateTime::parse(s, &Rfc3339).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_path_agrees_with_the_rfc3339_parser() {
+        for s in [
+            "2025-10-24T19:50:00Z",
+            "2025-10-24T19:50:00.000Z",
+            "2025-10-24T19:50:00.1Z",
+            "2025-10-24T19:50:00.123456789Z",
+            "2024-02-29T23:59:59.999Z",
+            "2023-02-29T00:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-10-24T24:00:00Z",
+            "2025-10-24T19:60:00Z",
+            "2025-10-24T19:50:60Z",
+            "2025-10-24T19:50:00.Z",
+            "2025-10-24T19:50:00.1234567890Z",
+            "2025-10-24t19:50:00Z",
+            "2025-1a-24T19:50:00Z",
+        ] {
+            let fast = parse_utc_fast(s.as_bytes());
+            if let Some(t) = fast {
+                assert_eq!(Some(t), OffsetDateTime::parse(s, &Rfc3339).ok(), "{s}");
+            } else {
+                // Whatever the fast path leaves, the general parser decides.
+                let _ = parse_timestamp(s);
+            }
+        }
+        assert!(parse_timestamp("2023-02-29T00:00:00Z").is_none());
+        assert!(parse_timestamp("2025-10-24T19:50:00.123Z").is_some());
+    }
 }

@@ -90,6 +90,14 @@ impl RowSink for BuildSink {
     }
 }
 
+/// The output of one page of a build, handed from the reading thread to
+/// the writing task.
+struct Piece {
+    main: Vec<u8>,
+    frames: Vec<u8>,
+    records: u64,
+}
+
 /// What a build produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Built {
@@ -101,7 +109,8 @@ pub struct Built {
 /// typed cells. With `frames`, the same rows are also kept as frames (the
 /// wire format), from which downloads in another format are converted.
 /// XLSX uses rust_xlsxwriter's constant-memory mode with temporary files in
-/// `tempdir`, so memory stays flat whatever the size.
+/// `tempdir`, so memory stays flat whatever the size. Reading and
+/// formatting run on one thread while another writes (and encrypts).
 ///
 /// # Errors
 ///
@@ -141,57 +150,62 @@ where
             .writer
             .type_index(name)
             .with_context(|| format!("data type {name} is not in the manifest"))?;
-        let columns = row
-            .manifest
-            .types
-            .get(name)
-            .map(|t| t.columns.clone())
-            .unwrap_or_default();
-        let mut after = None;
+        let columns = b.writer.columns(b.t).to_vec();
+        if let Some((buf, enc)) = &mut b.frames {
+            *enc = Some(FrameEncoder::begin(buf, name, 0, Some(&columns)));
+        }
+        let req = PageRequest {
+            data_type: name.clone(),
+            owner: owner.clone(),
+            range: row.range(),
+            after: None,
+            limit: BUILD_PAGE,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(4);
+        let type_name = name.clone();
         let mut offset = 0;
-        loop {
+        let reader = state.source.read_all(req, b, move |b, end| {
+            let mut frames = Vec::new();
             if let Some((buf, enc)) = &mut b.frames {
-                *enc = Some(FrameEncoder::begin(
-                    buf,
-                    name,
-                    offset,
-                    (offset == 0).then_some(columns.as_slice()),
-                ));
-            }
-            let req = PageRequest {
-                data_type: name.clone(),
-                owner: owner.clone(),
-                range: row.range(),
-                after: after.take(),
-                limit: BUILD_PAGE,
-            };
-            let (back, end) = state.source.read_page(req, b).await?;
-            b = back;
-            let chunk = b.writer.take_output();
-            if !chunk.is_empty() {
-                sink.write_chunk(&chunk).await?;
-            }
-            if let (Some((buf, enc)), Some(out)) = (&mut b.frames, frames.as_deref_mut()) {
                 if let Some(enc) = enc.take() {
                     enc.end(buf, end.next.is_some().then_some("more"));
+                    buf.push(b'\n');
                 }
-                buf.push(b'\n');
-                out.write_chunk(buf).await?;
-                buf.clear();
+                frames = std::mem::take(buf);
+                offset += end.rows;
+                if end.next.is_some() {
+                    *enc = Some(FrameEncoder::begin(buf, &type_name, offset, None));
+                }
             }
-            offset += end.rows;
-            sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
-                .bind(b.writer.records_written() as i64)
-                .bind(name)
-                .bind(exports::now())
-                .bind(&row.id)
-                .execute(&state.db)
-                .await?;
-            match end.next {
-                Some(k) => after = Some(k),
-                None => break,
+            let piece = Piece {
+                main: b.writer.take_output(),
+                frames,
+                records: b.writer.records_written(),
+            };
+            tx.blocking_send(piece)
+                .map_err(|_| anyhow::anyhow!("the build was abandoned"))?;
+            Ok(true)
+        });
+        let writing = async {
+            while let Some(piece) = rx.recv().await {
+                if !piece.main.is_empty() {
+                    sink.write_chunk(&piece.main).await?;
+                }
+                if let Some(out) = frames.as_deref_mut() {
+                    out.write_chunk(&piece.frames).await?;
+                }
+                sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
+                    .bind(piece.records as i64)
+                    .bind(name)
+                    .bind(exports::now())
+                    .bind(&row.id)
+                    .execute(&state.db)
+                    .await?;
             }
-        }
+            anyhow::Ok(())
+        };
+        let (back, ()) = tokio::try_join!(reader, writing)?;
+        b = back;
     }
     let mut chunk = b.writer.finish()?;
     loop {

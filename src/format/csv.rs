@@ -1,7 +1,7 @@
 //! The seed's flattened CSV layout: `data_type` first, then the union of all
 //! data types' columns in manifest order; RFC 4180 quoting (a field is quoted
-//! when it holds a comma, a quote, CR or LF, as decided by `csv_core`, the
-//! engine of the `csv` crate) with CRLF line ends. Rows are written straight
+//! when it holds a comma, a quote, CR or LF, exactly as `csv_core`, the
+//! engine of the `csv` crate, decides) with CRLF line ends. Rows are written straight
 //! into the output, cell by cell.
 
 use serde_json::Value;
@@ -32,18 +32,20 @@ impl CsvBackend {
     }
 }
 
-thread_local! {
-    /// The quoting rule of the `csv` crate with `QuoteStyle::Necessary` and
-    /// a CRLF terminator.
-    static QUOTER: csv_core::Writer = csv_core::WriterBuilder::new()
-        .terminator(csv_core::Terminator::CRLF)
-        .quote_style(csv_core::QuoteStyle::Necessary)
-        .build();
-}
+/// Bytes that make a field quoted: the `csv` crate's `QuoteStyle::Necessary`
+/// with a CRLF terminator (checked against `csv_core` in the tests).
+const SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b',' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'\r' as usize] = true;
+    t[b'\n' as usize] = true;
+    t
+};
 
 /// Appends `field`, quoted (quotes doubled) when it must be.
 fn push_field(out: &mut Vec<u8>, field: &[u8]) {
-    if !QUOTER.with(|q| q.should_quote(field)) {
+    if !field.iter().any(|&b| SPECIAL[b as usize]) {
         out.extend_from_slice(field);
         return;
     }
@@ -192,6 +194,17 @@ impl Backend for CsvBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_bytes_are_csv_cores() {
+        let core = csv_core::WriterBuilder::new()
+            .terminator(csv_core::Terminator::CRLF)
+            .quote_style(csv_core::QuoteStyle::Necessary)
+            .build();
+        for b in 0..=255u8 {
+            assert_eq!(SPECIAL[b as usize], core.should_quote(&[b]), "byte {b}");
+        }
+    }
 
     #[test]
     fn quoting_matches_the_csv_crate() {

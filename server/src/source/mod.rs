@@ -103,6 +103,41 @@ impl Source {
         }
     }
 
+    /// Reads every page of a data type from `req.after` on, `req.limit` rows
+    /// at a time, into `sink`; after each page, `each` is called with the
+    /// sink and how the page ended (on the reading thread: it hands the
+    /// page's output on, e.g. over a channel, so reading never waits on
+    /// writing). Stops after the last page or when `each` says no.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_page`](Self::read_page), and `each`'s errors.
+    pub async fn read_all<S, F>(&self, req: PageRequest, sink: S, each: F) -> anyhow::Result<S>
+    where
+        S: RowSink,
+        F: FnMut(&mut S, &PageEnd) -> anyhow::Result<bool> + Send + 'static,
+    {
+        match self {
+            Self::Sqlite(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (mut sink, mut each, mut req) = (sink, each, req);
+                    loop {
+                        let end = s.read_page(&req, &mut sink)?;
+                        if !each(&mut sink, &end)? {
+                            return Ok(sink);
+                        }
+                        match end.next {
+                            Some(k) => req.after = Some(k),
+                            None => return Ok(sink),
+                        }
+                    }
+                })
+                .await?
+            }
+        }
+    }
+
     /// How many records of `data_type` the owner has within `range`.
     ///
     /// # Errors

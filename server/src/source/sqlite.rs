@@ -228,35 +228,34 @@ impl SqliteSource {
             }
             made.clear();
             let group_values = read_groups(row, &groups)?;
-            // First everything the cells will borrow, then the cells.
-            let mut made_at = Vec::with_capacity(sources.len());
+            // One read of each value; what cannot be borrowed is made first,
+            // then the cells borrow from the row and from what was made.
+            let mut prepared = Vec::with_capacity(sources.len());
             for (src, col) in sources.iter().zip(&t.def.columns) {
-                made_at.push(match src {
+                prepared.push(match src {
                     CellSource::Column { index, kind } => {
-                        make(row.get_ref(*index)?, *kind, &col.name, &mut made)?
+                        prepare(row.get_ref(*index)?, *kind, &col.name, &mut made)?
                     }
-                    CellSource::Field { .. } => None,
+                    CellSource::Field { .. } => Prepared::Field,
                 });
             }
             let mut cells: Vec<Cell<'_>> = spare.into_iter().map(|_| Cell::Null).collect();
-            for ((src, m), col) in sources.iter().zip(&made_at).zip(&t.def.columns) {
-                let cell = match (src, m) {
-                    (_, Some(i)) => match &made[*i] {
+            for (src, p) in sources.iter().zip(prepared) {
+                cells.push(match (src, p) {
+                    (_, Prepared::Ready(c)) => c,
+                    (_, Prepared::Made(i)) => match &made[i] {
                         Made::Text(s) => Cell::Text(s),
                         Made::Value(v) => Cell::from_value(v),
                     },
-                    (CellSource::Column { index, kind }, None) => {
-                        borrowed(row.get_ref(*index)?, *kind, &col.name)?
-                    }
-                    (CellSource::Field { group, path }, None) => {
+                    (CellSource::Field { group, path }, Prepared::Field) => {
                         let mut v = group_values[*group].as_ref();
                         for key in path {
                             v = v.and_then(|v| v.get(key));
                         }
                         v.map_or(Cell::Null, Cell::from_value)
                     }
-                };
-                cells.push(cell);
+                    (CellSource::Column { .. }, Prepared::Field) => Cell::Null,
+                });
             }
             sink.row(&cells)?;
             cells.clear();
@@ -328,58 +327,53 @@ fn read_groups(row: &rusqlite::Row<'_>, groups: &[usize]) -> anyhow::Result<Vec<
         .collect()
 }
 
-/// Makes what a cell cannot borrow from the statement (text that is not
-/// UTF-8, a blob as base64, a JSON scalar); returns its index in `made`.
-fn make(
-    v: ValueRef<'_>,
+/// A value of the row on its way to becoming a cell.
+enum Prepared<'r> {
+    /// Borrowed straight from the statement.
+    Ready(Cell<'r>),
+    /// Made first (text that is not UTF-8, a blob as base64, a JSON scalar):
+    /// its index in the row's made values.
+    Made(usize),
+    /// Read from a JSON object column (dotted column names).
+    Field,
+}
+
+/// Reads one value by its column's kind.
+fn prepare<'r>(
+    v: ValueRef<'r>,
     kind: ColumnKind,
     name: &str,
     made: &mut Vec<Made>,
-) -> anyhow::Result<Option<usize>> {
+) -> anyhow::Result<Prepared<'r>> {
     let m = match (v, kind) {
+        (ValueRef::Null, _) => return Ok(Prepared::Ready(Cell::Null)),
+        (ValueRef::Integer(i), ColumnKind::Boolean) => {
+            return Ok(Prepared::Ready(Cell::Bool(i != 0)))
+        }
+        (ValueRef::Integer(i), _) => return Ok(Prepared::Ready(Cell::Int(i))),
+        (ValueRef::Real(f), _) => return Ok(Prepared::Ready(Cell::Float(f))),
         (ValueRef::Text(t), ColumnKind::Json) => {
-            let text =
-                std::str::from_utf8(t).with_context(|| format!("column {name} is not UTF-8"))?;
-            match text.trim_start().as_bytes().first() {
-                Some(b'{' | b'[') => {
-                    serde_json::from_str::<serde::de::IgnoredAny>(text)
-                        .with_context(|| format!("column {name} is not JSON"))?;
-                    return Ok(None);
-                }
-                _ => Made::Value(
-                    serde_json::from_str(text)
-                        .with_context(|| format!("column {name} is not JSON"))?,
-                ),
+            let text = std::str::from_utf8(t)
+                .with_context(|| format!("column {name} is not UTF-8"))?
+                .trim();
+            if let Some(b'{' | b'[') = text.as_bytes().first() {
+                serde_json::from_str::<serde::de::IgnoredAny>(text)
+                    .with_context(|| format!("column {name} is not JSON"))?;
+                return Ok(Prepared::Ready(Cell::Json(text)));
             }
+            Made::Value(
+                serde_json::from_str(text).with_context(|| format!("column {name} is not JSON"))?,
+            )
         }
         (ValueRef::Text(t), _) => match std::str::from_utf8(t) {
-            Ok(_) => return Ok(None),
+            Ok(s) => return Ok(Prepared::Ready(Cell::Text(s))),
+            // Text that is not UTF-8 is kept, with replacement characters.
             Err(_) => Made::Text(String::from_utf8_lossy(t).into_owned()),
         },
         (ValueRef::Blob(b), _) => Made::Text(base64::engine::general_purpose::STANDARD.encode(b)),
-        _ => return Ok(None),
     };
     made.push(m);
-    Ok(Some(made.len() - 1))
-}
-
-/// A cell borrowed straight from the statement.
-fn borrowed<'r>(v: ValueRef<'r>, kind: ColumnKind, name: &str) -> anyhow::Result<Cell<'r>> {
-    Ok(match (v, kind) {
-        (ValueRef::Null, _) => Cell::Null,
-        (ValueRef::Integer(i), ColumnKind::Boolean) => Cell::Bool(i != 0),
-        (ValueRef::Integer(i), _) => Cell::Int(i),
-        (ValueRef::Real(f), _) => Cell::Float(f),
-        (ValueRef::Text(t), ColumnKind::Json) => Cell::Json(
-            std::str::from_utf8(t)
-                .with_context(|| format!("column {name} is not UTF-8"))?
-                .trim(),
-        ),
-        (ValueRef::Text(t), _) => Cell::Text(
-            std::str::from_utf8(t).with_context(|| format!("column {name} is not UTF-8"))?,
-        ),
-        (ValueRef::Blob(_), _) => bail!("column {name}: a blob must be made first"),
-    })
+    Ok(Prepared::Made(made.len() - 1))
 }
 
 fn sort_key(v: ValueRef<'_>, name: &str) -> anyhow::Result<SortKey> {

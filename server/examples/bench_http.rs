@@ -1,0 +1,375 @@
+//! HTTP benchmarks of a running handover-server (see `scripts/bench.sh`).
+//! Every figure is printed as one table row; times are wall-clock seconds.
+//!
+//! ```text
+//! bench_http stream BASE TOKEN COMPANY ENCODING TYPE…   every record through the streams
+//! bench_http pages  BASE TOKEN COMPANY ENCODING TYPE…   every record through pages of 5000
+//! bench_http load   BASE TOKENS_FILE USERS              USERS users paging at once
+//! bench_http convert BASE TOKEN COMPANY PID             server JSON build, then a CSV download
+//! ```
+//!
+//! ENCODING is what `Accept-Encoding` asks for (`zstd`, `gzip`, `identity`);
+//! bytes on the wire are counted as received, then decoded here.
+
+use std::io::Read as _;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use handover::model::Manifest;
+use serde_json::{json, Value};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Api {
+    base: String,
+    token: String,
+    company: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str, token: &str, company: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            company: company.to_string(),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(4)
+                .build()
+                .expect("a client"),
+        }
+    }
+
+    fn get(&self, path: &str, encoding: &str) -> reqwest::RequestBuilder {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("x-company-id", &self.company)
+            .header("accept-encoding", encoding)
+    }
+
+    async fn create(&self, body: Value) -> Result<Value, Error> {
+        let r = self
+            .client
+            .post(format!("{}/api/data/export", self.base))
+            .bearer_auth(&self.token)
+            .header("x-company-id", &self.company)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = serde_json::from_slice(&r.bytes().await?)?;
+        if status != 201 {
+            return Err(format!("create answered {status}: {v}").into());
+        }
+        Ok(v["data"].clone())
+    }
+}
+
+/// Decodes a body received with `encoding`.
+fn decode(encoding: &str, wire: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    match encoding {
+        "zstd" => {
+            zstd::stream::read::Decoder::new(wire)?.read_to_end(&mut out)?;
+        }
+        "gzip" => {
+            flate2::read::GzDecoder::new(wire).read_to_end(&mut out)?;
+        }
+        _ => out.extend_from_slice(wire),
+    }
+    Ok(out)
+}
+
+/// Counts the rows of every frame in `text` (one frame per line).
+fn count_rows(text: &[u8], manifest: &Manifest, data_type: &str) -> Result<u64, Error> {
+    let columns = &manifest.types[data_type].columns;
+    let mut rows = 0;
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        rows += handover::wire::decode_frame(line, columns)?.row_count() as u64;
+    }
+    Ok(rows)
+}
+
+async fn client_export(api: &Api, types: &[String]) -> Result<(String, Manifest), Error> {
+    let created = api
+        .create(json!({ "export_format": "csv", "data_types": types, "delivery": "client" }))
+        .await?;
+    let id = created["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let manifest: Manifest = serde_json::from_value(created["manifest"].clone())?;
+    Ok((id, manifest))
+}
+
+async fn stream(api: &Api, encoding: &str, types: &[String]) -> Result<(), Error> {
+    let (id, manifest) = client_export(api, types).await?;
+    let started = Instant::now();
+    let (mut wire, mut plain, mut records) = (0u64, 0u64, 0u64);
+    for t in types {
+        let r = api
+            .get(
+                &format!("/api/data/export/{id}/records/{t}/stream?limit=5000"),
+                encoding,
+            )
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(format!("stream of {t} answered {}", r.status()).into());
+        }
+        let mut body = Vec::new();
+        let mut chunks = r.bytes_stream();
+        while let Some(c) = chunks.next().await {
+            body.extend_from_slice(&c?);
+        }
+        wire += body.len() as u64;
+        let text = decode(encoding, &body)?;
+        plain += text.len() as u64;
+        records += count_rows(&text, &manifest, t)?;
+    }
+    report("stream", encoding, started.elapsed(), records, wire, plain);
+    Ok(())
+}
+
+async fn pages(api: &Api, encoding: &str, types: &[String]) -> Result<(), Error> {
+    let (id, manifest) = client_export(api, types).await?;
+    let started = Instant::now();
+    let (mut wire, mut plain, mut records) = (0u64, 0u64, 0u64);
+    for t in types {
+        let mut cursor = String::new();
+        loop {
+            let r = api
+                .get(
+                    &format!("/api/data/export/{id}/records/{t}?limit=5000&cursor={cursor}"),
+                    encoding,
+                )
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Err(format!("page of {t} answered {}", r.status()).into());
+            }
+            let body = r.bytes().await?;
+            wire += body.len() as u64;
+            let text = decode(encoding, &body)?;
+            plain += text.len() as u64;
+            let v: Value = serde_json::from_slice(&text)?;
+            let frame = serde_json::to_vec(&v["data"])?;
+            records += count_rows(&frame, &manifest, t)?;
+            match v["data"]["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => break,
+            }
+        }
+    }
+    report(
+        "pages of 5000",
+        encoding,
+        started.elapsed(),
+        records,
+        wire,
+        plain,
+    );
+    Ok(())
+}
+
+fn report(path: &str, encoding: &str, took: Duration, records: u64, wire: u64, plain: u64) {
+    let s = took.as_secs_f64();
+    println!(
+        "| {path} | {encoding} | {records} | {s:.2} | {:.0} | {:.1} | {:.1} |",
+        records as f64 / s,
+        wire as f64 / 1_048_576.0,
+        plain as f64 / 1_048_576.0,
+    );
+}
+
+/// USERS users at once, each creating a client export of every type and
+/// paging through it (1000 records a page).
+async fn load(base: &str, tokens_file: &str, users: usize) -> Result<(), Error> {
+    let tokens: Vec<(String, String)> = std::fs::read_to_string(tokens_file)?
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(t, c)| (t.to_string(), c.to_string()))
+        })
+        .take(users)
+        .collect();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (token, company) in tokens {
+        let base = base.to_string();
+        tasks.push(tokio::spawn(async move {
+            let api = Api::new(&base, &token, &company);
+            let mut latencies = Vec::new();
+            let (mut records, mut errors) = (0u64, 0u64);
+            let types: Vec<String> = [
+                "user_profile",
+                "payment_history",
+                "membership_data",
+                "recovery_cases",
+                "consent_data",
+            ]
+            .map(String::from)
+            .to_vec();
+            let (id, manifest) = match client_export(&api, &types).await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("create failed: {e}");
+                    return (latencies, 0, 1);
+                }
+            };
+            for t in &types {
+                let mut cursor = String::new();
+                // Bounded: at most 10,000 pages per type.
+                for _ in 0..10_000 {
+                    let t0 = Instant::now();
+                    let r = api
+                        .get(
+                            &format!(
+                                "/api/data/export/{id}/records/{t}?limit=1000&cursor={cursor}"
+                            ),
+                            "zstd",
+                        )
+                        .send()
+                        .await;
+                    let body = match r {
+                        Ok(r) if r.status().is_success() => r.bytes().await.ok(),
+                        Ok(r) => {
+                            eprintln!("page answered {}", r.status());
+                            None
+                        }
+                        Err(e) => {
+                            eprintln!("page failed: {e}");
+                            None
+                        }
+                    };
+                    latencies.push(t0.elapsed());
+                    let Some(body) = body else {
+                        errors += 1;
+                        break;
+                    };
+                    let Ok(text) = decode("zstd", &body) else {
+                        errors += 1;
+                        break;
+                    };
+                    let v: Value = serde_json::from_slice(&text).unwrap_or_default();
+                    let frame = serde_json::to_vec(&v["data"]).unwrap_or_default();
+                    records += count_rows(&frame, &manifest, t).unwrap_or(0);
+                    match v["data"]["next_cursor"].as_str() {
+                        Some(c) => cursor = c.to_string(),
+                        None => break,
+                    }
+                }
+            }
+            (latencies, records, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let (mut records, mut errors) = (0, 0);
+    for t in tasks {
+        let (l, r, e) = t.await?;
+        all.extend(l);
+        records += r;
+        errors += e;
+    }
+    let took = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "| {users} users paging (1000 a page) | {} | {records} | {took:.2} | {:.0} | {:.1} | {:.1} | {errors} |",
+        all.len(),
+        records as f64 / took,
+        pct(0.5),
+        pct(0.99),
+    );
+    Ok(())
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A server-built JSON export, then its download as CSV (a conversion),
+/// with the server's resident memory sampled throughout.
+async fn convert(api: &Api, pid: u32) -> Result<(), Error> {
+    let created = api
+        .create(json!({ "export_format": "json", "data_types": ["payment_history"] }))
+        .await?;
+    let id = created["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let built = Instant::now();
+    // Bounded wait for the build: 10 minutes.
+    for _ in 0..6000 {
+        let r = api
+            .get(&format!("/api/data/export/{id}"), "identity")
+            .send()
+            .await?;
+        let v: Value = serde_json::from_slice(&r.bytes().await?)?;
+        match v["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => return Err("the build failed".into()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let build_s = built.elapsed().as_secs_f64();
+    let before = rss_kb(pid, "VmRSS:");
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kb(pid, "VmRSS:"), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let r = api
+        .get(
+            &format!("/api/data/export/{id}/download?format=csv"),
+            "identity",
+        )
+        .send()
+        .await?;
+    let mut bytes = 0u64;
+    let mut chunks = r.bytes_stream();
+    while let Some(c) = chunks.next().await {
+        bytes += c?.len() as u64;
+    }
+    let took = started.elapsed().as_secs_f64();
+    sampler.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "| server JSON build, then download as CSV | {build_s:.2} | {took:.2} | {:.1} | {:.1} | {:.1} |",
+        bytes as f64 / 1_048_576.0,
+        before as f64 / 1024.0,
+        peak.saturating_sub(before) as f64 / 1024.0,
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "stream" => stream(&Api::new(&arg(1), &arg(2), &arg(3)), &arg(4), &args[5..]).await,
+        "pages" => pages(&Api::new(&arg(1), &arg(2), &arg(3)), &arg(4), &args[5..]).await,
+        "load" => load(&arg(1), &arg(2), arg(3).parse()?).await,
+        "convert" => convert(&Api::new(&arg(1), &arg(2), &arg(3)), arg(4).parse()?).await,
+        other => Err(format!("unknown mode {other:?}: stream, pages, load or convert").into()),
+    }
+}
