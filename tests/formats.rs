@@ -253,6 +253,9 @@ fn normalise_times(s: &str) -> String {
 #[test]
 fn xlsx_matches_golden_xml_and_bytes() {
     let bytes = export(ExportFormat::Xlsx);
+    // Cell for cell what rust_xlsxwriter alone wrote before sheets were
+    // streamed (tests/golden/reference.xlsx, its in-memory workbook).
+    assert_eq!(all_cells(&bytes), all_cells(REFERENCE_XLSX));
     assert_golden("fixture.xlsx.txt", xlsx_as_text(&bytes).as_bytes());
     // Deterministic: the same input and generated_at give the same bytes
     // (the browser test compares its output with this file too).
@@ -272,6 +275,10 @@ fn xlsx_matches_golden_xml_and_bytes() {
         "creation time comes from generated_at: {raw}"
     );
 }
+
+/// The workbook rust_xlsxwriter wrote for the fixture in memory, before data
+/// sheets were streamed: streamed workbooks must have the same cells.
+const REFERENCE_XLSX: &[u8] = include_bytes!("golden/reference.xlsx");
 
 fn open_xlsx(bytes: &[u8]) -> Xlsx<Cursor<Vec<u8>>> {
     open_workbook_from_rs(Cursor::new(bytes.to_vec())).unwrap()
@@ -389,7 +396,8 @@ fn xlsx_reads_back_with_typed_cells() {
 
 #[test]
 fn xlsx_rolls_over_at_excels_real_row_limit() {
-    const ROWS: usize = 1_048_575 + 5; // a full sheet of data rows, and five more
+    // A full sheet of data rows and more: 1,100,000 rows.
+    const ROWS: usize = 1_100_000;
     let manifest = manifest_of(&[("payment_history", &["n"])]);
     let mut w = ExportWriter::new(
         ExportFormat::Xlsx,
@@ -411,6 +419,7 @@ fn xlsx_rolls_over_at_excels_real_row_limit() {
     }
     out.extend(w.finish().unwrap());
     assert_eq!(w.records_written(), ROWS as u64);
+    let rest = ROWS - 1_048_575;
     let mut wb = open_xlsx(&out);
     assert_eq!(
         wb.sheet_names(),
@@ -420,17 +429,48 @@ fn xlsx_rolls_over_at_excels_real_row_limit() {
     assert_eq!(first.height(), 1_048_576);
     assert_eq!(first.get((1_048_575, 0)), Some(&Data::Float(1_048_574.0)));
     let second = wb.worksheet_range("payment_history (2)").unwrap();
-    assert_eq!(second.height(), 6);
+    assert_eq!(second.height(), rest + 1);
     assert_eq!(
         second.get((0, 0)),
         Some(&Data::String("n".into())),
         "header repeated"
     );
     assert_eq!(
-        second.get((5, 0)),
+        second.get((rest, 0)),
         Some(&Data::Float((ROWS - 1) as f64)),
         "no row lost"
     );
+
+    // openpyxl reads the same workbook, every row of both sheets.
+    let dir = tempfile_dir();
+    let path = dir.join("rollover.xlsx");
+    std::fs::write(&path, &out).unwrap();
+    let script = r#"
+import json, sys, openpyxl
+wb = openpyxl.load_workbook(sys.argv[1], read_only=True)
+out = {}
+for ws in wb.worksheets:
+    n, last = 0, None
+    for row in ws.iter_rows(values_only=True):
+        n += 1
+        last = row[0]
+    out[ws.title] = [n, last]
+print(json.dumps(out))
+"#;
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .expect("python3 runs (scripts/setup.sh installs openpyxl)");
+    assert!(
+        run.status.success(),
+        "openpyxl could not read the workbook: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let sheets: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(sheets["payment_history"], json!([1_048_576, 1_048_574]));
+    assert_eq!(sheets["payment_history (2)"], json!([rest + 1, ROWS - 1]));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -690,11 +730,8 @@ fn all_cells(bytes: &[u8]) -> Vec<(String, Vec<Vec<String>>)> {
 }
 
 #[test]
-fn typed_rows_give_the_golden_xlsx_cells() {
-    assert_eq!(
-        all_cells(&export_typed(ExportFormat::Xlsx)),
-        all_cells(fixture::GOLDEN_XLSX)
-    );
+fn typed_rows_give_the_golden_xlsx_bytes() {
+    assert_golden("fixture.xlsx", &export_typed(ExportFormat::Xlsx));
 }
 
 #[test]
@@ -717,7 +754,7 @@ fn constant_memory_xlsx_has_the_golden_cells() {
     while let Some(piece) = w.next_output().unwrap() {
         file.extend(piece);
     }
-    assert_eq!(all_cells(&file), all_cells(fixture::GOLDEN_XLSX));
+    assert_eq!(all_cells(&file), all_cells(REFERENCE_XLSX));
     // The data sheets went through constant-memory mode (inline strings).
     let mut zip = zip::ZipArchive::new(Cursor::new(&file[..])).unwrap();
     let mut sheet = String::new();

@@ -344,8 +344,3 @@ pub(crate) fn needs_neutralizing(s: &str) -> bool {
         Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r' | b'\0')
     )
 }
-
-/// `s` with a leading apostrophe when it could be read as a formula.
-pub(crate) fn neutralize(s: &str) -> Option<String> {
-    needs_neutralizing(s).then(|| format!("'{s}"))
-}

@@ -40,7 +40,7 @@ pub use cell::Cell;
 pub(crate) use cell::{push_float, push_json_cell, push_json_str};
 pub use error::FormatError;
 pub use layout::infer_manifest;
-pub(crate) use layout::{json_type, needs_neutralizing, neutralize, TypeLayout};
+pub(crate) use layout::{json_type, needs_neutralizing, TypeLayout};
 
 use crate::model::{ExportInfo, Manifest, Record};
 
@@ -241,7 +241,7 @@ impl ExportWriter {
         let backend: Box<dyn Backend + Send> = match format {
             ExportFormat::Json => Box::new(json::JsonBackend::new(info)),
             ExportFormat::Csv => Box::new(csv::CsvBackend::new(options)),
-            ExportFormat::Xlsx => Box::new(xlsx::XlsxBackend::new(info, options)?),
+            ExportFormat::Xlsx => Box::new(xlsx::StreamingXlsx::new(info, options)?),
         };
         Ok(Self::with_backend(backend, layouts))
     }
@@ -277,7 +277,7 @@ impl ExportWriter {
         tempdir: &std::path::Path,
     ) -> Result<Self, FormatError> {
         let layouts = layouts_of(manifest)?;
-        let backend = Box::new(xlsx::XlsxBackend::constant_memory(info, options, tempdir)?);
+        let backend = Box::new(xlsx::ConstantMemoryXlsx::new(info, options, tempdir)?);
         Ok(Self::with_backend(backend, layouts))
     }
 

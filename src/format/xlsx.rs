@@ -1,16 +1,35 @@
-//! Excel workbook: a Summary sheet, then one sheet per data type with a bold
-//! frozen header, autofilter, bounded-cost column widths, typed cells and
-//! UTC date-times. Sheets roll over at Excel's row limit; values longer than
-//! a cell can hold are carried whole in a "Long values" sheet.
+//! Excel workbooks: a Summary sheet, then one sheet per data type with a
+//! bold frozen header, autofilter, bounded-cost column widths, typed cells
+//! and UTC date-times. Sheets roll over at Excel's row limit; values longer
+//! than a cell can hold are carried whole in a "Long values" sheet.
+//!
+//! Two writers share these rules. [`StreamingXlsx`] (every target, the
+//! default) streams each data sheet's rows into the zip as they arrive,
+//! deflating as it goes, and has rust_xlsxwriter author the rest of the
+//! workbook (Summary, styles, Long values, the workbook's sheet list and
+//! filter names, document properties) at the end: memory stays flat with no
+//! filesystem, as in the browser. `ConstantMemoryXlsx` (native only, server
+//! builds) is rust_xlsxwriter's own constant-memory mode.
 
+mod sheet;
+mod stream;
+#[cfg(not(target_arch = "wasm32"))]
+mod workbook;
+mod zip;
+
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use rust_xlsxwriter::{DocProperties, ExcelDateTime, Format, Workbook, Worksheet};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use super::{neutralize, Backend, Cell, FormatError, FormatOptions, TypeLayout};
-use crate::model::{parse_timestamp, ColumnKind, ExportInfo, Record, EXPORT_VERSION};
+pub(crate) use stream::StreamingXlsx;
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use workbook::ConstantMemoryXlsx;
+
+use super::{needs_neutralizing, Cell, FormatError, TypeLayout};
+use crate::model::{parse_timestamp, ColumnKind, ExportInfo, EXPORT_VERSION};
 
 /// Rows per sheet, header included (Excel's hard limit).
 pub(crate) const EXCEL_MAX_ROWS: u32 = 1_048_576;
@@ -26,113 +45,32 @@ const MAX_EXACT_INTEGER: i128 = 1 << 53;
 
 const SUMMARY_SHEET: &str = "Summary";
 const LONG_VALUES_SHEET: &str = "Long values";
+/// Number format of date-time cells.
+const DATETIME_FORMAT: &str = "yyyy-mm-dd hh:mm:ss";
 
+/// A value too long for a cell, kept whole in the "Long values" sheet.
+#[derive(Debug)]
 struct LongValue {
     sheet: String,
     cell: String,
     text: String,
 }
 
-pub(crate) struct XlsxBackend {
-    workbook: Workbook,
-    info: ExportInfo,
-    options: FormatOptions,
-    bold: Format,
-    datetime: Format,
-    /// Names used so far (lower-cased: Excel compares case-insensitively).
-    used_names: HashSet<String>,
-    /// Sheet names of each data type (more than one after a rollover).
-    type_sheets: Vec<Vec<String>>,
-    /// State of the data sheet being written.
-    sheet: usize,
-    row: u32,
-    widths: Vec<usize>,
-    long_values: Vec<LongValue>,
-    /// Data sheets go through rust_xlsxwriter's constant-memory mode, and
-    /// the workbook is assembled in this file (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    assembled: Option<Assembled>,
-}
+/// Sheet names handed out so far (Excel compares them case-insensitively).
+#[derive(Debug)]
+struct SheetNames(HashSet<String>);
 
-/// A workbook saved to a temporary file, handed out in pieces.
-#[cfg(not(target_arch = "wasm32"))]
-struct Assembled {
-    constant_memory: bool,
-    file: Option<std::io::BufReader<std::fs::File>>,
-    tempdir: std::path::PathBuf,
-}
-
-/// Pieces of an assembled workbook handed out per call.
-#[cfg(not(target_arch = "wasm32"))]
-const TAIL_PIECE: usize = 1 << 20;
-
-impl XlsxBackend {
-    pub(crate) fn new(info: &ExportInfo, options: &FormatOptions) -> Result<Self, FormatError> {
-        let mut workbook = Workbook::new();
-        let created = excel_datetime(info.generated_at)?;
-        workbook.set_properties(
-            &DocProperties::new()
-                .set_title("Data export")
-                .set_comment(format!("handover export {}", info.request_id))
-                .set_creation_datetime(&created),
-        );
-        let mut used_names = HashSet::new();
-        used_names.insert(SUMMARY_SHEET.to_lowercase());
-        used_names.insert(LONG_VALUES_SHEET.to_lowercase());
-        used_names.insert("history".to_string()); // reserved by Excel
-        Ok(Self {
-            workbook,
-            info: info.clone(),
-            options: options.clone(),
-            bold: Format::new().set_bold(),
-            datetime: Format::new().set_num_format("yyyy-mm-dd hh:mm:ss"),
-            used_names,
-            type_sheets: Vec::new(),
-            sheet: 0,
-            row: 0,
-            widths: Vec::new(),
-            long_values: Vec::new(),
-            #[cfg(not(target_arch = "wasm32"))]
-            assembled: None,
-        })
-    }
-
-    /// A writer whose data sheets use rust_xlsxwriter's constant-memory
-    /// mode, with temporary files in `tempdir`.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) fn constant_memory(
-        info: &ExportInfo,
-        options: &FormatOptions,
-        tempdir: &std::path::Path,
-    ) -> Result<Self, FormatError> {
-        let mut this = Self::new(info, options)?;
-        this.workbook.set_tempdir(tempdir)?;
-        // Deflate at level 6 took a third of a million-row build; level 1
-        // makes the file about a fifth larger for less than half the time.
-        this.workbook.set_zip_compression_level(3);
-        this.assembled = Some(Assembled {
-            constant_memory: true,
-            file: None,
-            tempdir: tempdir.to_path_buf(),
-        });
-        Ok(this)
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn uses_constant_memory(&self) -> bool {
-        self.assembled.as_ref().is_some_and(|a| a.constant_memory)
-    }
-
-    fn new_data_worksheet(&mut self) -> Result<&mut Worksheet, FormatError> {
-        #[cfg(not(target_arch = "wasm32"))]
-        if self.uses_constant_memory() {
-            return Ok(self.workbook.add_worksheet_with_constant_memory()?);
-        }
-        Ok(self.workbook.add_worksheet())
+impl SheetNames {
+    fn new() -> Self {
+        let mut used = HashSet::new();
+        used.insert(SUMMARY_SHEET.to_lowercase());
+        used.insert(LONG_VALUES_SHEET.to_lowercase());
+        used.insert("history".to_string()); // reserved by Excel
+        Self(used)
     }
 
     /// A valid, unique sheet name from `base` plus an optional suffix.
-    fn sheet_name(&mut self, base: &str, suffix: &str) -> String {
+    fn name(&mut self, base: &str, suffix: &str) -> String {
         let clean: String = base
             .chars()
             .map(|c| {
@@ -153,360 +91,286 @@ impl XlsxBackend {
             };
             let room = 31 - extra.chars().count();
             let name: String = clean.chars().take(room).collect::<String>() + &extra;
-            if self.used_names.insert(name.to_lowercase()) {
+            if self.0.insert(name.to_lowercase()) {
                 return name;
             }
         }
         unreachable!("an unbounded loop always finds a free name")
     }
 
-    fn add_data_sheet(&mut self, t: usize, layout: &TypeLayout) -> Result<(), FormatError> {
-        let part = self.type_sheets[t].len() + 1;
+    /// The name of part `part` (1-based) of a data type's sheets.
+    fn data_sheet(&mut self, data_type: &str, part: usize) -> String {
         let suffix = if part == 1 {
             String::new()
         } else {
             format!(" ({part})")
         };
-        let name = self.sheet_name(&layout.data_type, &suffix);
-        self.type_sheets[t].push(name.clone());
-        let bold = self.bold.clone();
-        let neutralise = self.options.neutralize_formulas;
-        let ws = self.new_data_worksheet()?;
-        ws.set_name(&name)?;
-        for (c, col) in layout.columns.iter().enumerate() {
-            // Header cells are neutralised like data cells (a column name
-            // comes from the operator's config or the app's records).
-            let header = match neutralise.then(|| neutralize(&col.name)).flatten() {
-                Some(n) => n,
-                None => col.name.clone(),
-            };
-            ws.write_string_with_format(0, col_num(c)?, &header, &bold)?;
-        }
-        ws.set_freeze_panes(1, 0)?;
-        self.sheet = self.workbook.worksheets().len() - 1;
-        self.row = 0;
-        self.widths = layout
-            .columns
-            .iter()
-            .map(|c| match c.kind {
-                ColumnKind::Datetime => c.name.chars().count().max(19),
-                _ => c.name.chars().count(),
-            })
-            .collect();
-        Ok(())
+        self.name(data_type, &suffix)
     }
+}
 
-    fn close_data_sheet(&mut self, layout: &TypeLayout) -> Result<(), FormatError> {
-        let ws = self.workbook.worksheet_from_index(self.sheet)?;
-        let last_col = col_num(layout.columns.len().max(1) - 1)?;
-        ws.autofilter(0, 0, self.row, last_col)?;
-        for (c, w) in self.widths.iter().enumerate() {
-            ws.set_column_width(col_num(c)?, (*w as f64 + 2.0).clamp(8.0, 60.0))?;
-        }
-        Ok(())
-    }
+/// What a cell becomes in a sheet.
+#[derive(Clone)]
+enum SheetCell<'a> {
+    Empty,
+    Bool(bool),
+    Number(f64),
+    DateTime(ExcelDateTime),
+    /// Text, already neutralised when it had to be.
+    Text(Cow<'a, str>),
+}
 
-    fn write_summary(&mut self, layouts: &[TypeLayout], counts: &[u64]) -> Result<(), FormatError> {
-        let bold = self.bold.clone();
-        let datetime = self.datetime.clone();
-        let generated = excel_datetime(self.info.generated_at)?;
-        let ws = self.workbook.worksheet_from_index(0)?;
-        ws.write_string_with_format(0, 0, "Data export", &bold)?;
-        let mut r = 2;
-        let pair = |ws: &mut Worksheet, r: &mut u32, k: &str, v: &str| -> Result<(), FormatError> {
-            ws.write_string_with_format(*r, 0, k, &bold)?;
-            ws.write_string(*r, 1, v)?;
-            *r += 1;
-            Ok(())
-        };
-        pair(ws, &mut r, "Request ID", &self.info.request_id)?;
-        ws.write_string_with_format(r, 0, "Generated at (UTC)", &bold)?;
-        ws.write_datetime_with_format(r, 1, &generated, &datetime)?;
-        r += 1;
-        if let Some(user) = &self.info.user_id {
-            pair(ws, &mut r, "User", user)?;
+/// How `cell` is presented in a column (`datetime`: a datetime column), and
+/// the width it needs in characters.
+fn sheet_cell<'a>(cell: &Cell<'a>, datetime: bool, neutralise: bool) -> (SheetCell<'a>, usize) {
+    let text = |s: &'a str, neutralise: bool| -> (SheetCell<'a>, usize) {
+        if s.is_empty() {
+            // Excel ignores empty strings; so does rust_xlsxwriter.
+            return (SheetCell::Empty, 0);
         }
-        let range = self.info.date_range.clone().unwrap_or_default();
-        pair(
-            ws,
-            &mut r,
-            "Date range start",
-            range.start.as_deref().unwrap_or("(all)"),
-        )?;
-        pair(
-            ws,
-            &mut r,
-            "Date range end",
-            range.end.as_deref().unwrap_or("(all)"),
-        )?;
-        pair(ws, &mut r, "Export version", EXPORT_VERSION)?;
-        r += 1;
-        ws.write_string_with_format(r, 0, "Data type", &bold)?;
-        ws.write_string_with_format(r, 1, "Records", &bold)?;
-        ws.write_string_with_format(r, 2, "Sheets", &bold)?;
-        r += 1;
-        for (t, layout) in layouts.iter().enumerate() {
-            ws.write_string(r, 0, &layout.data_type)?;
-            ws.write_number(r, 1, counts[t] as f64)?;
-            ws.write_string(r, 2, self.type_sheets[t].join(", "))?;
-            r += 1;
-        }
-        ws.write_string_with_format(r, 0, "Total", &bold)?;
-        ws.write_number_with_format(r, 1, counts.iter().sum::<u64>() as f64, &bold)?;
-        r += 1;
-        if let Some(a15) = &self.info.article_15 {
-            r += 1;
-            ws.write_string_with_format(r, 0, "About this data (GDPR Art. 15)", &bold)?;
-            r += 1;
-            for (k, v) in a15 {
-                pair(ws, &mut r, k, v)?;
-            }
-        }
-        if !self.long_values.is_empty() {
-            r += 1;
-            pair(
-                ws,
-                &mut r,
-                "Note",
-                "Values longer than an Excel cell holds are kept whole in the sheet \"Long values\".",
-            )?;
-        }
-        ws.set_column_width(0, 30)?;
-        ws.set_column_width(1, 40)?;
-        ws.set_column_width(2, 30)?;
-        Ok(())
-    }
-
-    fn write_long_values(&mut self) -> Result<(), FormatError> {
-        if self.long_values.is_empty() {
-            return Ok(());
-        }
-        let bold = self.bold.clone();
-        let ws = self.workbook.add_worksheet();
-        ws.set_name(LONG_VALUES_SHEET)?;
-        for (c, h) in ["Sheet", "Cell", "Part", "Text"].iter().enumerate() {
-            ws.write_string_with_format(0, c as u16, *h, &bold)?;
-        }
-        ws.set_freeze_panes(1, 0)?;
-        let mut r = 1;
-        for lv in &self.long_values {
-            for (part, chunk) in chunks(&lv.text, LONG_VALUE_CHUNK).into_iter().enumerate() {
-                ws.write_string(r, 0, &lv.sheet)?;
-                ws.write_string(r, 1, &lv.cell)?;
-                ws.write_number(r, 2, (part + 1) as f64)?;
-                ws.write_string(r, 3, chunk)?;
-                r += 1;
-            }
-        }
-        ws.set_column_width(0, 20)?;
-        ws.set_column_width(3, 100)?;
-        Ok(())
-    }
-
-    /// Writes text, neutralised, or a pointer to the Long values sheet when
-    /// the text does not fit a cell.
-    fn write_text(
-        &mut self,
-        row: u32,
-        col: u16,
-        text: &str,
-        neutralise: bool,
-    ) -> Result<usize, FormatError> {
-        let owned;
-        let text = match neutralise.then(|| neutralize(text)).flatten() {
-            Some(n) => {
-                owned = n;
-                owned.as_str()
-            }
-            None => text,
-        };
-        let ws = self.workbook.worksheet_from_index(self.sheet)?;
-        if text.len() > EXCEL_MAX_CELL_CHARS && text.encode_utf16().count() > EXCEL_MAX_CELL_CHARS {
-            let sheet = ws.name();
-            let cell = format!("{}{}", col_letters(col), row + 1);
-            let pointer = format!(
-                "[{} characters: the full value is in sheet \"{LONG_VALUES_SHEET}\" under {sheet}!{cell}]",
-                text.chars().count()
-            );
-            ws.write_string(row, col, &pointer)?;
-            self.long_values.push(LongValue {
-                sheet,
-                cell,
-                text: text.to_string(),
-            });
-            return Ok(40);
-        }
-        ws.write_string(row, col, text)?;
-        Ok(if row <= WIDTH_SAMPLE_ROWS {
-            text.chars().count()
+        let t = if neutralise && needs_neutralizing(s) {
+            Cow::Owned(format!("'{s}"))
         } else {
-            0
-        })
-    }
-}
-
-impl XlsxBackend {
-    /// Writes one cell; returns the width it needs (0 past the sampled rows).
-    fn write_cell(
-        &mut self,
-        row: u32,
-        col: u16,
-        cell: &Cell<'_>,
-        datetime: bool,
-    ) -> Result<usize, FormatError> {
-        let neutralise = self.options.neutralize_formulas;
-        Ok(match cell {
-            Cell::Null => 0,
-            Cell::Float(f) if !f.is_finite() => 0,
-            Cell::Bool(b) => {
-                self.workbook
-                    .worksheet_from_index(self.sheet)?
-                    .write_boolean(row, col, *b)?;
-                5
-            }
-            Cell::Int(i) if i128::from(*i).abs() > MAX_EXACT_INTEGER => {
-                self.write_text(row, col, itoa::Buffer::new().format(*i), false)?
-            }
-            Cell::UInt(u) => self.write_text(row, col, itoa::Buffer::new().format(*u), false)?,
-            Cell::Int(i) => {
-                self.workbook
-                    .worksheet_from_index(self.sheet)?
-                    .write_number(row, col, *i as f64)?;
-                itoa::Buffer::new().format(*i).len()
-            }
-            Cell::Float(f) => {
-                self.workbook
-                    .worksheet_from_index(self.sheet)?
-                    .write_number(row, col, *f)?;
-                let mut text = Vec::new();
-                super::push_float(&mut text, *f);
-                text.len()
-            }
-            Cell::Text(s) if datetime => {
-                // The writer has checked that this parses.
-                match parse_timestamp(s).map(excel_datetime) {
-                    Some(Ok(dt)) => {
-                        let fmt = self.datetime.clone();
-                        self.workbook
-                            .worksheet_from_index(self.sheet)?
-                            .write_datetime_with_format(row, col, &dt, &fmt)?;
-                        19
-                    }
-                    // Outside Excel's 1900–9999 range: keep the text.
-                    _ => self.write_text(row, col, s, neutralise)?,
-                }
-            }
-            Cell::Text(s) => self.write_text(row, col, s, neutralise)?,
-            Cell::Json(raw) => self.write_text(row, col, raw, false)?,
-            Cell::Value(v @ (Value::Array(_) | Value::Object(_))) => {
-                self.write_text(row, col, &v.to_string(), false)?
-            }
-            Cell::Value(scalar) => {
-                let c = Cell::from_value(scalar);
-                self.write_cell(row, col, &c, datetime)?
-            }
-        })
-    }
-}
-
-impl Backend for XlsxBackend {
-    fn begin(&mut self, layouts: &[TypeLayout], _out: &mut Vec<u8>) -> Result<(), FormatError> {
-        self.workbook.add_worksheet().set_name(SUMMARY_SHEET)?;
-        self.type_sheets = vec![Vec::new(); layouts.len()];
-        Ok(())
-    }
-
-    fn open_type(
-        &mut self,
-        t: usize,
-        layout: &TypeLayout,
-        _out: &mut Vec<u8>,
-    ) -> Result<(), FormatError> {
-        self.add_data_sheet(t, layout)
-    }
-
-    fn row(
-        &mut self,
-        t: usize,
-        layout: &TypeLayout,
-        cells: &[Cell<'_>],
-        _record: Option<&Record>,
-        _out: &mut Vec<u8>,
-    ) -> Result<(), FormatError> {
-        if self.row + 1 >= EXCEL_MAX_ROWS {
-            self.close_data_sheet(layout)?;
-            self.add_data_sheet(t, layout)?;
-        }
-        self.row += 1;
-        let row = self.row;
-        for (c, cell) in cells.iter().enumerate() {
-            let col = col_num(c)?;
-            let datetime = layout.columns[c].kind == ColumnKind::Datetime;
-            let width = self.write_cell(row, col, cell, datetime)?;
-            if row <= WIDTH_SAMPLE_ROWS && width > self.widths[c] {
-                self.widths[c] = width;
-            }
-        }
-        Ok(())
-    }
-
-    fn close_type(
-        &mut self,
-        _t: usize,
-        layout: &TypeLayout,
-        _count: u64,
-        _out: &mut Vec<u8>,
-    ) -> Result<(), FormatError> {
-        self.close_data_sheet(layout)
-    }
-
-    fn finish(
-        &mut self,
-        layouts: &[TypeLayout],
-        counts: &[u64],
-        out: &mut Vec<u8>,
-    ) -> Result<(), FormatError> {
-        self.write_summary(layouts, counts)?;
-        self.write_long_values()?;
-        #[cfg(not(target_arch = "wasm32"))]
-        if let Some(assembled) = &mut self.assembled {
-            // Saved to a temporary file and handed out by `tail`, so the
-            // workbook never sits in memory whole.
-            let file = tempfile::tempfile_in(&assembled.tempdir)
-                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
-            let mut writer = std::io::BufWriter::new(file);
-            self.workbook.save_to_writer(&mut writer)?;
-            let mut file = writer
-                .into_inner()
-                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
-            std::io::Seek::rewind(&mut file)
-                .map_err(|e| FormatError::Xlsx(format!("temporary file: {e}")))?;
-            assembled.file = Some(std::io::BufReader::new(file));
-            return Ok(());
-        }
-        out.extend(self.workbook.save_to_buffer()?);
-        Ok(())
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn tail(&mut self) -> Result<Option<Vec<u8>>, FormatError> {
-        use std::io::Read as _;
-        let Some(file) = self.assembled.as_mut().and_then(|a| a.file.as_mut()) else {
-            return Ok(None);
+            Cow::Borrowed(s)
         };
-        let mut piece = Vec::with_capacity(TAIL_PIECE);
-        file.by_ref()
-            .take(TAIL_PIECE as u64)
-            .read_to_end(&mut piece)
-            .map_err(|e| FormatError::Xlsx(format!("reading the assembled workbook: {e}")))?;
-        if piece.is_empty() {
-            if let Some(a) = self.assembled.as_mut() {
-                a.file = None;
-            }
-            return Ok(None);
+        let width = t.chars().count();
+        (SheetCell::Text(t), width)
+    };
+    match cell {
+        Cell::Null => (SheetCell::Empty, 0),
+        Cell::Float(f) if !f.is_finite() => (SheetCell::Empty, 0),
+        Cell::Bool(b) => (SheetCell::Bool(*b), 5),
+        Cell::Int(i) if i128::from(*i).abs() > MAX_EXACT_INTEGER => {
+            let s = itoa::Buffer::new().format(*i).to_string();
+            let w = s.len();
+            (SheetCell::Text(Cow::Owned(s)), w)
         }
-        Ok(Some(piece))
+        Cell::UInt(u) => {
+            let s = itoa::Buffer::new().format(*u).to_string();
+            let w = s.len();
+            (SheetCell::Text(Cow::Owned(s)), w)
+        }
+        Cell::Int(i) => (
+            SheetCell::Number(*i as f64),
+            itoa::Buffer::new().format(*i).len(),
+        ),
+        Cell::Float(f) => {
+            let mut s = Vec::new();
+            super::push_float(&mut s, *f);
+            (SheetCell::Number(*f), s.len())
+        }
+        Cell::Text(s) if datetime => match parse_timestamp(s).map(excel_datetime) {
+            Some(Ok(dt)) => (SheetCell::DateTime(dt), 19),
+            // Outside Excel's 1900–9999 range: keep the text.
+            _ => text(s, neutralise),
+        },
+        Cell::Text(s) => text(s, neutralise),
+        Cell::Json(raw) => text(raw, false),
+        Cell::Value(v @ (Value::Array(_) | Value::Object(_))) => {
+            let s = v.to_string();
+            let w = s.chars().count();
+            (SheetCell::Text(Cow::Owned(s)), w)
+        }
+        Cell::Value(scalar) => {
+            let (c, w) = sheet_cell(&Cell::from_value(scalar), datetime, neutralise);
+            (c.into_owned(), w)
+        }
     }
+}
+
+impl SheetCell<'_> {
+    fn into_owned(self) -> SheetCell<'static> {
+        match self {
+            Self::Empty => SheetCell::Empty,
+            Self::Bool(b) => SheetCell::Bool(b),
+            Self::Number(n) => SheetCell::Number(n),
+            Self::DateTime(d) => SheetCell::DateTime(d),
+            Self::Text(t) => SheetCell::Text(Cow::Owned(t.into_owned())),
+        }
+    }
+}
+
+/// A text that does not fit a cell becomes a pointer to the Long values
+/// sheet, where it is kept whole; `None` when it fits.
+fn long_value_pointer(
+    text: &str,
+    sheet: &str,
+    col: u16,
+    row: u32,
+    long_values: &mut Vec<LongValue>,
+) -> Option<String> {
+    if text.len() <= EXCEL_MAX_CELL_CHARS || text.encode_utf16().count() <= EXCEL_MAX_CELL_CHARS {
+        return None;
+    }
+    let cell = format!("{}{}", col_letters(col), row + 1);
+    let pointer = format!(
+        "[{} characters: the full value is in sheet \"{LONG_VALUES_SHEET}\" under {sheet}!{cell}]",
+        text.chars().count()
+    );
+    long_values.push(LongValue {
+        sheet: sheet.to_string(),
+        cell,
+        text: text.to_string(),
+    });
+    Some(pointer)
+}
+
+/// A header cell: neutralised like data cells (a column name comes from the
+/// operator's config or the app's records).
+fn header_text(name: &str, neutralise: bool) -> Cow<'_, str> {
+    if neutralise && needs_neutralizing(name) {
+        Cow::Owned(format!("'{name}"))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// The widths (characters) each column starts from: its header.
+fn initial_widths(layout: &TypeLayout) -> Vec<usize> {
+    layout
+        .columns
+        .iter()
+        .map(|c| match c.kind {
+            ColumnKind::Datetime => c.name.chars().count().max(19),
+            _ => c.name.chars().count(),
+        })
+        .collect()
+}
+
+/// The column width set for a measured content width.
+fn column_width(content: usize) -> f64 {
+    (content as f64 + 2.0).clamp(8.0, 60.0)
+}
+
+/// A workbook with the export's document properties (its creation time is
+/// `generated_at`, so the same input gives the same bytes).
+fn new_workbook(info: &ExportInfo) -> Result<Workbook, FormatError> {
+    let mut workbook = Workbook::new();
+    let created = excel_datetime(info.generated_at)?;
+    workbook.set_properties(
+        &DocProperties::new()
+            .set_title("Data export")
+            .set_comment(format!("handover export {}", info.request_id))
+            .set_creation_datetime(&created),
+    );
+    Ok(workbook)
+}
+
+/// The formats every workbook uses, in the order they are first used (the
+/// streamed sheets rely on it: bold is style 1, date-times style 2).
+fn formats() -> (Format, Format) {
+    (
+        Format::new().set_bold(),
+        Format::new().set_num_format(DATETIME_FORMAT),
+    )
+}
+
+/// Fills the Summary sheet: the request, the data subject, the counts per
+/// data type and their sheets, and what GDPR Art. 15 asks beside the data.
+fn write_summary(
+    ws: &mut Worksheet,
+    info: &ExportInfo,
+    layouts: &[TypeLayout],
+    counts: &[u64],
+    type_sheets: &[Vec<String>],
+    has_long_values: bool,
+) -> Result<(), FormatError> {
+    let (bold, datetime) = formats();
+    let generated = excel_datetime(info.generated_at)?;
+    ws.write_string_with_format(0, 0, "Data export", &bold)?;
+    let mut r = 2;
+    let pair = |ws: &mut Worksheet, r: &mut u32, k: &str, v: &str| -> Result<(), FormatError> {
+        ws.write_string_with_format(*r, 0, k, &bold)?;
+        ws.write_string(*r, 1, v)?;
+        *r += 1;
+        Ok(())
+    };
+    pair(ws, &mut r, "Request ID", &info.request_id)?;
+    ws.write_string_with_format(r, 0, "Generated at (UTC)", &bold)?;
+    ws.write_datetime_with_format(r, 1, &generated, &datetime)?;
+    r += 1;
+    if let Some(user) = &info.user_id {
+        pair(ws, &mut r, "User", user)?;
+    }
+    let range = info.date_range.clone().unwrap_or_default();
+    pair(
+        ws,
+        &mut r,
+        "Date range start",
+        range.start.as_deref().unwrap_or("(all)"),
+    )?;
+    pair(
+        ws,
+        &mut r,
+        "Date range end",
+        range.end.as_deref().unwrap_or("(all)"),
+    )?;
+    pair(ws, &mut r, "Export version", EXPORT_VERSION)?;
+    r += 1;
+    ws.write_string_with_format(r, 0, "Data type", &bold)?;
+    ws.write_string_with_format(r, 1, "Records", &bold)?;
+    ws.write_string_with_format(r, 2, "Sheets", &bold)?;
+    r += 1;
+    for (t, layout) in layouts.iter().enumerate() {
+        ws.write_string(r, 0, &layout.data_type)?;
+        ws.write_number(r, 1, counts[t] as f64)?;
+        ws.write_string(r, 2, type_sheets[t].join(", "))?;
+        r += 1;
+    }
+    ws.write_string_with_format(r, 0, "Total", &bold)?;
+    ws.write_number_with_format(r, 1, counts.iter().sum::<u64>() as f64, &bold)?;
+    r += 1;
+    if let Some(a15) = &info.article_15 {
+        r += 1;
+        ws.write_string_with_format(r, 0, "About this data (GDPR Art. 15)", &bold)?;
+        r += 1;
+        for (k, v) in a15 {
+            pair(ws, &mut r, k, v)?;
+        }
+    }
+    if has_long_values {
+        r += 1;
+        pair(
+            ws,
+            &mut r,
+            "Note",
+            "Values longer than an Excel cell holds are kept whole in the sheet \"Long values\".",
+        )?;
+    }
+    ws.set_column_width(0, 30)?;
+    ws.set_column_width(1, 40)?;
+    ws.set_column_width(2, 30)?;
+    Ok(())
+}
+
+/// Adds the "Long values" sheet, when there are any.
+fn write_long_values(
+    workbook: &mut Workbook,
+    long_values: &[LongValue],
+) -> Result<(), FormatError> {
+    if long_values.is_empty() {
+        return Ok(());
+    }
+    let (bold, _) = formats();
+    let ws = workbook.add_worksheet();
+    ws.set_name(LONG_VALUES_SHEET)?;
+    for (c, h) in ["Sheet", "Cell", "Part", "Text"].iter().enumerate() {
+        ws.write_string_with_format(0, c as u16, *h, &bold)?;
+    }
+    ws.set_freeze_panes(1, 0)?;
+    let mut r = 1;
+    for lv in long_values {
+        for (part, chunk) in chunks(&lv.text, LONG_VALUE_CHUNK).into_iter().enumerate() {
+            ws.write_string(r, 0, &lv.sheet)?;
+            ws.write_string(r, 1, &lv.cell)?;
+            ws.write_number(r, 2, (part + 1) as f64)?;
+            ws.write_string(r, 3, chunk)?;
+            r += 1;
+        }
+    }
+    ws.set_column_width(0, 20)?;
+    ws.set_column_width(3, 100)?;
+    Ok(())
 }
 
 fn col_num(c: usize) -> Result<u16, FormatError> {

@@ -150,7 +150,11 @@ impl ZipWriter {
     }
 
     /// Copies an entry of another zip as it is (compressed data, CRC, sizes).
-    pub(crate) fn copy(&mut self, from: &CopiedEntry<'_>, out: &mut Vec<u8>) -> Result<(), FormatError> {
+    pub(crate) fn copy(
+        &mut self,
+        from: &CopiedEntry<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
         let e = Entry {
             name: from.name.to_string(),
             flags: from.flags & FLAG_UTF8,
@@ -205,11 +209,6 @@ impl ZipWriter {
         Ok(())
     }
 
-    /// Bytes written so far.
-    pub(crate) fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Counts bytes written by a deflated entry's `write`.
     pub(crate) fn wrote(&mut self, n: usize) -> Result<(), FormatError> {
         self.written += n as u64;
@@ -235,7 +234,12 @@ impl DeflatedEntry {
         self.deflate.total_in()
     }
 
-    fn deflate(&mut self, mut data: &[u8], flush: FlushCompress, out: &mut Vec<u8>) -> Result<(), FormatError> {
+    fn deflate(
+        &mut self,
+        mut data: &[u8],
+        flush: FlushCompress,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
         loop {
             if out.capacity() - out.len() < 32 * 1024 {
                 out.reserve(64 * 1024);
@@ -251,7 +255,8 @@ impl DeflatedEntry {
             if (finishing && status == Status::StreamEnd) || (!finishing && data.is_empty()) {
                 return Ok(());
             }
-            if consumed == 0 && self.deflate.total_out() == out_before && out.len() < out.capacity() {
+            if consumed == 0 && self.deflate.total_out() == out_before && out.len() < out.capacity()
+            {
                 return Err(FormatError::Xlsx("deflate made no progress".into()));
             }
         }
