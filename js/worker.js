@@ -1,6 +1,6 @@
-// The module worker behind exportDataInWorker(): runs exportData off the
-// main thread and reports progress, the result or the error by message.
-import init, { exportData } from "./handover.js";
+// The module worker behind exportData(): runs the export off the page's
+// thread and reports progress, the result or the error by message.
+import init, { exportDataHere } from "./handover.js";
 
 let controller = null;
 
@@ -12,14 +12,18 @@ self.onmessage = async (event) => {
   }
   if (msg.type !== "start") return;
   controller = new AbortController();
+  if (msg.aborted) controller.abort();
   try {
     await init();
-    const result = await exportData({
+    self.postMessage({ type: "started" });
+    const result = await exportDataHere({
       ...msg.options,
       download: false,
       signal: controller.signal,
       onProgress: (progress) => self.postMessage({ type: "progress", progress }),
     });
+    // Functions do not cross to the page; it makes its own release().
+    delete result.release;
     self.postMessage({ type: "done", result });
   } catch (err) {
     self.postMessage({

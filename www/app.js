@@ -1,6 +1,6 @@
 // The demo Privacy Settings page: the story's "Data export" card on top of
 // the handover package (pkg/) and handover-server (demo mode).
-import init, { exportData, exportDataInWorker, ExportError } from "/pkg/handover.js";
+import init, { exportData, ExportError } from "/pkg/handover.js";
 
 const $ = (id) => document.getElementById(id);
 const LABELS = { user_profile: "Your profile", payment_history: "Payments", membership_data: "Memberships",
@@ -108,9 +108,9 @@ async function runExport(event) {
   showProgress({ percentage: 0, currentType: null, recordsProcessed: 0, totalRecords: 0 });
   $("progress-type").textContent = "starting";
   say("");
-  const run = $("use-worker").checked ? exportDataInWorker : exportData;
   try {
-    const result = await run({
+    // The export runs in a worker: this page only receives progress.
+    const result = await exportData({
       baseUrl: location.origin, token: config.token, companyId: config.companyId, format,
       dataTypes: Object.keys(LABELS), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
       onProgress: showProgress, signal: controller.signal,

@@ -1,14 +1,14 @@
 //! `exportData(options)`: the whole client-delivered export in the browser.
 
-use js_sys::{Array, Object, Reflect, Uint8Array};
+use js_sys::{Object, Reflect};
 use serde::Deserialize;
 use serde_json::json;
 use wasm_bindgen::prelude::*;
-use web_sys::{Blob, BlobPropertyBag};
 
 use super::error::export_error;
 use super::http::{aborted_error, sleep, Client, Retry, StreamError};
 use super::options::{self, ExportOptions};
+use super::output::Sink;
 use crate::format::ExportWriter;
 use crate::model::{ExportInfo, Manifest};
 use crate::wire::{decode_frame, WireError};
@@ -26,22 +26,22 @@ struct Created {
     export_info: ExportInfo,
 }
 
-/// The file as it grows: Blob parts (one `Uint8Array` per writer chunk, so
-/// Rust never holds the whole file), its checksum and size.
+/// The file as it grows: each chunk goes to the sink at once (Rust never
+/// holds the file), with its checksum and size.
 struct Output {
-    parts: Array,
+    sink: Sink,
     sha: Sha256Stream,
     bytes: u64,
 }
 
 impl Output {
-    fn push(&mut self, chunk: Vec<u8>) {
+    fn push(&mut self, chunk: Vec<u8>) -> Result<(), JsValue> {
         if chunk.is_empty() {
-            return;
+            return Ok(());
         }
         self.sha.update(&chunk);
         self.bytes += chunk.len() as u64;
-        self.parts.push(&Uint8Array::from(chunk.as_slice()));
+        self.sink.write(&chunk)
     }
 }
 
@@ -187,7 +187,7 @@ async fn fetch_type(
                     cells.extend(row.iter().map(crate::wire::WireCell::as_cell));
                     writer.write_row(t, &cells)?;
                 }
-                out.push(writer.take_output());
+                out.push(writer.take_output())?;
                 failures = 0;
                 drop(cells);
                 let rows = frame.row_count() as u64;
@@ -263,7 +263,7 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
 /// request, the server's code for refused requests (`RATE_LIMIT_EXCEEDED`
 /// with `retryAfter`, `UNAUTHORIZED`, …), `NETWORK_ERROR` when retries are
 /// exhausted, `ABORTED` on cancel.
-#[wasm_bindgen(js_name = exportData, skip_typescript)]
+#[wasm_bindgen(js_name = exportDataHere, skip_typescript)]
 pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
     let opts = options::parse(&options)?;
     if opts
@@ -332,6 +332,30 @@ pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
     }
 }
 
+/// Checks `options` as `exportData` would, without making any request.
+///
+/// # Errors
+///
+/// The `ExportError` `exportData` would reject with.
+#[wasm_bindgen(js_name = checkExportOptions, skip_typescript)]
+pub fn check_export_options(options: JsValue) -> Result<(), JsValue> {
+    options::parse(&options).map(|_| ())
+}
+
+fn in_worker() -> bool {
+    js_sys::global()
+        .dyn_ref::<web_sys::WorkerGlobalScope>()
+        .is_some()
+}
+
+/// Bytes of this module's `WebAssembly.Memory` (it only ever grows, so
+/// after an export it is that export's peak).
+#[wasm_bindgen(js_name = wasmMemoryBytes, skip_typescript)]
+pub fn wasm_memory_bytes() -> f64 {
+    let memory: js_sys::WebAssembly::Memory = wasm_bindgen::memory().unchecked_into();
+    js_sys::ArrayBuffer::from(memory.buffer()).byte_length() as f64
+}
+
 async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result<JsValue, JsValue> {
     let id = &created.request_id;
     let mut writer = ExportWriter::new(
@@ -340,18 +364,39 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
         &created.export_info,
         &opts.format_options,
     )?;
-    let mut out = Output {
-        parts: Array::new(),
-        sha: Sha256Stream::default(),
-        bytes: 0,
-    };
     let mut progress = Progress {
         callback: opts.on_progress.as_ref(),
         total: created.manifest.total_records(),
         processed: 0,
         last_pct: 0,
     };
-    out.push(writer.begin()?);
+    let name = format!("{id}.{}", opts.format.extension());
+    let sink = Sink::open(opts.storage, &name, opts.format.content_type()).await?;
+    let mut out = Output {
+        sink,
+        sha: Sha256Stream::default(),
+        bytes: 0,
+    };
+    match write_file(client, opts, created, &mut writer, &mut out, &mut progress).await {
+        Ok(()) => finish(client, opts, id, &writer, out, &mut progress).await,
+        Err(e) => {
+            out.sink.discard().await;
+            Err(e)
+        }
+    }
+}
+
+/// Fetches every record into the writer and the output.
+async fn write_file(
+    client: &Client,
+    opts: &ExportOptions,
+    created: &Created,
+    writer: &mut ExportWriter,
+    out: &mut Output,
+    progress: &mut Progress<'_>,
+) -> Result<(), JsValue> {
+    let id = &created.request_id;
+    out.push(writer.begin()?)?;
     progress.emit(
         created.manifest.types.keys().next().map(String::as_str),
         out.bytes,
@@ -366,36 +411,47 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
             )
         })?;
         fetch_type(
-            client,
-            opts,
-            &url,
-            ti,
-            &t.columns,
-            &mut writer,
-            &mut out,
-            &mut progress,
-            name,
+            client, opts, &url, ti, &t.columns, writer, out, progress, name,
         )
         .await?;
     }
-    out.push(writer.finish()?);
+    out.push(writer.finish()?)
+}
+
+/// Reports the finished file to the server (what was handed over), then
+/// hands it over: the result, and the download when asked for.
+async fn finish(
+    client: &Client,
+    opts: &ExportOptions,
+    id: &str,
+    writer: &ExportWriter,
+    mut out: Output,
+    progress: &mut Progress<'_>,
+) -> Result<JsValue, JsValue> {
     let sha256 = std::mem::take(&mut out.sha).finish_hex();
     let records = writer.records_written();
+    let bytes = out.bytes;
     let report =
-        json!({ "record_count": records, "byte_size": out.bytes, "sha256": sha256 }).to_string();
-    client
+        json!({ "record_count": records, "byte_size": bytes, "sha256": sha256 }).to_string();
+    let storage = if out.sink.is_opfs() { "opfs" } else { "memory" };
+    // The file is complete before the server hears of it.
+    let file = out.sink.finish().await?;
+    let reported = client
         .send(
             "POST",
             &format!("/api/data/export/{id}/complete"),
             Some(&report),
             Retry::Idempotent,
         )
-        .await?;
-    progress.emit(None, out.bytes, true);
-
-    let bag = BlobPropertyBag::new();
-    bag.set_type(opts.format.content_type());
-    let blob = Blob::new_with_u8_array_sequence_and_options(&out.parts, &bag)?;
+        .await;
+    if let Err(e) = reported {
+        if let Some(name) = &file.opfs_name {
+            super::output::remove_opfs_file(name).await;
+        }
+        return Err(e);
+    }
+    progress.emit(None, bytes, true);
+    let blob = file.blob;
     let filename = opts
         .filename
         .clone()
@@ -407,9 +463,34 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
     let set = |k: &str, v: JsValue| Reflect::set(&result, &k.into(), &v);
     set("requestId", id.into())?;
     set("filename", filename.into())?;
-    set("byteSize", JsValue::from_f64(out.bytes as f64))?;
+    set("byteSize", JsValue::from_f64(bytes as f64))?;
     set("recordCount", JsValue::from_f64(records as f64))?;
     set("sha256", sha256.into())?;
     set("blob", blob.into())?;
+    let stats = Object::new();
+    let _ = Reflect::set(&stats, &"storage".into(), &storage.into());
+    let _ = Reflect::set(
+        &stats,
+        &"opfsName".into(),
+        &file.opfs_name.clone().map_or(JsValue::NULL, JsValue::from),
+    );
+    let _ = Reflect::set(&stats, &"worker".into(), &in_worker().into());
+    let opfs_name = file.opfs_name;
+    let release = Closure::<dyn FnMut() -> js_sys::Promise>::new(move || {
+        let name = opfs_name.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            if let Some(name) = name {
+                super::output::remove_opfs_file(&name).await;
+            }
+            Ok(JsValue::UNDEFINED)
+        })
+    });
+    set("release", release.into_js_value())?;
+    let _ = Reflect::set(
+        &stats,
+        &"wasmMemoryBytes".into(),
+        &wasm_memory_bytes().into(),
+    );
+    set("stats", stats.into())?;
     Ok(result.into())
 }

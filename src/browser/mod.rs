@@ -8,7 +8,8 @@ mod export;
 mod format_records;
 mod http;
 mod options;
+mod output;
 
 pub use error::ExportError;
-pub use export::export_data;
+pub use export::{check_export_options, export_data, wasm_memory_bytes};
 pub use format_records::format_records;

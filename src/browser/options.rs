@@ -7,6 +7,7 @@ use wasm_bindgen::{JsCast, JsValue};
 use web_sys::AbortSignal;
 
 use super::error::export_error;
+use super::output::Storage;
 use crate::format::{ExportFormat, FormatOptions};
 use crate::model::{is_valid_data_type_name, parse_timestamp, DateRange};
 
@@ -59,6 +60,15 @@ export interface ExportOptions {
   /** Prefix cells starting with = + - @ tab CR NUL with ' (CSV, XLSX). Default true. */
   neutralizeFormulas?: boolean;
   csv?: { bom?: boolean };
+  /** Run the fetch-and-format loop in a module worker (default true where the browser has
+   * module workers; the page then only receives progress). false: on the calling thread. */
+  worker?: boolean;
+  /** Where the file is built: "auto" (default: a file in the Origin Private File System when
+   * running in a worker, memory otherwise), "opfs" or "memory". */
+  storage?: "auto" | "opfs" | "memory";
+  /** With download: true, the OPFS file is removed this long after the download started.
+   * Default 60000. With download: false, call result.release() when done with result.blob. */
+  releaseFileAfterMs?: number;
 }
 
 /** What a finished export resolves to. */
@@ -69,20 +79,35 @@ export interface ExportResult {
   recordCount: number;
   /** Lower-case hex SHA-256 of the file, as reported to the server. */
   sha256: string;
+  /** The file. Disk-backed when it was built in the Origin Private File System. */
   blob: Blob;
+  /** Removes the file from the Origin Private File System (no-op otherwise). */
+  release(): Promise<void>;
+  stats: {
+    storage: "opfs" | "memory";
+    /** Bytes of the WebAssembly memory of the module that built the file. */
+    wasmMemoryBytes: number;
+    /** Whether the file was built in a worker. */
+    worker: boolean;
+  };
 }
 
 /**
  * Exports the user's data: creates a client-delivered export on handover-server, pulls every
- * page of every requested data type, writes the file in the browser, reports its checksum and
- * (unless `download: false`) starts the download. Rejects with an `ExportError`.
+ * record of every requested data type, writes the file in the browser (in a module worker where
+ * there is one), reports its checksum and (unless `download: false`) starts the download.
+ * Rejects with an `ExportError`.
  */
 export function exportData(options: ExportOptions): Promise<ExportResult>;
 
-/**
- * `exportData` in a Web Worker, so the page stays responsive on very large exports. Same options
- * and result; progress and the result arrive on the calling thread, which also starts the download.
- */
+/** exportData on the calling thread, without a worker (what the worker itself runs). */
+export function exportDataHere(options: ExportOptions): Promise<ExportResult>;
+/** Checks options as exportData would, without any request; throws an ExportError. */
+export function checkExportOptions(options: ExportOptions): void;
+/** Bytes of this module's WebAssembly memory. */
+export function wasmMemoryBytes(): number;
+
+/** `exportData` with `worker: true`: the export runs in a module worker (kept for existing callers). */
 export function exportDataInWorker(options: ExportOptions): Promise<ExportResult>;
 "#;
 
@@ -105,6 +130,9 @@ struct Raw {
     request_timeout_ms: Option<u32>,
     neutralize_formulas: Option<bool>,
     csv: Option<RawCsv>,
+    storage: Option<String>,
+    worker: Option<bool>,
+    release_file_after_ms: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +159,7 @@ pub(crate) struct ExportOptions {
     pub max_retry_after_secs: u32,
     pub request_timeout_ms: u32,
     pub format_options: FormatOptions,
+    pub storage: Storage,
     pub on_progress: Option<Function>,
     pub signal: Option<AbortSignal>,
 }
@@ -261,6 +290,24 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
             "options.requestTimeoutMs must be from 100 to 600000",
         ));
     }
+    let storage = match raw.storage.as_deref() {
+        None | Some("auto") => Storage::Auto,
+        Some("memory") => Storage::Memory,
+        Some("opfs") => Storage::Opfs,
+        Some(other) => {
+            return Err(invalid(format!(
+                "options.storage {other:?} must be \"auto\", \"opfs\" or \"memory\""
+            )))
+        }
+    };
+    // Read by the package's JavaScript (the worker and the file's
+    // release); checked here so that a typo is caught either way.
+    let _ = raw.worker;
+    if raw.release_file_after_ms.is_some_and(|ms| ms > 86_400_000) {
+        return Err(invalid(
+            "options.releaseFileAfterMs must be at most a day (86400000)",
+        ));
+    }
     if let Some(f) = &raw.filename {
         if f.trim().is_empty() || f.contains(['/', '\\']) {
             return Err(invalid("options.filename must be a plain file name"));
@@ -285,6 +332,7 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
             neutralize_formulas: raw.neutralize_formulas.unwrap_or(true),
             csv_bom: raw.csv.and_then(|c| c.bom).unwrap_or(false),
         },
+        storage,
         on_progress,
         signal,
     })

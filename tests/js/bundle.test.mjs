@@ -31,7 +31,9 @@ before(async () => {
       try { formatRecords({}, { format: "pdf" }); } catch (e) { out.formatError = [e instanceof ExportError, e.code]; }
       const r = await exportData({ baseUrl, token, companyId: "company_123", format: "json",
         dataTypes: ["user_profile", "payment_history"], download: false });
-      out.exported = { records: r.recordCount, bytes: r.byteSize, isBlob: r.blob instanceof Blob, sha: r.sha256 };
+      out.exported = { records: r.recordCount, bytes: r.byteSize, isBlob: r.blob instanceof Blob, sha: r.sha256,
+        worker: r.stats.worker, storage: r.stats.storage };
+      await r.release();
       const w = await exportDataInWorker({ baseUrl, token, companyId: "company_123", format: "csv",
         dataTypes: ["payment_history"], download: false, onProgress: (p) => { out.lastWorkerProgress = p.percentage; } });
       out.worker = { records: w.recordCount, isBlob: w.blob instanceof Blob };
@@ -42,7 +44,7 @@ before(async () => {
   const esbuild = join(ROOT, "node_modules/.bin/esbuild");
   execFileSync(esbuild, ["main.js", "--bundle", "--format=esm", "--outfile=dist/main.js", "--log-level=warning"], { cwd: app, stdio: "inherit" });
   // The wasm and the worker scripts ship beside the bundle, as an app's build would copy them.
-  for (const f of ["handover_bg.wasm", "worker.js", "in-worker.js", "handover.js"]) {
+  for (const f of ["handover_bg.wasm", "worker.js", "export.js", "handover.js"]) {
     copyFileSync(join(app, "node_modules/handover", f), join(app, "dist", f));
   }
   execFileSync("cp", ["-r", join(app, "node_modules/handover/snippets"), join(app, "dist/")]);
@@ -75,6 +77,8 @@ test("a bundled app imports handover and runs every entry point", async () => {
   assert.equal(out.exported.isBlob, true);
   assert.ok(out.exported.records > 100);
   assert.match(out.exported.sha, /^[0-9a-f]{64}$/);
+  assert.equal(out.exported.worker, true, "exportData runs in a worker by default");
+  assert.equal(out.exported.storage, "opfs", "and builds the file in the Origin Private File System");
   assert.equal(out.worker.isBlob, true);
   assert.ok(out.worker.records > 100);
   assert.equal(out.lastWorkerProgress, 100);

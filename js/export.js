@@ -1,0 +1,132 @@
+// exportData(options): the export runs in a module worker where the browser
+// has one, so the page only ever handles progress messages; elsewhere (and
+// with `worker: false`) it runs on the calling thread. Progress, cancel,
+// retries, the result and the download behave the same either way.
+import { exportDataHere, checkExportOptions, ExportError } from "./handover.js";
+
+const OPFS_DIR = "handover";
+
+/** Whether this context can start module workers. */
+function moduleWorkers() {
+  if (typeof Worker === "undefined" || typeof window === "undefined") return false;
+  let supported = false;
+  try {
+    // A browser that knows module workers reads `type`; the data URL is never fetched.
+    new Worker("data:text/javascript,", { get type() { supported = true; return "module"; } }).terminate();
+  } catch {
+    return false;
+  }
+  return supported;
+}
+
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = filename;
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+async function removeOpfsFile(name) {
+  if (!name) return;
+  try {
+    const root = await navigator.storage.getDirectory();
+    const dir = await root.getDirectoryHandle(OPFS_DIR);
+    await dir.removeEntry(name);
+  } catch {
+    // Already gone, or no OPFS here.
+  }
+}
+
+function errorFrom(e) {
+  return new ExportError(e.code, e.message, { status: e.status ?? undefined, retryAfter: e.retryAfter ?? undefined, details: e.details });
+}
+
+/**
+ * Runs the export in a module worker. Resolves to undefined when the worker
+ * could not start before the export began (the caller then runs it here).
+ */
+function inWorker(options) {
+  const { onProgress, signal, download = true, releaseFileAfterMs = 60_000, worker: _worker, ...rest } = options;
+  return new Promise((resolve, reject) => {
+    let worker;
+    try {
+      worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    } catch {
+      resolve(undefined);
+      return;
+    }
+    let started = false;
+    const onAbort = () => worker.postMessage({ type: "abort" });
+    const finish = () => {
+      signal?.removeEventListener("abort", onAbort);
+      worker.terminate();
+    };
+    signal?.addEventListener("abort", onAbort);
+    worker.onmessage = (event) => {
+      const msg = event.data ?? {};
+      if (msg.type === "started") {
+        started = true;
+      } else if (msg.type === "progress") {
+        try { onProgress?.(msg.progress); } catch { /* a throwing callback must not break the export */ }
+      } else if (msg.type === "done") {
+        finish();
+        const result = msg.result;
+        const name = result.stats?.opfsName ?? null;
+        result.release = () => removeOpfsFile(name);
+        try {
+          if (download) {
+            saveBlob(result.blob, result.filename);
+            // The browser reads the file while it downloads; then it goes.
+            if (name) setTimeout(() => removeOpfsFile(name), releaseFileAfterMs);
+          }
+          resolve(result);
+        } catch (e) {
+          result.release();
+          reject(new ExportError("DOWNLOAD_UNAVAILABLE", String(e?.message ?? e)));
+        }
+      } else if (msg.type === "error") {
+        finish();
+        reject(errorFrom(msg.error));
+      }
+    };
+    worker.onerror = (event) => {
+      finish();
+      if (!started) {
+        // The worker script did not load (a bundler that did not ship it,
+        // a content security policy): nothing was asked of the server yet.
+        event.preventDefault?.();
+        resolve(undefined);
+      } else {
+        reject(new ExportError("WORKER_ERROR", event.message || "the export worker failed"));
+      }
+    };
+    try {
+      worker.postMessage({ type: "start", options: rest, aborted: signal?.aborted ?? false });
+    } catch (e) {
+      finish();
+      reject(new ExportError("INVALID_OPTIONS", `options cannot be sent to the export worker: ${e?.message ?? e}`));
+    }
+  });
+}
+
+/** See the TypeScript declaration of exportData. */
+export async function exportData(options) {
+  // The same checks, and the same errors, as on the calling thread.
+  checkExportOptions(options);
+  if (options.signal?.aborted) throw new ExportError("ABORTED", "the export was cancelled");
+  if (options.worker !== false && moduleWorkers()) {
+    const result = await inWorker(options);
+    if (result !== undefined) return result;
+  }
+  return exportDataHere(options);
+}
+
+/** exportData in a module worker (`worker: true`), kept for existing callers. */
+export function exportDataInWorker(options) {
+  return exportData({ ...(options ?? {}), worker: true });
+}
