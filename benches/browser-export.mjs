@@ -5,7 +5,7 @@ import { execFileSync } from "node:child_process";
 import { readFileSync, readdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { launch } from "../tests/js/support/chromium.mjs";
+import { launchWithProfile } from "../tests/js/support/chromium.mjs";
 import { serveStatic } from "../tests/js/support/static-server.mjs";
 import { startServer, ROOT } from "../tests/js/support/server.mjs";
 
@@ -20,7 +20,6 @@ cli(["demo-data", "--users", "0", "--records", String(records)]);
 // The server under test is the release build.
 const server = await startServer({ dir, env }, { extraEnv: { HANDOVER_LOG: "info" }, bin: BIN });
 const web = await serveStatic(ROOT);
-const browser = await launch();
 
 function rendererPeakMb() {
   let peak = 0;
@@ -38,22 +37,25 @@ function rendererPeakMb() {
 console.log(`| format | records | MB | s | records/s | peak renderer MB |`);
 console.log(`|--------|--------:|---:|--:|----------:|-----------------:|`);
 for (const format of formats) {
+  // A fresh browser per run, so its peak memory is this run's alone.
+  const browser = await launchWithProfile();
   const page = await browser.newPage();
   await page.goto(`${web.url}/tests/js/support/blank.html`);
   const token = cli(["token", "create", "--user", "user_456", "--company", "company_123"]);
-  const r = await page.evaluate(async ({ baseUrl, token, format }) => {
+  const r = await page.evaluate(async ({ baseUrl, token, format, opts }) => {
     const { default: init, exportData } = await import("/pkg/handover.js");
     await init();
     const t0 = performance.now();
     const res = await exportData({ baseUrl, token, companyId: "company_123", format,
-      dataTypes: ["payment_history"], download: false, pageSize: 5000 });
-    return { s: (performance.now() - t0) / 1000, records: res.recordCount, bytes: res.byteSize };
-  }, { baseUrl: server.url, token, format });
+      dataTypes: ["payment_history"], download: false, pageSize: 5000, ...opts });
+    const out = { s: (performance.now() - t0) / 1000, records: res.recordCount, bytes: res.byteSize, stats: res.stats };
+    await res.release();
+    return out;
+  }, { baseUrl: server.url, token, format, opts: process.env.BENCH_OPTS ? JSON.parse(process.env.BENCH_OPTS) : {} });
   const peak = rendererPeakMb();
-  await page.close();
-  console.log(`| ${format.padEnd(6)} | ${String(r.records).padStart(7)} | ${(r.bytes / 1048576).toFixed(1)} | ${r.s.toFixed(1)} | ${Math.round(r.records / r.s)} | ${peak.toFixed(0)} |`);
+  await browser.close();
+  console.log(`| ${format.padEnd(6)} | ${String(r.records).padStart(7)} | ${(r.bytes / 1048576).toFixed(1)} | ${r.s.toFixed(1)} | ${Math.round(r.records / r.s)} | ${peak.toFixed(0)} |`, JSON.stringify(r.stats));
 }
-await browser.close();
 await web.close();
 await server.stop();
 rmSync(dir, { recursive: true, force: true });

@@ -32,6 +32,7 @@ struct Output {
     sink: Sink,
     sha: Sha256Stream,
     bytes: u64,
+    timing: Timing,
 }
 
 impl Output {
@@ -39,10 +40,54 @@ impl Output {
         if chunk.is_empty() {
             return Ok(());
         }
+        let t = now();
         self.sha.update(&chunk);
+        let h = now();
         self.bytes += chunk.len() as u64;
-        self.sink.write(&chunk)
+        self.sink.write(&chunk)?;
+        self.timing.hash += h - t;
+        self.timing.store += now() - h;
+        Ok(())
     }
+}
+
+/// Where an export's time went, in milliseconds (`result.stats.timing`):
+/// waiting for the network, decoding frames, formatting rows, hashing the
+/// file, storing it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Timing {
+    wait: f64,
+    decode: f64,
+    write: f64,
+    hash: f64,
+    store: f64,
+}
+
+impl Timing {
+    fn to_js(self) -> JsValue {
+        let o = Object::new();
+        for (k, v) in [
+            ("waitMs", self.wait),
+            ("decodeMs", self.decode),
+            ("writeMs", self.write),
+            ("hashMs", self.hash),
+            ("storeMs", self.store),
+        ] {
+            let _ = Reflect::set(&o, &k.into(), &JsValue::from_f64(v.round()));
+        }
+        o.into()
+    }
+}
+
+/// A monotonic clock in milliseconds (`performance.now()`, pages and workers).
+fn now() -> f64 {
+    Reflect::get(&js_sys::global(), &"performance".into())
+        .ok()
+        .and_then(|p| {
+            let f: js_sys::Function = Reflect::get(&p, &"now".into()).ok()?.dyn_into().ok()?;
+            f.call0(&p).ok()?.as_f64()
+        })
+        .unwrap_or_else(js_sys::Date::now)
 }
 
 struct Progress<'a> {
@@ -145,7 +190,10 @@ async fn fetch_type(
         let mut stream = client.open_stream(&path).await?;
         let mut pending: Vec<u8> = Vec::new();
         let broken = loop {
-            let chunk = match stream.next_chunk().await {
+            let waited = now();
+            let next = stream.next_chunk().await;
+            out.timing.wait += now() - waited;
+            let chunk = match next {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break "the stream ended early".to_string(),
                 Err(StreamError::Aborted) => return Err(aborted_error()),
@@ -158,7 +206,10 @@ async fn fetch_type(
             while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
                 let line = &pending[start..start + nl];
                 start += nl + 1;
-                let frame = match decode_frame(line, columns) {
+                let decoding = now();
+                let decoded = decode_frame(line, columns);
+                out.timing.decode += now() - decoding;
+                let frame = match decoded {
                     Ok(f) => f,
                     Err(WireError::Server { code, message }) => {
                         server_error = Some(format!("{code}: {message}"));
@@ -181,12 +232,14 @@ async fn fetch_type(
                         &format!("the server sent an empty page of {name} that does not end it"),
                     ));
                 }
+                let writing = now();
                 let mut cells = Vec::with_capacity(columns.len());
                 for row in frame.rows() {
                     cells.clear();
                     cells.extend(row.iter().map(crate::wire::WireCell::as_cell));
                     writer.write_row(t, &cells)?;
                 }
+                out.timing.write += now() - writing;
                 out.push(writer.take_output())?;
                 failures = 0;
                 drop(cells);
@@ -376,6 +429,7 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
         sink,
         sha: Sha256Stream::default(),
         bytes: 0,
+        timing: Timing::default(),
     };
     match write_file(client, opts, created, &mut writer, &mut out, &mut progress).await {
         Ok(()) => finish(client, opts, id, &writer, out, &mut progress).await,
@@ -434,6 +488,7 @@ async fn finish(
     let report =
         json!({ "record_count": records, "byte_size": bytes, "sha256": sha256 }).to_string();
     let storage = if out.sink.is_opfs() { "opfs" } else { "memory" };
+    let timing = out.timing;
     // The file is complete before the server hears of it.
     let file = out.sink.finish().await?;
     let reported = client
@@ -475,6 +530,7 @@ async fn finish(
         &file.opfs_name.clone().map_or(JsValue::NULL, JsValue::from),
     );
     let _ = Reflect::set(&stats, &"worker".into(), &in_worker().into());
+    let _ = Reflect::set(&stats, &"timing".into(), &timing.to_js());
     let opfs_name = file.opfs_name;
     let release = Closure::<dyn FnMut() -> js_sys::Promise>::new(move || {
         let name = opfs_name.clone();

@@ -55,8 +55,14 @@ pub(crate) enum Sink {
         handle: FileSystemSyncAccessHandle,
         name: String,
         at: f64,
+        /// The file's size: grown ahead of the writes, in big steps (each
+        /// growth asks the browser for quota), cut to `at` at the end.
+        reserved: f64,
     },
 }
+
+/// The file grows ahead of the writes by this much at a time.
+const GROW_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
 
 /// The finished file.
 pub(crate) struct Finished {
@@ -184,6 +190,7 @@ impl Sink {
             handle,
             name: name.to_string(),
             at: 0.0,
+            reserved: 0.0,
         })
     }
 
@@ -223,7 +230,20 @@ impl Sink {
                 }
                 Ok(())
             }
-            Self::Opfs { handle, at, .. } => {
+            Self::Opfs {
+                handle,
+                at,
+                reserved,
+                ..
+            } => {
+                let end = *at + chunk.len() as f64;
+                if end > *reserved {
+                    let size = end + GROW_BYTES;
+                    handle
+                        .truncate_with_f64(size)
+                        .map_err(|e| fail("growing the export file (is the disk full?)", &e))?;
+                    *reserved = size;
+                }
                 let opts = FileSystemReadWriteOptions::new();
                 opts.set_at(*at);
                 // `write_with_u8_array…` reads straight from wasm memory.

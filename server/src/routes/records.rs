@@ -252,92 +252,114 @@ pub(crate) async fn stream(
     Ok(response.into_response())
 }
 
-/// Reads page after page into frames and sends them, until the last one,
-/// an error, or the client going away.
+/// One frame, read and encoded, on its way from the reading thread.
+struct FrameOut {
+    line: Vec<u8>,
+    served: u64,
+    rows: u64,
+    done: bool,
+}
+
+/// Reads page after page into frames on one blocking thread and sends them,
+/// while another task hands them to the connection and records progress:
+/// reading never waits on the network or the bookkeeping. Ends after the
+/// last frame, an error, or the client going away.
 async fn produce(
     state: AppState,
     req: Request,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    mut fault: Option<crate::Fault>,
+    first_fault: Option<crate::Fault>,
     request_id: String,
 ) {
-    let mut offset = req.start.as_ref().map_or(0, |c| c.offset);
-    let mut after = req.start.as_ref().map(|c| c.after.clone());
-    let mut frames = 0u32;
-    loop {
-        if frames > 0 {
-            fault = state.settings.fault.as_ref().and_then(|f| f.roll());
-        }
-        match fault.take() {
-            None => {}
-            Some(crate::Fault::Stall) => {
-                // Hold the connection open without a byte more, until the
-                // client gives up.
-                tx.closed().await;
-                return;
+    let start = req.start.as_ref().map_or(0, |c| c.offset);
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel::<FrameOut>(2);
+    let key = state.cursor_key.clone();
+    let (id, data_type) = (req.row.id.clone(), req.data_type.clone());
+    let mut offset = start;
+    let sink = FrameSink::new(&req.data_type, start, Some(&req.columns));
+    let reading = state.source.read_all(
+        req.page_request(req.start.as_ref().map(|c| c.after.clone())),
+        sink,
+        move |sink, end| {
+            let served = offset + end.rows;
+            let next = end.next.clone().map(|after| {
+                key.encode(
+                    &id,
+                    &data_type,
+                    &Cursor {
+                        after,
+                        offset: served,
+                    },
+                )
+            });
+            let mut line = std::mem::replace(sink, FrameSink::new(&data_type, served, None))
+                .finish(next.as_deref());
+            line.push(b'\n');
+            offset = served;
+            let frame = FrameOut {
+                line,
+                served,
+                rows: end.rows,
+                done: next.is_none(),
+            };
+            // A closed channel: the client went away, stop reading.
+            Ok(frames_tx.blocking_send(frame).is_ok())
+        },
+    );
+    let sending = async {
+        // Owned here: when sending stops, the reader's next send fails and
+        // it stops too.
+        let mut frames_rx = frames_rx;
+        let mut fault = first_fault;
+        let mut sent = 0u32;
+        while let Some(frame) = frames_rx.recv().await {
+            if sent > 0 {
+                fault = state.settings.fault.as_ref().and_then(|f| f.roll());
             }
-            Some(_) => {
-                let _ = tx
-                    .send(Err(std::io::Error::other("injected dropped connection")))
-                    .await;
-                return;
+            match fault.take() {
+                None => {}
+                Some(crate::Fault::Stall) => {
+                    // Hold the connection open without a byte more, until
+                    // the client gives up.
+                    tx.closed().await;
+                    return;
+                }
+                Some(_) => {
+                    let _ = tx
+                        .send(Err(std::io::Error::other("injected dropped connection")))
+                        .await;
+                    return;
+                }
             }
-        }
-        let columns = (frames == 0).then_some(req.columns.as_slice());
-        let sink = FrameSink::new(&req.data_type, offset, columns);
-        let (sink, end) = match state
-            .source
-            .read_page(req.page_request(after.clone()), sink)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "record stream failed");
-                let mut line = Vec::new();
-                error_line(
-                    &mut line,
-                    "INTERNAL_ERROR",
-                    "reading the records failed; resume from the last cursor",
-                );
-                let _ = tx.send(Ok(line.into())).await;
-                return;
+            if tx.send(Ok(frame.line.into())).await.is_err() {
+                return; // the client went away
             }
-        };
-        let served = offset + end.rows;
-        let next = end.next.clone().map(|k| {
-            state.cursor_key.encode(
+            sent += 1;
+            let bookkeeping = Instant::now();
+            if let Err(e) = exports::record_progress(
+                &state.db,
                 &req.row.id,
                 &req.data_type,
-                &Cursor {
-                    after: k,
-                    offset: served,
-                },
+                frame.served,
+                frame.rows,
+                frame.done,
             )
-        });
-        let mut line = sink.finish(next.as_deref());
-        line.push(b'\n');
-        if tx.send(Ok(line.into())).await.is_err() {
-            return; // the client went away
+            .await
+            {
+                tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
+            }
+            state.metrics.observe_bookkeeping(bookkeeping.elapsed());
         }
-        let bookkeeping = Instant::now();
-        if let Err(e) = exports::record_progress(
-            &state.db,
-            &req.row.id,
-            &req.data_type,
-            served,
-            end.rows,
-            next.is_none(),
-        )
-        .await
-        {
-            tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
-        }
-        state.metrics.observe_bookkeeping(bookkeeping.elapsed());
-        frames += 1;
-        offset = served;
-        match end.next {
-            Some(k) => after = Some(k),
-            None => return,
-        }
+    };
+    let (read, ()) = tokio::join!(reading, sending);
+    if let Err(e) = read {
+        tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "record stream failed");
+        let mut line = Vec::new();
+        error_line(
+            &mut line,
+            "INTERNAL_ERROR",
+            "reading the records failed; resume from the last cursor",
+        );
+        let _ = tx.send(Ok(line.into())).await;
     }
 }
