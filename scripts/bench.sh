@@ -36,4 +36,4 @@ echo
 echo "## exportData in Chromium"
 echo
 scripts/build-pkg.sh > /dev/null
-node benches/browser-export.mjs
+node benches/browser.mjs

@@ -15,17 +15,17 @@ const dir = snippets.find((d) => existsSync(join(pkg, "snippets", d, "js", "erro
 if (!dir) fail("pkg/snippets/*/js/errors.js not found: did wasm-bindgen change its layout?");
 const errorsPath = `./snippets/${dir}/js/errors.js`;
 
-for (const f of ["worker.js", "export.js"]) copyFileSync(join(root, "js", f), join(pkg, f));
+for (const f of ["worker.js", "export.js", "format.js"]) copyFileSync(join(root, "js", f), join(pkg, f));
 const mainJs = join(pkg, "handover.js");
 let js = readFileSync(mainJs, "utf8");
 // exportData is the JavaScript of export.js (worker by default) around the
 // wasm's exportDataHere.
-const reexport = `export { ExportError } from "${errorsPath}";\nexport { exportData, exportDataInWorker } from "./export.js";\n`;
+const reexport = `export { ExportError } from "${errorsPath}";\nexport { exportData, exportDataInWorker } from "./export.js";\nexport { formatRecords } from "./format.js";\n`;
 if (!js.includes(reexport)) writeFileSync(mainJs, js + "\n" + reexport);
 
 const cargo = readFileSync(join(root, "Cargo.toml"), "utf8");
 const version = /\[package\][^[]*?\nversion = "([^"]+)"/s.exec(cargo)?.[1] ?? fail("no version in Cargo.toml");
-const extra = ["worker.js", "export.js"];
+const extra = ["worker.js", "export.js", "format.js"];
 const manifest = {
   name: "handover",
   version,

@@ -275,14 +275,102 @@ fn parse_utc_fast(b: &[u8]) -> Option<OffsetDateTime> {
 }
 
 /// Whether `s` is a strict RFC 3339 timestamp (used when inferring columns:
-/// only unambiguous timestamps make a column a datetime column).
+/// only unambiguous timestamps make a column a datetime column):
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)` with a real date, hours below
+/// 24, minutes and seconds below 60. The npm package's JavaScript applies
+/// the same rule (`js/format.js`), so records an app holds infer alike on
+/// either side.
 pub(crate) fn is_rfc3339(s: &str) -> bool {
-    s.len() >= 20 && OffsetDateTime::parse(s, &Rfc3339).is_ok()
+    fn num(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    }
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return false;
+    }
+    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
+        num(&b[0..4]),
+        num(&b[5..7]),
+        num(&b[8..10]),
+        num(&b[11..13]),
+        num(&b[14..16]),
+        num(&b[17..19]),
+    ) else {
+        return false;
+    };
+    let mut rest = &b[19..];
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let digits = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if !(1..=9).contains(&digits) {
+            return false;
+        }
+        rest = &frac[digits..];
+    }
+    let zone_ok = match rest {
+        b"Z" => true,
+        [b'+' | b'-', hh @ .., b':', m1, m2] if hh.len() == 2 => {
+            matches!((num(hh), num(&[*m1, *m2])), (Some(oh), Some(om)) if oh < 24 && om < 60)
+        }
+        _ => false,
+    };
+    let Ok(month) = time::Month::try_from(mo as u8) else {
+        return false;
+    };
+    zone_ok
+        && h < 24
+        && mi < 60
+        && sec < 60
+        && mo <= 12
+        && time::Date::from_calendar_date(y as i32, month, d.min(255) as u8).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_rfc3339_timestamps_all_parse() {
+        for s in [
+            "2025-10-24T19:50:00Z",
+            "2025-10-24T19:50:00.1Z",
+            "2025-10-24T19:50:00.123456789+02:00",
+            "2024-02-29T23:59:59-23:59",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+        ] {
+            assert!(is_rfc3339(s), "{s}");
+            assert!(parse_timestamp(s).is_some(), "{s}");
+            assert_eq!(
+                OffsetDateTime::parse(s, &Rfc3339).ok(),
+                parse_timestamp(s),
+                "{s}"
+            );
+        }
+        for s in [
+            "2023-02-29T00:00:00Z",
+            "2025-10-24T24:00:00Z",
+            "2025-10-24T19:50:60Z",
+            "2025-10-24 19:50:00Z",
+            "2025-10-24t19:50:00Z",
+            "2025-10-24T19:50:00z",
+            "2025-10-24T19:50:00.Z",
+            "2025-10-24T19:50:00.1234567890Z",
+            "2025-10-24T19:50:00+24:00",
+            "2025-10-24T19:50:00+0200",
+            "2025-10-24",
+            "2025-13-24T19:50:00Z",
+        ] {
+            assert!(!is_rfc3339(s), "{s}");
+        }
+    }
 
     #[test]
     fn the_fast_path_agrees_with_the_rfc3339_parser() {

@@ -76,6 +76,21 @@ impl Backend for JsonBackend {
         }
     }
 
+    fn json_records(
+        &mut self,
+        json: &[u8],
+        _count: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        if !self.first_in_type {
+            out.push(b',');
+        }
+        self.first_in_type = false;
+        out.push(b'\n');
+        out.extend_from_slice(json);
+        Ok(())
+    }
+
     fn close_type(
         &mut self,
         _t: usize,

@@ -238,7 +238,7 @@ pub fn infer_manifest(data: &IndexMap<String, Vec<Value>>) -> Result<Manifest, F
         if !crate::model::is_valid_data_type_name(data_type) {
             return Err(FormatError::InvalidDataType(data_type.clone()));
         }
-        let mut kinds: IndexMap<String, Option<ColumnKind>> = IndexMap::new();
+        let mut kinds: IndexMap<String, u32> = IndexMap::new();
         for (i, record) in records.iter().enumerate() {
             let Value::Object(map) = record else {
                 return Err(FormatError::InvalidRecord {
@@ -249,41 +249,12 @@ pub fn infer_manifest(data: &IndexMap<String, Vec<Value>>) -> Result<Manifest, F
             };
             collect(map, "", &mut kinds);
         }
-        // A name seen both as a value and as an object keeps the whole value
-        // as JSON in one column rather than splitting it; a name seen only as
-        // null beside its object form is just an absent object.
-        let names: Vec<String> = kinds.keys().cloned().collect();
-        let mut parents = HashSet::new();
-        for n in &names {
-            for (i, _) in n.match_indices('.') {
-                match kinds.get(&n[..i]) {
-                    Some(Some(_)) => {
-                        parents.insert(n[..i].to_string());
-                    }
-                    Some(None) => {
-                        kinds.shift_remove(&n[..i]);
-                    }
-                    None => {}
-                }
-            }
-        }
-        let columns = kinds
-            .into_iter()
-            .filter(|(n, _)| !n.match_indices('.').any(|(i, _)| parents.contains(&n[..i])))
-            .map(|(name, kind)| {
-                let kind = if parents.contains(&name) {
-                    ColumnKind::Json
-                } else {
-                    kind.unwrap_or(ColumnKind::String)
-                };
-                Column { name, kind }
-            })
-            .collect();
+        let observed: Vec<(String, u32)> = kinds.into_iter().collect();
         manifest.types.insert(
             data_type.clone(),
             TypeManifest {
                 records: records.len() as u64,
-                columns,
+                columns: columns_from_kinds(&observed),
                 records_url: None,
             },
         );
@@ -291,7 +262,94 @@ pub fn infer_manifest(data: &IndexMap<String, Vec<Value>>) -> Result<Manifest, F
     Ok(manifest)
 }
 
-fn collect(map: &Record, prefix: &str, kinds: &mut IndexMap<String, Option<ColumnKind>>) {
+/// The kinds of value seen in a column while inferring, as bits.
+pub mod kind_bits {
+    /// `true` / `false`.
+    pub const BOOLEAN: u32 = 1;
+    /// A whole number.
+    pub const INTEGER: u32 = 2;
+    /// Any other number.
+    pub const NUMBER: u32 = 4;
+    /// A strict RFC 3339 timestamp string.
+    pub const DATETIME: u32 = 8;
+    /// Any other string.
+    pub const STRING: u32 = 16;
+    /// An array, or an empty object.
+    pub const JSON: u32 = 32;
+}
+
+/// The kind of a column from the kinds of value seen in it (`None`: only
+/// nulls): JSON if any value was, a number column for whole and other
+/// numbers, the one kind when there was one, text otherwise.
+fn kind_of(mask: u32) -> Option<ColumnKind> {
+    use kind_bits::*;
+    Some(if mask == 0 {
+        return None;
+    } else if mask & JSON != 0 {
+        ColumnKind::Json
+    } else if mask & !(INTEGER | NUMBER) == 0 {
+        if mask & NUMBER != 0 {
+            ColumnKind::Number
+        } else {
+            ColumnKind::Integer
+        }
+    } else if mask.count_ones() == 1 {
+        match mask {
+            BOOLEAN => ColumnKind::Boolean,
+            DATETIME => ColumnKind::Datetime,
+            _ => ColumnKind::String,
+        }
+    } else {
+        ColumnKind::String
+    })
+}
+
+/// The columns for names in order of first appearance, each with the kinds
+/// of value seen under it ([`kind_bits`]; 0 when only nulls were). A name
+/// seen both as a value and as an object keeps the whole value as JSON in
+/// one column rather than splitting it; a name seen only as null beside its
+/// object form is just an absent object.
+///
+/// ```
+/// use handover::format::{columns_from_kinds, kind_bits};
+/// let cols = columns_from_kinds(&[("id".into(), kind_bits::STRING), ("n".into(), kind_bits::INTEGER | kind_bits::NUMBER)]);
+/// assert_eq!(cols[1].kind, handover::model::ColumnKind::Number);
+/// ```
+pub fn columns_from_kinds(observed: &[(String, u32)]) -> Vec<Column> {
+    let mut kinds: IndexMap<&str, u32> = observed.iter().map(|(n, m)| (n.as_str(), *m)).collect();
+    let names: Vec<&str> = kinds.keys().copied().collect();
+    let mut parents = HashSet::new();
+    for n in &names {
+        for (i, _) in n.match_indices('.') {
+            match kinds.get(&n[..i]) {
+                Some(&m) if m != 0 => {
+                    parents.insert(n[..i].to_string());
+                }
+                Some(_) => {
+                    kinds.shift_remove(&n[..i]);
+                }
+                None => {}
+            }
+        }
+    }
+    kinds
+        .into_iter()
+        .filter(|(n, _)| !n.match_indices('.').any(|(i, _)| parents.contains(&n[..i])))
+        .map(|(name, mask)| {
+            let kind = if parents.contains(name) {
+                ColumnKind::Json
+            } else {
+                kind_of(mask).unwrap_or(ColumnKind::String)
+            };
+            Column {
+                name: name.to_string(),
+                kind,
+            }
+        })
+        .collect()
+}
+
+fn collect(map: &Record, prefix: &str, kinds: &mut IndexMap<String, u32>) {
     for (key, value) in map {
         let name = if prefix.is_empty() {
             key.clone()
@@ -304,24 +362,16 @@ fn collect(map: &Record, prefix: &str, kinds: &mut IndexMap<String, Option<Colum
                 continue;
             }
         }
-        let seen = kinds.entry(name).or_insert(None);
-        let this = match value {
-            Value::Null => continue,
-            Value::Bool(_) => ColumnKind::Boolean,
-            Value::Number(n) if n.is_f64() => ColumnKind::Number,
-            Value::Number(_) => ColumnKind::Integer,
-            Value::String(s) if is_rfc3339(s) => ColumnKind::Datetime,
-            Value::String(_) => ColumnKind::String,
-            Value::Array(_) | Value::Object(_) => ColumnKind::Json,
+        let seen = kinds.entry(name).or_insert(0);
+        *seen |= match value {
+            Value::Null => 0,
+            Value::Bool(_) => kind_bits::BOOLEAN,
+            Value::Number(n) if n.is_f64() => kind_bits::NUMBER,
+            Value::Number(_) => kind_bits::INTEGER,
+            Value::String(s) if is_rfc3339(s) => kind_bits::DATETIME,
+            Value::String(_) => kind_bits::STRING,
+            Value::Array(_) | Value::Object(_) => kind_bits::JSON,
         };
-        *seen = Some(match (*seen, this) {
-            (None, k) => k,
-            (Some(a), b) if a == b => a,
-            (Some(ColumnKind::Integer), ColumnKind::Number)
-            | (Some(ColumnKind::Number), ColumnKind::Integer) => ColumnKind::Number,
-            (Some(ColumnKind::Json), _) | (_, ColumnKind::Json) => ColumnKind::Json,
-            _ => ColumnKind::String,
-        });
     }
 }
 

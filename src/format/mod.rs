@@ -39,7 +39,7 @@ use serde_json::Value;
 pub use cell::Cell;
 pub(crate) use cell::{push_float, push_json_cell, push_json_str};
 pub use error::FormatError;
-pub use layout::infer_manifest;
+pub use layout::{columns_from_kinds, infer_manifest, kind_bits};
 pub(crate) use layout::{json_type, needs_neutralizing, TypeLayout};
 
 use crate::model::{ExportInfo, Manifest, Record};
@@ -158,6 +158,18 @@ pub(crate) trait Backend {
         counts: &[u64],
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError>;
+    /// Records already written as JSON objects, one after another with
+    /// `,\n` between them (JSON only).
+    fn json_records(
+        &mut self,
+        _json: &[u8],
+        _count: u64,
+        _out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        Err(FormatError::State(
+            "records as JSON text are for the JSON format",
+        ))
+    }
     /// Output that follows `finish` without passing through memory at once
     /// (a file assembled on disk): the next piece, `None` when done.
     fn tail(&mut self) -> Result<Option<Vec<u8>>, FormatError> {
@@ -365,6 +377,29 @@ impl ExportWriter {
             self.counts[t] += 1;
         }
         Ok(self.take_output())
+    }
+
+    /// Writes `count` records of the data type at `t` that are already JSON
+    /// objects (`{…},\n{…}`, as `JSON.stringify` wrote them for the records
+    /// an app holds), in the JSON format only. The records must fit the
+    /// columns; nothing is checked.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::State`] for another format, and as [`write_row`](Self::write_row).
+    pub fn write_json_records(
+        &mut self,
+        t: usize,
+        json: &[u8],
+        count: u64,
+    ) -> Result<(), FormatError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.enter_type(t)?;
+        self.backend.json_records(json, count, &mut self.out)?;
+        self.counts[t] += count;
+        Ok(())
     }
 
     fn enter_type(&mut self, t: usize) -> Result<(), FormatError> {

@@ -121,8 +121,14 @@ enum SheetCell<'a> {
 }
 
 /// How `cell` is presented in a column (`datetime`: a datetime column), and
-/// the width it needs in characters.
-fn sheet_cell<'a>(cell: &Cell<'a>, datetime: bool, neutralise: bool) -> (SheetCell<'a>, usize) {
+/// the width it needs in characters (measured only when `measure`: the
+/// widths come from the first rows of a sheet).
+fn sheet_cell<'a>(
+    cell: &Cell<'a>,
+    datetime: bool,
+    neutralise: bool,
+    measure: bool,
+) -> (SheetCell<'a>, usize) {
     let text = |s: &'a str, neutralise: bool| -> (SheetCell<'a>, usize) {
         if s.is_empty() {
             // Excel ignores empty strings; so does rust_xlsxwriter.
@@ -133,7 +139,7 @@ fn sheet_cell<'a>(cell: &Cell<'a>, datetime: bool, neutralise: bool) -> (SheetCe
         } else {
             Cow::Borrowed(s)
         };
-        let width = t.chars().count();
+        let width = if measure { t.chars().count() } else { 0 };
         (SheetCell::Text(t), width)
     };
     match cell {
@@ -168,11 +174,11 @@ fn sheet_cell<'a>(cell: &Cell<'a>, datetime: bool, neutralise: bool) -> (SheetCe
         Cell::Json(raw) => text(raw, false),
         Cell::Value(v @ (Value::Array(_) | Value::Object(_))) => {
             let s = v.to_string();
-            let w = s.chars().count();
+            let w = if measure { s.chars().count() } else { 0 };
             (SheetCell::Text(Cow::Owned(s)), w)
         }
         Cell::Value(scalar) => {
-            let (c, w) = sheet_cell(&Cell::from_value(scalar), datetime, neutralise);
+            let (c, w) = sheet_cell(&Cell::from_value(scalar), datetime, neutralise, measure);
             (c.into_owned(), w)
         }
     }

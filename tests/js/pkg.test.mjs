@@ -78,3 +78,61 @@ test("release pkg throws real ExportError objects with stable codes", async () =
     assert.equal(e.hasStack, true);
   }
 });
+
+test("records as objects give the same files as the same records as JSON text", async () => {
+  const got = await page.evaluate(async () => {
+    const { default: init, formatRecords } = await import("/pkg/handover.js");
+    await init();
+    const text = await (await fetch("/tests/fixtures/records.json")).text();
+    const objects = JSON.parse(text);
+    const options = { requestId: "export_123456789", generatedAt: "2025-10-25T19:50:00.000Z", userId: "user_456" };
+    const hex = async (b) => [...new Uint8Array(await crypto.subtle.digest("SHA-256", b))].map((x) => x.toString(16).padStart(2, "0")).join("");
+    const out = {};
+    for (const format of ["csv", "xlsx"]) {
+      // The text of what the objects hold (JSON.parse rounded the integers beyond 2^53).
+      const viaText = formatRecords(JSON.stringify(objects), { ...options, format });
+      const viaObjects = formatRecords(objects, { ...options, format });
+      out[format] = [await hex(viaText), await hex(viaObjects), viaObjects instanceof Uint8Array];
+    }
+    const j1 = JSON.parse(new TextDecoder().decode(formatRecords(JSON.stringify(objects), { ...options, format: "json" })));
+    const j2 = JSON.parse(new TextDecoder().decode(formatRecords(objects, { ...options, format: "json" })));
+    out.json = JSON.stringify(j1) === JSON.stringify(j2);
+    const blob = formatRecords(objects, { ...options, format: "csv", output: "blob" });
+    out.blob = [blob instanceof Blob, blob.type, await hex(await blob.arrayBuffer()) === out.csv[0]];
+    return out;
+  });
+  assert.equal(got.csv[0], got.csv[1], "CSV: objects = text");
+  assert.equal(got.csv[2], true);
+  assert.equal(got.xlsx[0], got.xlsx[1], "XLSX: objects = text");
+  assert.equal(got.json, true, "JSON: the same records");
+  assert.deepEqual(got.blob, [true, "text/csv; charset=utf-8", true]);
+});
+
+test("records as objects: dates, BigInt, unknown fields, bad records", async () => {
+  const got = await page.evaluate(async () => {
+    const { default: init, formatRecords } = await import("/pkg/handover.js");
+    await init();
+    const csv = (data, extra = {}) => new TextDecoder().decode(formatRecords(data, { format: "csv", ...extra }));
+    const code = (f) => { try { f(); return "no throw"; } catch (e) { return e.code; } };
+    return {
+      dates: csv({ t: [{ at: new Date("2025-10-24T19:50:00Z"), n: 1 }, { at: null, n: 2.5 }] }),
+      big: csv({ t: [{ n: 123456789012345678901234567890n, m: 5n }] }),
+      nested: csv({ t: [{ a: { b: 1, c: { d: "x" } } }, { a: null }] }),
+      unknown: code(() => formatRecords({ t: [{ a: 1, b: 2 }] }, { format: "csv", columns: { t: [{ name: "a", kind: "integer" }] } })),
+      notObject: code(() => formatRecords({ t: [1] }, { format: "csv" })),
+      notArray: code(() => formatRecords({ t: {} }, { format: "csv" })),
+      badDate: code(() => formatRecords({ t: [{ at: "soon" }] }, { format: "json", columns: { t: [{ name: "at", kind: "datetime" }] } })),
+      cycle: code(() => { const a = { x: 1 }; a.self = [a]; return formatRecords({ t: [a] }, { format: "csv" }); }),
+      unicode: csv({ t: [{ s: "Zoë 😀 日本" }, { s: "=1+2" }] }),
+    };
+  });
+  assert.equal(got.dates, "data_type,at,n\r\nt,2025-10-24T19:50:00.000Z,1\r\nt,,2.5\r\n");
+  assert.equal(got.big, "data_type,n,m\r\nt,123456789012345678901234567890,5\r\n");
+  assert.equal(got.nested, "data_type,a.b,a.c.d\r\nt,1,x\r\nt,,\r\n");
+  assert.equal(got.unknown, "UNKNOWN_FIELD");
+  assert.equal(got.notObject, "INVALID_RECORD");
+  assert.equal(got.notArray, "INVALID_RECORD");
+  assert.equal(got.badDate, "INVALID_DATE");
+  assert.equal(got.cycle, "INVALID_RECORD");
+  assert.equal(got.unicode, "data_type,s\r\nt,Zoë 😀 日本\r\nt,'=1+2\r\n");
+});

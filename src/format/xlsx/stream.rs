@@ -288,7 +288,8 @@ impl Backend for StreamingXlsx {
         sheet::row_start(&mut self.xml, &self.row_label);
         for (c, cell) in cells.iter().enumerate() {
             let datetime = layout.columns[c].kind == ColumnKind::Datetime;
-            let (mut shown, mut width) = sheet_cell(cell, datetime, neutralise);
+            let (mut shown, mut width) =
+                sheet_cell(cell, datetime, neutralise, row <= WIDTH_SAMPLE_ROWS);
             if let SheetCell::Text(text) = &shown {
                 if let Some(pointer) =
                     long_value_pointer(text, &open.name, col_num(c)?, row, &mut self.long_values)

@@ -143,7 +143,8 @@ impl Backend for ConstantMemoryXlsx {
         for (c, cell) in cells.iter().enumerate() {
             let col = col_num(c)?;
             let datetime = layout.columns[c].kind == ColumnKind::Datetime;
-            let (cell, mut width) = sheet_cell(cell, datetime, neutralise);
+            let (cell, mut width) =
+                sheet_cell(cell, datetime, neutralise, row <= WIDTH_SAMPLE_ROWS);
             let ws = self.workbook.worksheet_from_index(self.sheet)?;
             match cell {
                 SheetCell::Empty => {}
