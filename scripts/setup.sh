@@ -37,12 +37,15 @@ if ! command -v wasm-pack >/dev/null; then
   cargo install wasm-pack --locked || die "cargo install wasm-pack failed"
 fi
 
-# Debian packages: Chromium for the browser tests, sqlite3 for the
+# Debian packages: Chromium for the browser tests, PostgreSQL for the
+# server suite's second engine, sqlite3 for the
 # benchmark's anchor.
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v sqlite3 >/dev/null || missing+=(sqlite3)
+# PostgreSQL: the server suite also runs against a throwaway cluster.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

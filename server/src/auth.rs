@@ -7,7 +7,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sqlx::{Row, SqlitePool};
+use crate::store::Store;
 
 use crate::context::Ctx;
 use crate::error::ApiError;
@@ -156,22 +156,18 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthorized("Authorization is not a Bearer token".into()))?;
     if token.starts_with(TOKEN_PREFIX) {
-        let row = sqlx::query("SELECT user_id, companies, permissions, revoked_at FROM api_tokens WHERE token_hash = ?")
-            .bind(sha256_hex(token))
-            .fetch_optional(&state.db)
+        let grant = state
+            .store
+            .token_by_hash(&sha256_hex(token))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown API token".into()))?;
-        if row.try_get::<Option<String>, _>("revoked_at")?.is_some() {
+        if grant.revoked {
             return Err(ApiError::Unauthorized("revoked API token".into()));
         }
-        let parse = |col: &str| -> Result<Vec<String>, ApiError> {
-            let s: String = row.try_get(col)?;
-            serde_json::from_str(&s).map_err(|e| ApiError::Internal(e.into()))
-        };
         return Ok(Principal {
-            user_id: row.try_get("user_id")?,
-            companies: parse("companies")?,
-            permissions: parse("permissions")?,
+            user_id: grant.user_id,
+            companies: grant.companies,
+            permissions: grant.permissions,
         });
     }
     let jwt = state.auth.jwt.as_ref().ok_or_else(|| {
@@ -239,16 +235,18 @@ pub async fn scope(
     })
 }
 
-/// Creates an API token; returns `(id, token)`. Only the hash is stored.
+/// Creates an API token (audited as made `by` someone); returns
+/// `(id, token)`. Only the hash is stored.
 ///
 /// # Errors
 ///
 /// Unknown permission names, or database errors.
 pub async fn create_token(
-    db: &SqlitePool,
+    store: &Store,
     user: &str,
     companies: &[String],
     permissions: &[String],
+    by: &str,
 ) -> anyhow::Result<(String, String)> {
     for p in permissions {
         anyhow::ensure!(
@@ -264,34 +262,22 @@ pub async fn create_token(
     let secret =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
     let token = format!("{TOKEN_PREFIX}{id}_{secret}");
-    sqlx::query("INSERT INTO api_tokens (id, token_hash, user_id, companies, permissions, created_at) VALUES (?,?,?,?,?,?)")
-        .bind(&id)
-        .bind(sha256_hex(&token))
-        .bind(user)
-        .bind(serde_json::to_string(companies)?)
-        .bind(serde_json::to_string(permissions)?)
-        .bind(handover::model::format_timestamp(time::OffsetDateTime::now_utc()))
-        .execute(db)
+    store
+        .insert_token(&id, &sha256_hex(&token), user, companies, permissions, by)
         .await?;
     Ok((id, token))
 }
 
-/// Revokes a token given its id or the token itself; false when unknown.
+/// Revokes a token given its id or the token itself (audited as done
+/// `by` someone); false when unknown.
 ///
 /// # Errors
 ///
 /// Database errors.
-pub async fn revoke_token(db: &SqlitePool, id_or_token: &str) -> anyhow::Result<bool> {
+pub async fn revoke_token(store: &Store, id_or_token: &str, by: &str) -> anyhow::Result<bool> {
     let id = match id_or_token.strip_prefix(TOKEN_PREFIX) {
         Some(rest) => rest.split('_').next().unwrap_or_default(),
         None => id_or_token,
     };
-    let r = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-        .bind(handover::model::format_timestamp(
-            time::OffsetDateTime::now_utc(),
-        ))
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(store.revoke_token(id, by).await?.is_some())
 }

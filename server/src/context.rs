@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::Instrument as _;
 
-use crate::audit::AuditEntry;
+use crate::store::audit::AuditEntry;
 use crate::error::{ApiError, ErrorCode, InternalErrorText};
 use crate::ratelimit::RateState;
 use crate::AppState;
@@ -229,7 +229,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             user_agent: ctx.0.user_agent.clone(),
             details: Value::Object(details),
         };
-        if let Err(e) = state.audit.append(&state.db, entry).await {
+        if let Err(e) = state.store.audit(entry).await {
             // An API request that cannot be audited must not succeed silently.
             tracing::error!(request_id = %ctx.request_id(), error = %format!("{e:#}"), "audit write failed");
             let mut r = ApiError::Internal(anyhow::anyhow!("audit write failed")).into_response();

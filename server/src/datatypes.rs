@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 /// The default config: the seed's five types over the demo tables.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/datatypes.toml");
+/// The same types and demo tables in PostgreSQL's dialect.
+pub const DEFAULT_POSTGRES_CONFIG: &str = include_str!("../config/datatypes.postgres.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,10 +82,20 @@ impl Registry {
     /// (a query that does not use both `:user_id` and `:company_id`, a sort
     /// key or timestamp that is not a plain column name, …).
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p)
+        Self::load_for(path, crate::store::Engine::Sqlite)
+    }
+
+    /// Loads the config at `path`, or the built-in config for `engine`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Registry::load`].
+    pub fn load_for(path: Option<&Path>, engine: crate::store::Engine) -> anyhow::Result<Self> {
+        let text = match (path, engine) {
+            (Some(p), _) => std::fs::read_to_string(p)
                 .with_context(|| format!("reading data type config {}", p.display()))?,
-            None => DEFAULT_CONFIG.to_string(),
+            (None, crate::store::Engine::Sqlite) => DEFAULT_CONFIG.to_string(),
+            (None, crate::store::Engine::Postgres) => DEFAULT_POSTGRES_CONFIG.to_string(),
         };
         Self::parse(&text).with_context(|| match path {
             Some(p) => format!("data type config {}", p.display()),

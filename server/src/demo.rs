@@ -4,9 +4,9 @@
 //! records in one transaction with batched inserts.
 
 use anyhow::Context as _;
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use crate::datatypes::Registry;
+use crate::store::{Engine, Store};
 
 /// Companies generated users belong to (user_456's own is `company_123`).
 pub const COMPANIES: [&str; 3] = ["company_123", "company_456", "company_789"];
@@ -64,6 +64,17 @@ impl Tables {
             actions: vec![],
             consents: vec![],
         }
+    }
+    /// Each table with its rows, in an order that satisfies references.
+    fn by_table(&self) -> [(&'static str, &[Row]); 6] {
+        [
+            ("demo_users", &self.users),
+            ("demo_payments", &self.payments),
+            ("demo_memberships", &self.memberships),
+            ("demo_recovery_cases", &self.cases),
+            ("demo_recovery_actions", &self.actions),
+            ("demo_consents", &self.consents),
+        ]
     }
     fn len(&self) -> usize {
         self.users.len()
@@ -243,51 +254,113 @@ fn generate_user(
     }
 }
 
-async fn insert(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    table: &str,
-    columns: usize,
-    rows: &[Row],
-) -> anyhow::Result<()> {
-    // SQLite allows 32,766 parameters per statement.
-    let per_batch = (30_000 / columns).max(1);
-    for batch in rows.chunks(per_batch) {
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("INSERT OR IGNORE INTO {table} "));
-        qb.push_values(batch, |mut b, row| {
-            for v in row {
-                b.push_bind(v.clone());
-            }
-        });
-        qb.build()
-            .execute(&mut **tx)
-            .await
-            .with_context(|| format!("inserting into {table}"))?;
+/// Inserts the generated rows into SQLite (rusqlite: one transaction, one
+/// prepared statement per table).
+fn insert_sqlite(path: &std::path::Path, t: &Tables) -> anyhow::Result<()> {
+    let mut conn = rusqlite::Connection::open(path)
+        .with_context(|| format!("opening {} for the demo data", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(15))?;
+    let tx = conn.transaction()?;
+    for (table, rows) in t.by_table() {
+        let Some(first) = rows.first() else { continue };
+        let marks = vec!["?"; first.len()].join(", ");
+        let mut st = tx.prepare(&format!("INSERT OR IGNORE INTO {table} VALUES ({marks})"))?;
+        for row in rows {
+            st.execute(rusqlite::params_from_iter(row.iter()))
+                .with_context(|| format!("inserting into {table}"))?;
+        }
     }
+    tx.commit()?;
+    Ok(())
+}
+
+/// One value in PostgreSQL's COPY text format.
+fn copy_field(out: &mut String, v: Option<&str>) {
+    let Some(v) = v else {
+        out.push_str("\\N");
+        return;
+    };
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Inserts the generated rows into PostgreSQL: COPY into a temporary table
+/// per table, then one INSERT … ON CONFLICT DO NOTHING (so loading twice
+/// adds nothing), in one transaction.
+async fn insert_postgres(url: &str, t: &Tables) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to PostgreSQL for the demo data")?;
+    let mut tx = conn.begin().await?;
+    for (table, rows) in t.by_table() {
+        sqlx::raw_sql(&format!(
+            "CREATE TEMPORARY TABLE load_{table} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY load_{table} FROM STDIN"))
+            .await
+            .with_context(|| format!("copying into {table}"))?;
+        let mut buf = String::new();
+        for row in rows {
+            for (i, v) in row.iter().enumerate() {
+                if i > 0 {
+                    buf.push('\t');
+                }
+                copy_field(&mut buf, v.as_deref());
+            }
+            buf.push('\n');
+            if buf.len() > 1 << 20 {
+                copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+            }
+        }
+        if !buf.is_empty() {
+            copy.send(buf.into_bytes()).await?;
+        }
+        copy.finish().await.with_context(|| format!("copying into {table}"))?;
+        sqlx::raw_sql(&format!(
+            "INSERT INTO {table} SELECT * FROM load_{table} ON CONFLICT DO NOTHING"
+        ))
+        .execute(&mut *tx)
+        .await
+        .with_context(|| format!("inserting into {table}"))?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
 /// Whether the demo tables hold any user yet (false when they do not exist).
-pub async fn has_data(db: &SqlitePool, registry: &Registry) -> bool {
+pub async fn has_data(store: &Store, registry: &Registry) -> bool {
     let table = match registry.demo.as_ref().map(|d| d.generator.as_str()) {
         Some("sql") => "pomo_users",
         _ => "demo_users",
     };
-    sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table}"))
-        .fetch_one(db)
+    store
+        .count(&format!("SELECT COUNT(*) FROM {table}"))
         .await
-        .is_ok_and(|n| n > 0)
+        .is_some_and(|n| n > 0)
 }
 
-/// Loads the demo data of `registry`'s config: `users` generated users and
-/// about `records` records each (user_456 gets the same on top of the
-/// reference's examples). Same arguments, same data.
+/// Loads the demo data of `registry`'s config into the database of `url`
+/// (the store's): `users` generated users and about `records` records each
+/// (user_456 gets the same on top of the reference's examples). Same
+/// arguments, same data; loading twice adds nothing.
 ///
 /// # Errors
 ///
 /// A config without a `[demo]` section, or database errors.
 pub async fn load(
-    db: &SqlitePool,
+    store: &Store,
+    url: &str,
     registry: &Registry,
     users: u64,
     records: u64,
@@ -297,8 +370,8 @@ pub async fn load(
         .demo
         .as_ref()
         .context("this data type config has no [demo] section")?;
-    sqlx::raw_sql(&demo.schema)
-        .execute(db)
+    store
+        .execute_script(&demo.schema)
         .await
         .context("creating the demo tables")?;
     if demo.generator == "sql" {
@@ -306,8 +379,8 @@ pub async fn load(
             .seed
             .as_deref()
             .context("[demo] generator = \"sql\" needs seed")?;
-        sqlx::raw_sql(seed_sql)
-            .execute(db)
+        store
+            .execute_script(seed_sql)
             .await
             .context("running the demo seed SQL")?;
         return Ok(Loaded {
@@ -345,14 +418,13 @@ pub async fn load(
         );
     }
     let total = t.len() as u64;
-    let mut tx = db.begin().await?;
-    insert(&mut tx, "demo_users", 10, &t.users).await?;
-    insert(&mut tx, "demo_payments", 10, &t.payments).await?;
-    insert(&mut tx, "demo_memberships", 8, &t.memberships).await?;
-    insert(&mut tx, "demo_recovery_cases", 11, &t.cases).await?;
-    insert(&mut tx, "demo_recovery_actions", 3, &t.actions).await?;
-    insert(&mut tx, "demo_consents", 6, &t.consents).await?;
-    tx.commit().await?;
+    match store.engine() {
+        Engine::Sqlite => {
+            let path = crate::source::sqlite::path_of(url)?;
+            tokio::task::spawn_blocking(move || insert_sqlite(&path, &t)).await??;
+        }
+        Engine::Postgres => insert_postgres(url, &t).await?,
+    }
     Ok(Loaded {
         users: users + 1,
         records: total,

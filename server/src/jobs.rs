@@ -8,11 +8,10 @@ use anyhow::Context as _;
 use handover::format::{Cell, ExportFormat, ExportWriter, FormatOptions};
 use handover::model::{parse_timestamp, DateRange, ExportInfo};
 use handover::wire::FrameEncoder;
-use serde_json::json;
-use sqlx::Row;
 
-use crate::exports::{self, ExportRow};
+use crate::store::files::FileRef;
 use crate::source::{PageRequest, RowSink};
+use crate::store::exports::{Completion, ExportRow, Retried};
 use crate::AppState;
 
 /// Records per database page while building a file.
@@ -194,13 +193,9 @@ where
                 if let Some(out) = frames.as_deref_mut() {
                     out.write_chunk(&piece.frames).await?;
                 }
-                sqlx::query("UPDATE export_requests SET records_served = ?, current_type = ?, last_activity_at = ? WHERE id = ?")
-                    .bind(piece.records as i64)
-                    .bind(name)
-                    .bind(exports::now())
-                    .bind(&row.id)
-                    .execute(&state.db)
-                    .await?;
+                if !state.store.build_progress(row, piece.records, name).await? {
+                    anyhow::bail!("the export was deleted or taken over while it was being built");
+                }
             }
             anyhow::Ok(())
         };
@@ -222,12 +217,21 @@ where
     })
 }
 
-/// Builds and stores the file of a claimed server export, with its frames
-/// for conversions, in one pass.
-async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64, String)> {
+/// Builds the file of a claimed server export, with its frames for
+/// conversions, in one pass; returns the records and the files (not yet
+/// owned: their key rows are written when the export completes). The
+/// names of files written are pushed to `written` as they are created, so
+/// that they can be removed whatever happens.
+async fn run_one(
+    state: &AppState,
+    row: &ExportRow,
+    written: &mut Vec<String>,
+) -> anyhow::Result<(u64, Vec<FileRef>)> {
     let format: ExportFormat = row.export_format.parse()?;
     let mut file = state.files.create(&row.id, format.as_str()).await?;
+    written.push(file.name().to_string());
     let mut frames = state.files.create(&row.id, crate::files::FRAMES).await?;
+    written.push(frames.name().to_string());
     let built = build(
         state,
         row,
@@ -237,144 +241,104 @@ async fn run_one(state: &AppState, row: &ExportRow) -> anyhow::Result<(u64, u64,
         Some(&mut frames),
     )
     .await?;
-    frames
-        .finish(&state.db, &row.id, crate::files::FRAMES)
-        .await?;
-    let (size, sha) = file.finish(&state.db, &row.id, format.as_str()).await?;
-    Ok((built.records, size, sha))
+    if let Some(gate) = &state.settings.build_gate {
+        gate.reached(&row.id).await;
+    }
+    if state.settings.hold_builds {
+        // Tests only: keep the claim alive, never complete.
+        let last = row.data_types.last().map_or("", String::as_str);
+        while state.store.build_progress(row, built.records, last).await? {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        anyhow::bail!("the held build was taken over");
+    }
+    let frames = frames.finish().await?;
+    let file = file.finish().await?;
+    Ok((built.records, vec![file, frames]))
 }
 
-/// Claims and builds pending server exports until none is left.
-pub async fn drain(state: &AppState) -> anyhow::Result<()> {
-    loop {
-        let Some(id) = sqlx::query_scalar::<_, String>(
-            "SELECT id FROM export_requests WHERE status = 'pending' AND delivery = 'server' AND deleted_at IS NULL ORDER BY created_at LIMIT 1",
-        )
-        .fetch_optional(&state.db)
-        .await?
-        else {
-            return Ok(());
-        };
-        let now = exports::now();
-        let claimed = sqlx::query(
-            "UPDATE export_requests SET status = 'processing', started_at = ?, attempts = attempts + 1, last_activity_at = ? \
-             WHERE id = ? AND status = 'pending'",
-        )
-        .bind(&now)
-        .bind(&now)
-        .bind(&id)
-        .execute(&state.db)
-        .await?
-        .rows_affected()
-            == 1;
-        if !claimed {
-            continue; // another worker took it
-        }
-        let Some(row) = exports::find_any(&state.db, &id).await? else {
-            continue;
-        };
-        exports::event(
-            state,
-            &row,
-            "export.started",
-            None,
-            json!({ "delivery": "server", "attempt": row.attempts }),
-        )
-        .await?;
-        match run_one(state, &row).await {
-            Ok((records, byte_size, sha256)) => {
-                let done = exports::Completion {
-                    records,
-                    byte_size,
-                    sha256,
-                    details: Default::default(),
-                };
-                exports::mark_completed(state, &row, &done, None).await?;
+/// Builds one claimed export to the end: completed with its files, or
+/// requeued once, or failed. Whatever the outcome, no bytes survive that
+/// no key row owns (a delete during the build wins).
+async fn run_claimed(state: &AppState, row: &ExportRow) -> anyhow::Result<()> {
+    let mut written = Vec::new();
+    match run_one(state, row, &mut written).await {
+        Ok((records, files)) => {
+            let main = &files[0];
+            let done = Completion {
+                records,
+                byte_size: main.byte_size,
+                sha256: main.sha256.clone(),
+                details: Default::default(),
+            };
+            if state.store.complete_export(row, &done, &files, None).await? {
+                crate::exports::count_completed(state, row, &done);
+            } else {
+                tracing::info!(export = %row.id, "the export was deleted or taken over during its build; its bytes are removed");
+                state.files.discard(&row.id, &written).await?;
             }
-            Err(e) => {
-                tracing::error!(export = %id, attempt = row.attempts, error = %format!("{e:#}"), "building export failed");
-                state.files.destroy(&state.db, &id).await?;
-                if row.attempts < 2 {
-                    // Automatic retry: once.
-                    sqlx::query("UPDATE export_requests SET status = 'pending' WHERE id = ? AND status = 'processing'")
-                        .bind(&id)
-                        .execute(&state.db)
-                        .await?;
-                } else {
-                    exports::fail(state, &row, "generation failed", None).await?;
-                }
+        }
+        Err(e) => {
+            tracing::error!(export = %row.id, attempt = row.attempts, error = %format!("{e:#}"), "building export failed");
+            state.files.discard(&row.id, &written).await?;
+            match state.store.retry_build(row, "generation failed").await? {
+                Retried::Requeued => state.jobs.notify_one(),
+                Retried::Failed => state.metrics.export_failed(),
+                Retried::Gone => {}
             }
         }
     }
+    Ok(())
+}
+
+/// Claims and builds pending server exports until none is left. Several
+/// instances may drain at once: each build is claimed by one.
+pub async fn drain(state: &AppState) -> anyhow::Result<()> {
+    while let Some(row) = state.store.claim_build().await? {
+        run_claimed(state, &row).await?;
+    }
+    Ok(())
 }
 
 /// Fails client exports idle for longer than the stale limit, requeues (or
-/// fails) interrupted server builds, and expires exports past their retention.
+/// fails) server builds whose instance stopped, expires exports past their
+/// retention, and removes bytes no export owns. Safe on every instance at
+/// once: each change is conditional on the state it leaves.
 pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
     let cutoff = handover::model::format_timestamp(
         time::OffsetDateTime::now_utc() - state.settings.stale_after,
     );
-    let stale = sqlx::query(
-        "SELECT id FROM export_requests WHERE status IN ('pending', 'processing') AND delivery = 'client' \
-         AND deleted_at IS NULL AND last_activity_at < ?",
-    )
-    .bind(&cutoff)
-    .fetch_all(&state.db)
-    .await?;
-    for r in stale {
-        if let Some(row) = exports::find_any(&state.db, &r.try_get::<String, _>("id")?).await? {
-            exports::fail(state, &row, "abandoned: no activity from the browser", None).await?;
+    for row in state.store.idle_client_exports(&cutoff).await? {
+        if state
+            .store
+            .fail_export(&row, "abandoned: no activity from the browser", None)
+            .await?
+        {
+            state.metrics.export_failed();
         }
     }
-    // A server build interrupted (e.g. by a restart) is queued again once,
-    // then failed: it never stays `processing`.
-    let stuck = sqlx::query(
-        "SELECT id FROM export_requests WHERE status = 'processing' AND delivery = 'server' \
-         AND deleted_at IS NULL AND last_activity_at < ?",
-    )
-    .bind(&cutoff)
-    .fetch_all(&state.db)
-    .await?;
-    for r in stuck {
-        let Some(row) = exports::find_any(&state.db, &r.try_get::<String, _>("id")?).await? else {
-            continue;
-        };
-        state.files.destroy(&state.db, &row.id).await?;
-        if row.attempts < 2 {
-            sqlx::query("UPDATE export_requests SET status = 'pending' WHERE id = ? AND status = 'processing'")
-                .bind(&row.id)
-                .execute(&state.db)
-                .await?;
-            state.jobs.notify_one();
-        } else {
-            exports::fail(state, &row, "generation was interrupted twice", None).await?;
+    // A server build whose instance stopped gives no more signs of life: it
+    // is queued again once, then failed; it never stays `processing`.
+    for row in state.store.stalled_builds(&cutoff).await? {
+        match state
+            .store
+            .retry_build(&row, "generation was interrupted")
+            .await?
+        {
+            Retried::Requeued => state.jobs.notify_one(),
+            Retried::Failed => state.metrics.export_failed(),
+            Retried::Gone => {}
         }
     }
-    let now = exports::now();
-    let expired = sqlx::query("SELECT id FROM export_requests WHERE status = 'completed' AND deleted_at IS NULL AND expires_at < ?")
-        .bind(&now)
-        .fetch_all(&state.db)
-        .await?;
-    for r in expired {
-        let id: String = r.try_get("id")?;
-        let Some(row) = exports::find_any(&state.db, &id).await? else {
-            continue;
-        };
-        state.files.destroy(&state.db, &id).await?;
-        sqlx::query(
-            "UPDATE export_requests SET status = 'expired' WHERE id = ? AND status = 'completed'",
-        )
-        .bind(&id)
-        .execute(&state.db)
-        .await?;
-        exports::event(
-            state,
-            &row,
-            "export.expired",
-            None,
-            json!({ "expires_at": row.expires_at }),
-        )
-        .await?;
+    let now = crate::store::now();
+    for id in state.store.due_for_expiry(&now).await? {
+        if let Some(files) = state.store.expire_export(&id).await? {
+            state.files.remove(&files).await;
+        }
+    }
+    let removed = state.files.collect_garbage().await?;
+    if removed > 0 {
+        tracing::info!(removed, "removed export bytes that no export owns");
     }
     Ok(())
 }

@@ -5,12 +5,12 @@
 //! [`app`] builds the router from an [`AppState`], so tests drive the real
 //! thing on a real port.
 
-pub mod audit;
 pub mod auth;
+pub mod cli;
+pub mod config;
 pub mod context;
 pub mod cursor;
 pub mod datatypes;
-pub mod db;
 pub mod demo;
 pub mod error;
 pub mod exports;
@@ -18,9 +18,12 @@ pub mod files;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod plan;
 pub mod ratelimit;
 pub mod routes;
 pub mod source;
+pub mod startup;
+pub mod store;
 
 use std::ops::Deref;
 
@@ -33,7 +36,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use sqlx::SqlitePool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::services::ServeDir;
 
@@ -128,6 +130,53 @@ pub struct Settings {
     pub max_export_bytes: u64,
     /// Records one user may export per company in 24 hours (`QUOTA_EXCEEDED` beyond).
     pub daily_record_quota: u64,
+    /// Tests only: server builds stop here, after writing their files and
+    /// before completing, until the test lets them go.
+    pub build_gate: Option<Arc<BuildGate>>,
+    /// Tests only (`HANDOVER_TEST_HOLD_BUILDS`): server builds write their
+    /// files, then hold their claim (with signs of life) instead of
+    /// completing, so a test can stop the instance mid-build.
+    pub hold_builds: bool,
+}
+
+/// Tests only: holds server builds just before they complete, so a test
+/// can make something happen in between (a delete, a sweep).
+#[derive(Debug)]
+pub struct BuildGate {
+    arrivals: tokio::sync::mpsc::UnboundedSender<String>,
+    arrived: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for BuildGate {
+    fn default() -> Self {
+        let (arrivals, arrived) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            arrivals,
+            arrived: tokio::sync::Mutex::new(arrived),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl BuildGate {
+    /// Called by a build: announces export `id` and waits to be let go.
+    pub async fn reached(&self, id: &str) {
+        let _ = self.arrivals.send(id.to_string());
+        if let Ok(permit) = self.release.acquire().await {
+            permit.forget();
+        }
+    }
+
+    /// Waits for the next build to reach the gate; returns its export id.
+    pub async fn arrival(&self) -> Option<String> {
+        self.arrived.lock().await.recv().await
+    }
+
+    /// Lets one waiting (or the next) build go on.
+    pub fn release(&self) {
+        self.release.add_permits(1);
+    }
 }
 
 impl Default for Settings {
@@ -141,6 +190,8 @@ impl Default for Settings {
             fault: None,
             max_export_bytes: 2 << 30,
             daily_record_quota: 50_000_000,
+            build_gate: None,
+            hold_builds: false,
         }
     }
 }
@@ -148,14 +199,15 @@ impl Default for Settings {
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct StateInner {
-    pub db: SqlitePool,
+    /// handover's own database: every query of the export lifecycle,
+    /// the audit log, rate limits and tokens.
+    pub store: store::Store,
     pub registry: datatypes::Registry,
     /// Where the data types' records are read from.
     pub source: source::Source,
     /// Signs record-page cursors (derived from the master key).
     pub cursor_key: cursor::CursorKey,
     pub auth: auth::AuthConfig,
-    pub audit: audit::AuditLog,
     pub metrics: metrics::Metrics,
     pub files: files::FileStore,
     pub settings: Settings,

@@ -1,11 +1,9 @@
-//! Sliding-window rate limits whose state lives in the database, so they
-//! hold across restarts and across server instances. Admission is one
-//! atomic INSERT … WHERE (count in window) < limit, so racing requests
-//! cannot overshoot.
-
-use sqlx::{Row, SqlitePool};
+//! The API reference's rate limits. Their state lives in the database
+//! ([`Store::admit`]), so they hold across restarts and across server
+//! instances, exactly, under concurrency.
 
 use crate::error::ApiError;
+use crate::store::Store;
 
 /// One limit of the API reference's table.
 #[derive(Debug, Clone, Copy)]
@@ -67,63 +65,28 @@ pub struct RateState {
     pub reset_secs: u64,
 }
 
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
 /// Admits one request of `user` in `company` under `limit`, or refuses it.
 ///
 /// # Errors
 ///
 /// [`ApiError::RateLimited`] with the seconds until the oldest request in
 /// the window falls out; database errors as [`ApiError::Internal`].
-pub async fn admit(
-    db: &SqlitePool,
-    limit: Limit,
-    user: &str,
-    company: &str,
-) -> Result<RateState, ApiError> {
+pub async fn admit(store: &Store, limit: Limit, user: &str, company: &str) -> Result<RateState, ApiError> {
     let bucket = format!("{}:{user}:{company}", limit.name);
-    let now = now_ms();
-    let window_ms = (limit.window_secs * 1000) as i64;
-    let since = now - window_ms;
-    let admitted = sqlx::query(
-        "INSERT INTO rate_events (bucket, at_ms) SELECT ?1, ?2 \
-         WHERE (SELECT COUNT(*) FROM rate_events WHERE bucket = ?1 AND at_ms > ?3) < ?4",
-    )
-    .bind(&bucket)
-    .bind(now)
-    .bind(since)
-    .bind(i64::from(limit.max))
-    .execute(db)
-    .await?
-    .rows_affected()
-        == 1;
-    let r = sqlx::query("SELECT COUNT(*) AS n, MIN(at_ms) AS oldest FROM rate_events WHERE bucket = ?1 AND at_ms > ?2")
-        .bind(&bucket)
-        .bind(since)
-        .fetch_one(db)
+    let a = store
+        .admit(&bucket, limit.max, (limit.window_secs * 1000) as i64)
         .await?;
-    let used: i64 = r.try_get("n")?;
-    let oldest: Option<i64> = r.try_get("oldest")?;
-    let reset_ms = oldest.map_or(0, |o| (o + window_ms - now).max(0));
-    let reset_secs = (reset_ms as u64).div_ceil(1000).max(u64::from(used > 0));
-    if !admitted {
+    let reset_secs = a.reset_ms.div_ceil(1000).max(u64::from(a.used > 0));
+    if !a.admitted {
         return Err(ApiError::RateLimited {
             limit: limit.max,
             window_secs: limit.window_secs,
             retry_after: reset_secs.max(1),
         });
     }
-    // Old events are of no further use; keep the table small.
-    sqlx::query("DELETE FROM rate_events WHERE bucket = ?1 AND at_ms <= ?2")
-        .bind(&bucket)
-        .bind(since)
-        .execute(db)
-        .await?;
     Ok(RateState {
         limit: limit.max,
-        remaining: limit.max.saturating_sub(used as u32),
+        remaining: limit.max.saturating_sub(a.used),
         reset_secs,
     })
 }

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::QueryMap;
-use crate::audit::AuditRow;
+use crate::store::audit::AuditFilter;
 use crate::auth::PERM_AUDIT;
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -40,32 +40,14 @@ pub(crate) async fn list(
             ));
         }
     }
-    let filter = "FROM audit_log WHERE company_id = ?1 AND (?2 IS NULL OR action = ?2) AND (?3 IS NULL OR actor = ?3) \
-                  AND (?4 IS NULL OR outcome = ?4) AND (?5 IS NULL OR resource = ?5)";
-    let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {filter}"))
-        .bind(&scope.company_id)
-        .bind(q.get("action"))
-        .bind(q.get("actor"))
-        .bind(q.get("outcome"))
-        .bind(q.get("resource"))
-        .fetch_one(&state.db)
-        .await?;
-    let rows = sqlx::query(&format!(
-        "SELECT * {filter} ORDER BY seq DESC LIMIT ?6 OFFSET ?7"
-    ))
-    .bind(&scope.company_id)
-    .bind(q.get("action"))
-    .bind(q.get("actor"))
-    .bind(q.get("outcome"))
-    .bind(q.get("resource"))
-    .bind(limit as i64)
-    .bind(offset as i64)
-    .fetch_all(&state.db)
-    .await?;
-    let entries = rows
-        .iter()
-        .map(AuditRow::from_row)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let filter = AuditFilter {
+        company_id: scope.company_id.clone(),
+        action: q.get("action").map(str::to_string),
+        actor: q.get("actor").map(str::to_string),
+        outcome: q.get("outcome").map(str::to_string),
+        resource: q.get("resource").map(str::to_string),
+    };
+    let (entries, total) = state.store.list_audit(&filter, limit, offset).await?;
     Ok(ctx.ok(json!({
         "entries": entries,
         "total": total,

@@ -9,15 +9,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use handover::format::ExportFormat;
-use handover::model::{format_timestamp, parse_timestamp, Manifest, TypeManifest};
 use serde_json::{json, Map, Value};
 
 use super::{JsonObject, QueryMap};
 use crate::auth::{self, Scope, PERM_EXPORT};
 use crate::context::Ctx;
-use crate::datatypes::Range;
 use crate::error::{ApiError, ApiResult};
-use crate::exports::{self, ExportRow, NewExport, STATUSES};
+use crate::plan;
+use crate::store::exports::{Completion, Delivery, ExportRow, NewExport, Status};
 use crate::ratelimit::{self, Limit};
 use crate::AppState;
 
@@ -62,286 +61,11 @@ async fn owned(
     let Ok(Path(id)) = id else {
         return Err(ApiError::ExportNotFound);
     };
-    exports::find(&state.db, scope, &id)
+    state
+        .store
+        .find_export(scope, &id)
         .await?
         .ok_or(ApiError::ExportNotFound)
-}
-
-const CREATE_FIELDS: [&str; 6] = [
-    "export_format",
-    "data_types",
-    "date_range_start",
-    "date_range_end",
-    "metadata",
-    "delivery",
-];
-const MAX_METADATA_BYTES: usize = 4096;
-
-fn parse_date(body: &Map<String, Value>, field: &str) -> ApiResult<Option<String>> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_timestamp(s)
-            .map(|t| Some(format_timestamp(t)))
-            .ok_or_else(|| {
-                ApiError::validation(
-                    "DATE_RANGE_INVALID",
-                    field,
-                    format!("{field} must be an ISO 8601 date-time, got {s:?}"),
-                )
-            }),
-        Some(_) => Err(ApiError::validation(
-            "DATE_RANGE_INVALID",
-            field,
-            format!("{field} must be a string"),
-        )),
-    }
-}
-
-/// Checks a create request body; returns format, types, range, metadata, delivery.
-fn validate_create(
-    state: &AppState,
-    body: &Map<String, Value>,
-) -> ApiResult<(ExportFormat, Vec<String>, Range, Value, String)> {
-    if let Some(k) = body.keys().find(|k| !CREATE_FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::validation(
-            "UNKNOWN_FIELD",
-            k.clone(),
-            format!("unknown field {k:?}"),
-        ));
-    }
-    let format = match body.get("export_format") {
-        Some(Value::String(s)) => s.parse::<ExportFormat>().map_err(|_| {
-            ApiError::validation(
-                "INVALID_FORMAT",
-                "export_format",
-                format!("unsupported export format {s:?}: use json, csv or xlsx"),
-            )
-        })?,
-        None => {
-            return Err(ApiError::validation(
-                "INVALID_FORMAT",
-                "export_format",
-                "export_format is required (json, csv or xlsx)",
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::validation(
-                "INVALID_FORMAT",
-                "export_format",
-                "export_format must be a string",
-            ))
-        }
-    };
-    let types = match body.get("data_types") {
-        Some(Value::Array(items)) if !items.is_empty() => items,
-        Some(Value::Array(_)) => {
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                "data_types",
-                "data_types must name at least one data type",
-            ))
-        }
-        None => {
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                "data_types",
-                "data_types is required",
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                "data_types",
-                "data_types must be an array of strings",
-            ))
-        }
-    };
-    let mut data_types = Vec::with_capacity(types.len());
-    for (i, t) in types.iter().enumerate() {
-        let field = format!("data_types[{i}]");
-        let Value::String(name) = t else {
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                field,
-                "data types are strings",
-            ));
-        };
-        if state.registry.get(name).is_none() {
-            let known: Vec<&str> = state.registry.all().map(|t| t.name.as_str()).collect();
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                field,
-                format!(
-                    "unknown data type {name:?}; available: {}",
-                    known.join(", ")
-                ),
-            ));
-        }
-        if data_types.contains(name) {
-            return Err(ApiError::validation(
-                "INVALID_DATA_TYPE",
-                field,
-                format!("data type {name:?} is listed twice"),
-            ));
-        }
-        data_types.push(name.clone());
-    }
-    let range = Range {
-        start: parse_date(body, "date_range_start")?,
-        end: parse_date(body, "date_range_end")?,
-    };
-    if let (Some(s), Some(e)) = (&range.start, &range.end) {
-        if parse_timestamp(s) > parse_timestamp(e) {
-            return Err(ApiError::validation(
-                "DATE_RANGE_INVALID",
-                "date_range_start",
-                "date_range_start is after date_range_end",
-            ));
-        }
-    }
-    let metadata = match body.get("metadata") {
-        None | Some(Value::Null) => json!({}),
-        Some(v @ Value::Object(m)) => {
-            if v.to_string().len() > MAX_METADATA_BYTES || m.len() > 50 {
-                return Err(ApiError::validation(
-                    "INVALID_METADATA",
-                    "metadata",
-                    format!("metadata must be at most {MAX_METADATA_BYTES} bytes and 50 keys"),
-                ));
-            }
-            v.clone()
-        }
-        Some(_) => {
-            return Err(ApiError::validation(
-                "INVALID_METADATA",
-                "metadata",
-                "metadata must be an object",
-            ))
-        }
-    };
-    let delivery = match body.get("delivery") {
-        None | Some(Value::Null) => "server".to_string(),
-        Some(Value::String(s)) if s == "client" || s == "server" => s.clone(),
-        Some(_) => {
-            return Err(ApiError::validation(
-                "INVALID_DELIVERY",
-                "delivery",
-                "delivery must be \"client\" or \"server\"",
-            ))
-        }
-    };
-    Ok((format, data_types, range, metadata, delivery))
-}
-
-/// Builds the manifest (counts and columns per type) and a size estimate.
-pub async fn plan(
-    state: &AppState,
-    scope: &Scope,
-    data_types: &[String],
-    range: &Range,
-    export_id: Option<&str>,
-) -> anyhow::Result<(Manifest, u64)> {
-    let mut manifest = Manifest::default();
-    let mut bytes = 0u64;
-    for name in data_types {
-        let t = state
-            .registry
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("data type {name} vanished"))?;
-        let records = state.source.count(name, scope, range).await?;
-        if records > 0 {
-            // A small sample gives the average record size (its JSON
-            // values plus the keys a JSON record repeats); a sample that
-            // cannot be read only makes the estimate rougher.
-            let keys: u64 = t.columns.iter().map(|c| c.name.len() as u64 + 4).sum();
-            let req = crate::source::PageRequest {
-                data_type: name.clone(),
-                owner: scope.clone(),
-                range: range.clone(),
-                after: None,
-                limit: 20,
-            };
-            let avg = match state
-                .source
-                .read_page(req, crate::source::SizeSample::default())
-                .await
-            {
-                Ok((sample, _)) if sample.rows > 0 => sample.json_bytes / sample.rows + keys,
-                Ok(_) => 256,
-                Err(e) => {
-                    tracing::warn!(data_type = %name, error = %format!("{e:#}"), "could not sample records for the size estimate");
-                    256
-                }
-            };
-            bytes += avg * records;
-        }
-        manifest.types.insert(
-            name.clone(),
-            TypeManifest {
-                records,
-                columns: t.columns.clone(),
-                records_url: export_id.map(|id| format!("/api/data/export/{id}/records/{name}")),
-            },
-        );
-    }
-    Ok((manifest, bytes + 512))
-}
-
-/// `FILE_TOO_LARGE` beyond the size limit; `QUOTA_EXCEEDED` when the
-/// records exported in the last 24 hours would pass the daily quota.
-async fn check_size_and_quota(
-    state: &AppState,
-    scope: &Scope,
-    manifest: &Manifest,
-    estimated_bytes: u64,
-) -> ApiResult<()> {
-    let limit = state.settings.max_export_bytes;
-    if estimated_bytes > limit {
-        return Err(ApiError::validation(
-            "FILE_TOO_LARGE",
-            "date_range_start",
-            format!(
-                "the export would be about {} MB, over the limit of {} MB: reduce the date range or the data types",
-                estimated_bytes / 1_048_576 + 1,
-                limit / 1_048_576
-            ),
-        ));
-    }
-    let day_ago = handover::model::format_timestamp(
-        time::OffsetDateTime::now_utc() - time::Duration::days(1),
-    );
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT estimated_records, created_at FROM export_requests WHERE user_id = ? AND company_id = ? AND created_at > ? ORDER BY created_at",
-    )
-    .bind(&scope.user_id)
-    .bind(&scope.company_id)
-    .bind(&day_ago)
-    .fetch_all(&state.db)
-    .await?;
-    let quota = state.settings.daily_record_quota;
-    let used: u64 = rows.iter().map(|(n, _)| *n as u64).sum();
-    if used + manifest.total_records() > quota {
-        // Space frees up as the oldest exports leave the 24-hour window.
-        let needed = (used + manifest.total_records()).saturating_sub(quota);
-        let mut freed = 0;
-        let mut until = None;
-        for (n, at) in &rows {
-            freed += *n as u64;
-            until = parse_timestamp(at);
-            if freed >= needed {
-                break;
-            }
-        }
-        let retry_after = until
-            .map(|t| {
-                (t + time::Duration::days(1) - time::OffsetDateTime::now_utc())
-                    .whole_seconds()
-                    .max(1) as u64
-            })
-            .unwrap_or(86_400);
-        return Err(ApiError::QuotaExceeded { quota, retry_after });
-    }
-    Ok(())
 }
 
 #[utoipa::path(post, path = "/api/data/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body = crate::openapi::CreateExport, responses((status = 201, description = "Created; with `manifest` for client delivery", body = crate::openapi::Envelope), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: INVALID_FORMAT, INVALID_DATA_TYPE, DATE_RANGE_INVALID, INVALID_METADATA, FILE_TOO_LARGE", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED or QUOTA_EXCEEDED (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
@@ -354,29 +78,33 @@ pub(crate) async fn create(
     ctx.set_action("export.create", None);
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
     let JsonObject(body) = body?;
-    let (format, data_types, range, metadata, delivery) = validate_create(&state, &body)?;
+    let req = plan::validate_create(&state.registry, &body)?;
     super::admit(&state, &ctx, &scope, ratelimit::CREATE).await?;
-    let (manifest, estimated_bytes) = plan(&state, &scope, &data_types, &range, None)
+    let (manifest, estimated_bytes) = plan::plan(&state, &scope, &req.data_types, &req.range, None)
         .await
         .map_err(ApiError::CreationFailed)?;
-    check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
+    plan::check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
+    let delivery = req.delivery;
     let new = NewExport {
         user_id: scope.user_id.clone(),
         company_id: scope.company_id.clone(),
-        delivery: delivery.clone(),
-        export_format: format.as_str().to_string(),
-        data_types,
-        range,
-        metadata,
+        delivery,
+        export_format: req.format.as_str().to_string(),
+        data_types: req.data_types,
+        range: req.range,
+        metadata: req.metadata,
         manifest,
         estimated_bytes,
     };
-    let mut row = exports::insert(&state, new, Some(ctx.request_id()))
+    let mut row = state
+        .store
+        .create_export(new, Some(ctx.request_id()))
         .await
         .map_err(ApiError::CreationFailed)?;
+    state.metrics.export_created();
     ctx.set_action("export.create", Some(&row.id));
     let mut data = row.created_view();
-    if delivery == "client" {
+    if delivery == Delivery::Client {
         for (name, t) in row.manifest.types.iter_mut() {
             t.records_url = Some(format!("/api/data/export/{}/records/{name}", row.id));
         }
@@ -408,17 +136,18 @@ pub(crate) async fn list(
     let scope = enter(&state, &ctx, &headers, ratelimit::READ).await?;
     let limit = q.int("limit", 50, 1, 100, "INVALID_LIMIT")? as u32;
     let offset = q.int("offset", 0, 0, i64::MAX as u64, "INVALID_OFFSET")?;
-    let status = q.get("status").filter(|s| !s.is_empty());
-    if let Some(s) = status {
-        if !STATUSES.contains(&s) {
-            return Err(ApiError::validation(
+    let status = match q.get("status").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(s.parse::<Status>().map_err(|_| {
+            let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::validation(
                 "INVALID_STATUS",
                 "status",
-                format!("status must be one of {}", STATUSES.join(", ")),
-            ));
-        }
-    }
-    let (rows, total) = exports::list(&state.db, &scope, status, limit, offset).await?;
+                format!("status must be one of {}", all.join(", ")),
+            )
+        })?),
+    };
+    let (rows, total) = state.store.list_exports(&scope, status, limit, offset).await?;
     Ok(ctx.ok(json!({
         "requests": rows.iter().map(ExportRow::list_view).collect::<Vec<_>>(),
         "total": total,
@@ -454,21 +183,8 @@ pub(crate) async fn delete(
     let scope = enter(&state, &ctx, &headers, ratelimit::DELETE).await?;
     let row = owned(&state, &scope, id).await?;
     ctx.set_action("export.delete", Some(&row.id));
-    let deleted_at = exports::now();
-    sqlx::query("UPDATE export_requests SET deleted_at = ? WHERE id = ?")
-        .bind(&deleted_at)
-        .bind(&row.id)
-        .execute(&state.db)
-        .await?;
-    state.files.destroy(&state.db, &row.id).await?;
-    exports::event(
-        &state,
-        &row,
-        "export.deleted",
-        Some(ctx.request_id()),
-        json!({ "status_before": row.status }),
-    )
-    .await?;
+    let (deleted_at, files) = state.store.delete_export(&row, Some(ctx.request_id())).await?;
+    state.files.remove(&files).await;
     Ok(ctx.ok(json!({ "request_id": row.id, "deleted": true, "deleted_at": deleted_at })))
 }
 
@@ -501,7 +217,7 @@ pub(crate) async fn download(
             ))
         }
     };
-    if row.status != "completed" {
+    if row.status != Status::Completed {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_READY",
             "Export not ready for download".into(),
@@ -513,15 +229,16 @@ pub(crate) async fn download(
             "Export not ready for download: it was built in the browser and the server keeps no copy".into(),
         ));
     };
-    exports::event(
-        &state,
-        &row,
-        "export.downloaded",
-        Some(ctx.request_id()),
-        json!({ "format": format.as_str(), "byte_size": file.byte_size, "sha256": file.sha256,
-                "converted": file.converted_from.is_some() }),
-    )
-    .await?;
+    state
+        .store
+        .export_event(
+            &row,
+            "export.downloaded",
+            Some(ctx.request_id()),
+            json!({ "format": format.as_str(), "byte_size": file.byte_size, "sha256": file.sha256,
+                    "converted": file.converted_from.is_some() }),
+        )
+        .await?;
     let filename = format!("{}.{}", row.id, format.extension());
     let mut response = Response::new(Body::from_stream(file.stream));
     let h = response.headers_mut();
@@ -550,7 +267,7 @@ pub(crate) async fn complete(
     body: Result<JsonObject, ApiError>,
 ) -> ApiResult<Json<Value>> {
     let (scope, row, body) = report(&state, &ctx, &headers, id, body, "export.complete").await?;
-    if row.delivery != "client" || !row.is_open() {
+    if row.delivery != Delivery::Client || !row.is_open() {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
             format!(
@@ -594,7 +311,7 @@ pub(crate) async fn complete(
         })?;
     // What the browser reports must be what was served: every page of
     // every type, as many records as the manifest promised.
-    let progress = exports::progress(&state.db, &row.id).await?;
+    let progress = state.store.progress(&row.id).await?;
     let mut served = 0;
     for (t, promised) in &row.manifest.types {
         let p = progress.iter().find(|p| &p.data_type == t);
@@ -625,19 +342,26 @@ pub(crate) async fn complete(
             format!("record_count {count} does not match the {served} records served"),
         ));
     }
-    let done = exports::Completion {
+    let done = Completion {
         records: count,
         byte_size,
         sha256: sha,
         details: Default::default(),
     };
-    if !exports::mark_completed(&state, &row, &done, Some(ctx.request_id())).await? {
+    if !state
+        .store
+        .complete_export(&row, &done, &[], Some(ctx.request_id()))
+        .await?
+    {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
             "export is no longer open".into(),
         ));
     }
-    let row = exports::find(&state.db, &scope, &row.id)
+    crate::exports::count_completed(&state, &row, &done);
+    let row = state
+        .store
+        .find_export(&scope, &row.id)
         .await?
         .ok_or(ApiError::ExportNotFound)?;
     Ok(ctx.ok(row.details_view()))
@@ -664,8 +388,11 @@ pub(crate) async fn fail(
                 "reason must be a non-empty string of at most 500 characters",
             )
         })?;
-    if row.delivery != "client"
-        || !exports::fail(&state, &row, reason, Some(ctx.request_id())).await?
+    if row.delivery != Delivery::Client
+        || !state
+            .store
+            .fail_export(&row, reason, Some(ctx.request_id()))
+            .await?
     {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
@@ -675,7 +402,10 @@ pub(crate) async fn fail(
             ),
         ));
     }
-    let row = exports::find(&state.db, &scope, &row.id)
+    state.metrics.export_failed();
+    let row = state
+        .store
+        .find_export(&scope, &row.id)
         .await?
         .ok_or(ApiError::ExportNotFound)?;
     Ok(ctx.ok(row.details_view()))

@@ -18,9 +18,9 @@ pub fn router() -> Router<AppState> {
 
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Alive and the database answers")))]
 pub(crate) async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match sqlx::query("SELECT 1").execute(&state.db).await {
-        Ok(_) => (axum::http::StatusCode::OK, Json(json!({ "status": "ok" }))),
-        Err(_) => (
+    match state.store.ping().await {
+        true => (axum::http::StatusCode::OK, Json(json!({ "status": "ok" }))),
+        false => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "database unavailable" })),
         ),

@@ -36,7 +36,7 @@ pub(crate) async fn admit(
     scope: &Scope,
     limit: Limit,
 ) -> ApiResult<()> {
-    let rate = ratelimit::admit(&state.db, limit, &scope.user_id, &scope.company_id).await?;
+    let rate = ratelimit::admit(&state.store, limit, &scope.user_id, &scope.company_id).await?;
     ctx.set_rate(rate);
     Ok(())
 }

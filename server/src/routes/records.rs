@@ -30,7 +30,7 @@ use crate::auth::{Scope, PERM_EXPORT};
 use crate::context::Ctx;
 use crate::cursor::Cursor;
 use crate::error::{ApiError, ApiResult};
-use crate::exports::{self, ExportRow};
+use crate::store::exports::{Delivery, ExportRow};
 use crate::source::{PageRequest, RowSink};
 use crate::{ratelimit, AppState};
 
@@ -102,11 +102,13 @@ async fn prologue(
     let Ok(Path((id, data_type))) = path else {
         return Err(ApiError::ExportNotFound);
     };
-    let row = exports::find(&state.db, &scope, &id)
+    let row = state
+        .store
+        .find_export(&scope, &id)
         .await?
         .ok_or(ApiError::ExportNotFound)?;
     ctx.set_action("export.records", Some(&row.id));
-    if row.delivery != "client" || !row.is_open() {
+    if row.delivery != Delivery::Client || !row.is_open() {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_OPEN",
             format!(
@@ -203,10 +205,12 @@ pub(crate) async fn page(
         )
     });
     let frame = sink.finish(next.as_deref());
-    exports::mark_started(&state, &req.row, Some(ctx.request_id())).await?;
+    state
+        .store
+        .mark_started(&req.row, Some(ctx.request_id()))
+        .await?;
     let bookkeeping = Instant::now();
-    exports::record_progress(
-        &state.db,
+    state.store.record_progress(
         &req.row.id,
         &req.data_type,
         served,
@@ -234,7 +238,10 @@ pub(crate) async fn stream(
         Some(crate::Fault::Status(response)) => return Ok(response),
         other => other,
     };
-    exports::mark_started(&state, &req.row, Some(ctx.request_id())).await?;
+    state
+        .store
+        .mark_started(&req.row, Some(ctx.request_id()))
+        .await?;
     // Two frames in flight: the next page is read while one is sent.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     let request_id = ctx.request_id().to_string();
@@ -336,8 +343,7 @@ async fn produce(
             }
             sent += 1;
             let bookkeeping = Instant::now();
-            if let Err(e) = exports::record_progress(
-                &state.db,
+            if let Err(e) = state.store.record_progress(
                 &req.row.id,
                 &req.data_type,
                 frame.served,

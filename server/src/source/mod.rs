@@ -7,6 +7,7 @@
 //! export) consumes cells and knows nothing of the engine. No generic value
 //! tree is built per cell on the way.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -64,6 +65,9 @@ pub enum Source {
     /// An SQLite file, read with rusqlite on blocking threads (sqlx copies
     /// every value of every row, which costs several times the query).
     Sqlite(Arc<sqlite::SqliteSource>),
+    /// PostgreSQL, read with sqlx's PostgreSQL driver on blocking threads
+    /// (so page consumers behave the same on both engines).
+    Postgres(Arc<postgres::PostgresSource>),
 }
 
 impl Source {
@@ -73,10 +77,15 @@ impl Source {
     ///
     /// A URL this build cannot read data from.
     pub fn open(database_url: &str, registry: &Registry) -> anyhow::Result<Self> {
-        Ok(Self::Sqlite(Arc::new(sqlite::SqliteSource::open(
-            database_url,
-            registry,
-        )?)))
+        Ok(match crate::store::Engine::of(database_url)? {
+            crate::store::Engine::Sqlite => Self::Sqlite(Arc::new(sqlite::SqliteSource::open(
+                database_url,
+                registry,
+            )?)),
+            crate::store::Engine::Postgres => Self::Postgres(Arc::new(
+                postgres::PostgresSource::open(database_url, registry)?,
+            )),
+        })
     }
 
     /// Reads one page into `sink`; returns the sink and how the page ended.
@@ -92,6 +101,15 @@ impl Source {
     ) -> anyhow::Result<(S, PageEnd)> {
         match self {
             Self::Sqlite(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut sink = sink;
+                    let end = s.read_page(&req, &mut sink)?;
+                    Ok((sink, end))
+                })
+                .await?
+            }
+            Self::Postgres(s) => {
                 let s = s.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut sink = sink;
@@ -117,25 +135,24 @@ impl Source {
         S: RowSink,
         F: FnMut(&mut S, &PageEnd) -> anyhow::Result<bool> + Send + 'static,
     {
-        match self {
-            Self::Sqlite(s) => {
-                let s = s.clone();
-                tokio::task::spawn_blocking(move || {
-                    let (mut sink, mut each, mut req) = (sink, each, req);
-                    loop {
-                        let end = s.read_page(&req, &mut sink)?;
-                        if !each(&mut sink, &end)? {
-                            return Ok(sink);
-                        }
-                        match end.next {
-                            Some(k) => req.after = Some(k),
-                            None => return Ok(sink),
-                        }
-                    }
-                })
-                .await?
+        let source = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut sink, mut each, mut req) = (sink, each, req);
+            loop {
+                let end = match &source {
+                    Self::Sqlite(s) => s.read_page(&req, &mut sink)?,
+                    Self::Postgres(s) => s.read_page(&req, &mut sink)?,
+                };
+                if !each(&mut sink, &end)? {
+                    return Ok(sink);
+                }
+                match end.next {
+                    Some(k) => req.after = Some(k),
+                    None => return Ok(sink),
+                }
             }
-        }
+        })
+        .await?
     }
 
     /// How many records of `data_type` the owner has within `range`.
@@ -159,6 +176,7 @@ impl Source {
                 );
                 tokio::task::spawn_blocking(move || s.count(&t, &o, &r)).await?
             }
+            Self::Postgres(s) => s.count(data_type, owner, range).await,
         }
     }
 }

@@ -43,7 +43,7 @@ pub struct SqliteSource {
 }
 
 /// The file of a `sqlite://…` URL.
-fn path_of(url: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn path_of(url: &str) -> anyhow::Result<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))

@@ -1,0 +1,442 @@
+//! `handover-server`'s command line: serve, demo data, tokens, the audit
+//! log, and the privacy officer's export.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use handover::format::ExportFormat;
+use serde_json::json;
+
+use crate::auth::{self, Scope, PERM_EXPORT};
+use crate::config::{self, JwtSettings, MasterKeySource};
+use crate::datatypes::{Range, Registry};
+use crate::startup::{self, DemoOptions, StateOptions};
+use crate::store::audit::Verification;
+use crate::store::exports::{Completion, Delivery, NewExport};
+use crate::store::Store;
+use crate::{demo, jobs, plan, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "handover-server",
+    version,
+    about = "GDPR \"download my data\": the handover API server and operator tools"
+)]
+pub struct Cli {
+    /// Database URL: sqlite://FILE (embedded, one instance) or
+    /// postgres://USER:PASSWORD@HOST/DB (any number of instances).
+    #[arg(
+        long = "database",
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "sqlite://handover.db"
+    )]
+    database: String,
+    /// Data type config (TOML); the built-in one covers the API reference's
+    /// five types (in SQLite's or PostgreSQL's dialect, by DATABASE_URL).
+    #[arg(long, global = true, env = "HANDOVER_DATA_TYPES")]
+    data_types_config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API.
+    Serve(Box<ServeArgs>),
+    /// Load deterministic demo data.
+    DemoData {
+        /// Generated users (besides user_456).
+        #[arg(long, default_value_t = 3)]
+        users: u64,
+        /// About this many records per user.
+        #[arg(long, default_value_t = 100)]
+        records: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// A privacy officer's export of one user (same writers, audited).
+    Export {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        company: String,
+        #[arg(long)]
+        format: String,
+        /// Comma-separated; default: every configured type.
+        #[arg(long, value_delimiter = ',')]
+        data_types: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Directory of the server's data (the default master key file is read from it).
+        #[arg(long, env = "HANDOVER_DATA_DIR", default_value = "handover-data")]
+        data_dir: PathBuf,
+        /// 64 hex digits, as for `serve` (signs nothing here, but an export
+        /// must not generate a new key beside the server's).
+        #[arg(long, env = "HANDOVER_MASTER_KEY", hide_env_values = true)]
+        master_key: Option<String>,
+        #[arg(long, env = "HANDOVER_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print one new API token on stdout.
+    Create {
+        #[arg(long)]
+        user: String,
+        /// Repeat for several companies.
+        #[arg(long = "company", required = true)]
+        companies: Vec<String>,
+        /// Repeat for several; default data:export.
+        #[arg(long = "permission")]
+        permissions: Vec<String>,
+    },
+    /// Revoke a token by id (or by the token itself).
+    Revoke { token_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Exit 0 when the chain is intact; otherwise print the first bad row and exit 1.
+    Verify,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[arg(long, env = "HANDOVER_BIND", default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// Load demo data into an empty database; serve www/ at / and pkg/ at /pkg/.
+    #[arg(long, env = "HANDOVER_DEMO", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    demo: bool,
+    #[arg(long, env = "HANDOVER_WWW_DIR", default_value = "www")]
+    www_dir: PathBuf,
+    #[arg(long, env = "HANDOVER_PKG_DIR", default_value = "pkg")]
+    pkg_dir: PathBuf,
+    /// Directory for encrypted export files (directory storage), build
+    /// scratch space and, by default, the generated master key.
+    #[arg(long, env = "HANDOVER_DATA_DIR", default_value = "handover-data")]
+    data_dir: PathBuf,
+    /// 64 hex digits; wraps every export's data key and signs cursors.
+    #[arg(long, env = "HANDOVER_MASTER_KEY", hide_env_values = true)]
+    master_key: Option<String>,
+    /// Without HANDOVER_MASTER_KEY: the file holding it (generated, mode
+    /// 0600, when missing). Default DATA_DIR/master.key.
+    #[arg(long, env = "HANDOVER_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+    /// Where export files' bytes go: `db` (the database; the default on
+    /// PostgreSQL, reachable from every instance) or `dir` (DATA_DIR/exports;
+    /// the default on SQLite; share it between instances).
+    #[arg(long, env = "HANDOVER_FILE_STORAGE")]
+    file_storage: Option<String>,
+    #[arg(long, env = "HANDOVER_JWT_HS256_SECRET", hide_env_values = true)]
+    jwt_hs256_secret: Option<String>,
+    /// RS256 public key: a PEM file path or the PEM itself.
+    #[arg(long, env = "HANDOVER_JWT_RS256_PUBLIC_KEY")]
+    jwt_rs256_public_key: Option<String>,
+    #[arg(long, env = "HANDOVER_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    #[arg(long, env = "HANDOVER_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// DEVELOPMENT ONLY: accept requests without a token.
+    #[arg(long, env = "HANDOVER_DEV_NO_AUTH", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    dev_no_auth: bool,
+    /// Fail client exports idle this many seconds, and requeue server
+    /// builds that gave no sign of life for as long (their instance stopped).
+    #[arg(long, env = "HANDOVER_STALE_AFTER_SECS", default_value_t = 900)]
+    stale_after_secs: u64,
+    #[arg(long, env = "HANDOVER_SWEEP_SECS", default_value_t = 30)]
+    sweep_secs: u64,
+    /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
+    #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
+    fault_pages: Option<f64>,
+    /// TESTS ONLY: `stall` makes the injected faults hang instead of failing.
+    #[arg(
+        long,
+        env = "HANDOVER_FAULT_KIND",
+        hide = true,
+        default_value = "mixed"
+    )]
+    fault_kind: String,
+    /// Origins allowed to call the API from browsers, comma-separated (`*` for any).
+    #[arg(long, env = "HANDOVER_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// Largest export accepted, in MB (estimated); larger ones get FILE_TOO_LARGE.
+    #[arg(long, env = "HANDOVER_MAX_EXPORT_MB", default_value_t = 2048)]
+    max_export_mb: u64,
+    /// Records one user may export per company in 24 hours (QUOTA_EXCEEDED beyond).
+    #[arg(
+        long,
+        env = "HANDOVER_DAILY_RECORD_QUOTA",
+        default_value_t = 50_000_000
+    )]
+    daily_record_quota: u64,
+    /// Demo mode: users generated, and records per user.
+    #[arg(long, env = "HANDOVER_DEMO_USERS", default_value_t = 3)]
+    demo_users: u64,
+    #[arg(long, env = "HANDOVER_DEMO_RECORDS", default_value_t = 150)]
+    demo_records: u64,
+    /// TESTS ONLY: server builds never finish (they keep their claim alive),
+    /// so a test can stop the instance in the middle of one.
+    #[arg(long, env = "HANDOVER_TEST_HOLD_BUILDS", hide = true, action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    test_hold_builds: bool,
+}
+
+fn master_source(hex: Option<&str>, file: Option<&Path>, data_dir: &Path) -> MasterKeySource {
+    match (hex, file) {
+        (Some(k), _) => MasterKeySource::Hex(k.to_string()),
+        (None, Some(f)) => MasterKeySource::File(f.to_path_buf()),
+        (None, None) => MasterKeySource::File(data_dir.join("master.key")),
+    }
+}
+
+async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
+    let mut settings = Settings {
+        demo_dirs: a.demo.then(|| (a.www_dir.clone(), a.pkg_dir.clone())),
+        cors_origins: a.cors_origins.clone(),
+        max_export_bytes: a.max_export_mb.saturating_mul(1_048_576),
+        daily_record_quota: a.daily_record_quota,
+        fault: config::fault_injection(a.fault_pages, &a.fault_kind)?,
+        hold_builds: a.test_hold_builds,
+        ..Settings::default()
+    };
+    config::timing(&mut settings, a.stale_after_secs, a.sweep_secs);
+    let options = StateOptions {
+        database_url: cli.database.clone(),
+        data_types: cli.data_types_config.clone(),
+        data_dir: a.data_dir.clone(),
+        master_key: master_source(a.master_key.as_deref(), a.master_key_file.as_deref(), &a.data_dir),
+        file_storage: a.file_storage.clone(),
+        jwt: JwtSettings {
+            hs256_secret: a.jwt_hs256_secret.clone(),
+            rs256_public_key: a.jwt_rs256_public_key.clone(),
+            issuer: a.jwt_issuer.clone(),
+            audience: a.jwt_audience.clone(),
+        },
+        dev_no_auth: a.dev_no_auth,
+        settings,
+    };
+    let demo = a.demo.then_some(DemoOptions {
+        users: a.demo_users,
+        records: a.demo_records,
+    });
+    startup::serve(options, &a.bind, demo).await
+}
+
+/// Who runs the CLI, for the audit log.
+fn operator() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
+struct ExportArgs<'a> {
+    user: &'a str,
+    company: &'a str,
+    format: &'a str,
+    types: &'a [String],
+    out: &'a Path,
+    data_dir: &'a Path,
+    master: MasterKeySource,
+}
+
+async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
+    let format: ExportFormat = a.format.parse()?;
+    let state = startup::open_state(StateOptions {
+        database_url: cli.database.clone(),
+        data_types: cli.data_types_config.clone(),
+        data_dir: a.data_dir.to_path_buf(),
+        master_key: a.master,
+        file_storage: None,
+        jwt: JwtSettings::default(),
+        dev_no_auth: false,
+        settings: Settings::default(),
+    })
+    .await?;
+    let data_types: Vec<String> = if a.types.is_empty() {
+        state.registry.all().map(|t| t.name.clone()).collect()
+    } else {
+        for t in a.types {
+            anyhow::ensure!(state.registry.get(t).is_some(), "unknown data type {t:?}");
+        }
+        a.types.to_vec()
+    };
+    let scope = Scope {
+        user_id: a.user.to_string(),
+        company_id: a.company.to_string(),
+    };
+    let range = Range::default();
+    let (manifest, estimated_bytes) = plan::plan(&state, &scope, &data_types, &range, None).await?;
+    let operator = operator();
+    // The output holds personal data: readable by its owner only, from the start.
+    let file = config::private_file(a.out)
+        .with_context(|| format!("creating {} (it must not exist yet)", a.out.display()))?;
+    let row = state
+        .store
+        .create_export(
+            NewExport {
+                user_id: a.user.to_string(),
+                company_id: a.company.to_string(),
+                delivery: Delivery::Cli,
+                export_format: format.as_str().into(),
+                data_types,
+                range,
+                metadata: json!({ "purpose": "dpo_request", "operator": operator }),
+                manifest,
+                estimated_bytes,
+            },
+            None,
+        )
+        .await?;
+    let mut sink = jobs::PlainFile {
+        file: tokio::fs::File::from_std(file),
+        sha: handover::Sha256Stream::default(),
+        size: 0,
+    };
+    // XLSX sheets are assembled beside the output file.
+    let tempdir = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let built = async {
+        let b = jobs::build(&state, &row, format, &tempdir, &mut sink, None::<&mut jobs::PlainFile>).await?;
+        tokio::io::AsyncWriteExt::flush(&mut sink.file).await?;
+        sink.file.sync_all().await?;
+        anyhow::Ok(b)
+    }
+    .await;
+    let records = match built {
+        Ok(b) => b.records,
+        Err(e) => {
+            // Nothing half-written is left behind.
+            let _ = std::fs::remove_file(a.out);
+            state.store.fail_export(&row, "generation failed", None).await?;
+            return Err(e);
+        }
+    };
+    let (sha, size) = (sink.sha.finish_hex(), sink.size);
+    let mut details = serde_json::Map::new();
+    details.insert("operator".into(), json!(operator));
+    details.insert("file".into(), json!(a.out.display().to_string()));
+    let done = Completion {
+        records,
+        byte_size: size,
+        sha256: sha.clone(),
+        details,
+    };
+    state.store.complete_export(&row, &done, &[], None).await?;
+    eprintln!(
+        "{}: {records} records, {size} bytes, sha256 {sha} (request {})",
+        a.out.display(),
+        row.id
+    );
+    Ok(())
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+///
+/// Whatever stops the command; the caller prints it.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Serve(args) => serve(&cli, args).await?,
+        Command::DemoData { users, records, seed } => {
+            let store = Store::connect(&cli.database).await?;
+            let registry = Registry::load_for(cli.data_types_config.as_deref(), store.engine())?;
+            let started = std::time::Instant::now();
+            let loaded = demo::load(&store, &cli.database, &registry, *users, *records, *seed).await?;
+            eprintln!(
+                "loaded {} users, {} records in {:.1?}",
+                loaded.users,
+                loaded.records,
+                started.elapsed()
+            );
+        }
+        Command::Token(TokenCommand::Create { user, companies, permissions }) => {
+            let store = Store::connect(&cli.database).await?;
+            let perms = if permissions.is_empty() {
+                vec![PERM_EXPORT.to_string()]
+            } else {
+                permissions.clone()
+            };
+            let (id, token) = auth::create_token(&store, user, companies, &perms, &operator()).await?;
+            eprintln!(
+                "token id {id} for {user} in {} with {}",
+                companies.join(", "),
+                perms.join(", ")
+            );
+            println!("{token}");
+        }
+        Command::Token(TokenCommand::Revoke { token_id }) => {
+            let store = Store::connect(&cli.database).await?;
+            if !auth::revoke_token(&store, token_id, &operator()).await? {
+                eprintln!("no active token {token_id}");
+                return Ok(ExitCode::from(1));
+            }
+            eprintln!("revoked {token_id}");
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let store = Store::connect(&cli.database).await?;
+            match store.verify_audit().await? {
+                Verification::Intact { rows } => println!("audit log intact: {rows} rows"),
+                Verification::Broken { seq, reason } => {
+                    println!("audit log BROKEN at row {seq}: {reason}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Command::Export {
+            user,
+            company,
+            format,
+            data_types,
+            out,
+            data_dir,
+            master_key,
+            master_key_file,
+        } => {
+            let master = master_source(master_key.as_deref(), master_key_file.as_deref(), data_dir);
+            export_cli(
+                &cli,
+                ExportArgs {
+                    user,
+                    company,
+                    format,
+                    types: data_types,
+                    out,
+                    data_dir,
+                    master,
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The binary's `main`: logging to stderr (`HANDOVER_LOG`), then the command.
+pub async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANDOVER_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

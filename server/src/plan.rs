@@ -1,0 +1,312 @@
+//! What a create request asks for, checked, and what it will cost: the
+//! manifest (records and columns per type), the size estimate, the size
+//! limit and the daily record quota. Used by the API and the CLI.
+
+use handover::format::ExportFormat;
+use handover::model::{format_timestamp, parse_timestamp, Manifest, TypeManifest};
+use serde_json::{json, Map, Value};
+
+use crate::auth::Scope;
+use crate::datatypes::{Range, Registry};
+use crate::error::{ApiError, ApiResult};
+use crate::store::exports::Delivery;
+use crate::AppState;
+
+const CREATE_FIELDS: [&str; 6] = [
+    "export_format",
+    "data_types",
+    "date_range_start",
+    "date_range_end",
+    "metadata",
+    "delivery",
+];
+const MAX_METADATA_BYTES: usize = 4096;
+
+fn parse_date(body: &Map<String, Value>, field: &str) -> ApiResult<Option<String>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => parse_timestamp(s)
+            .map(|t| Some(format_timestamp(t)))
+            .ok_or_else(|| {
+                ApiError::validation(
+                    "DATE_RANGE_INVALID",
+                    field,
+                    format!("{field} must be an ISO 8601 date-time, got {s:?}"),
+                )
+            }),
+        Some(_) => Err(ApiError::validation(
+            "DATE_RANGE_INVALID",
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+/// A create request, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateRequest {
+    pub format: ExportFormat,
+    pub data_types: Vec<String>,
+    pub range: Range,
+    pub metadata: Value,
+    pub delivery: Delivery,
+}
+
+/// Checks a create request body against the configured data types.
+///
+/// # Errors
+///
+/// `VALIDATION_ERROR` naming the field and the specific code
+/// (`UNKNOWN_FIELD`, `INVALID_FORMAT`, `INVALID_DATA_TYPE`,
+/// `DATE_RANGE_INVALID`, `INVALID_METADATA`, `INVALID_DELIVERY`).
+pub fn validate_create(registry: &Registry, body: &Map<String, Value>) -> ApiResult<CreateRequest> {
+    if let Some(k) = body.keys().find(|k| !CREATE_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::validation(
+            "UNKNOWN_FIELD",
+            k.clone(),
+            format!("unknown field {k:?}"),
+        ));
+    }
+    let format = match body.get("export_format") {
+        Some(Value::String(s)) => s.parse::<ExportFormat>().map_err(|_| {
+            ApiError::validation(
+                "INVALID_FORMAT",
+                "export_format",
+                format!("unsupported export format {s:?}: use json, csv or xlsx"),
+            )
+        })?,
+        None => {
+            return Err(ApiError::validation(
+                "INVALID_FORMAT",
+                "export_format",
+                "export_format is required (json, csv or xlsx)",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "INVALID_FORMAT",
+                "export_format",
+                "export_format must be a string",
+            ))
+        }
+    };
+    let types = match body.get("data_types") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                "data_types",
+                "data_types must name at least one data type",
+            ))
+        }
+        None => {
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                "data_types",
+                "data_types is required",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                "data_types",
+                "data_types must be an array of strings",
+            ))
+        }
+    };
+    let mut data_types = Vec::with_capacity(types.len());
+    for (i, t) in types.iter().enumerate() {
+        let field = format!("data_types[{i}]");
+        let Value::String(name) = t else {
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                field,
+                "data types are strings",
+            ));
+        };
+        if registry.get(name).is_none() {
+            let known: Vec<&str> = registry.all().map(|t| t.name.as_str()).collect();
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                field,
+                format!(
+                    "unknown data type {name:?}; available: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if data_types.contains(name) {
+            return Err(ApiError::validation(
+                "INVALID_DATA_TYPE",
+                field,
+                format!("data type {name:?} is listed twice"),
+            ));
+        }
+        data_types.push(name.clone());
+    }
+    let range = Range {
+        start: parse_date(body, "date_range_start")?,
+        end: parse_date(body, "date_range_end")?,
+    };
+    if let (Some(s), Some(e)) = (&range.start, &range.end) {
+        if parse_timestamp(s) > parse_timestamp(e) {
+            return Err(ApiError::validation(
+                "DATE_RANGE_INVALID",
+                "date_range_start",
+                "date_range_start is after date_range_end",
+            ));
+        }
+    }
+    let metadata = match body.get("metadata") {
+        None | Some(Value::Null) => json!({}),
+        Some(v @ Value::Object(m)) => {
+            if v.to_string().len() > MAX_METADATA_BYTES || m.len() > 50 {
+                return Err(ApiError::validation(
+                    "INVALID_METADATA",
+                    "metadata",
+                    format!("metadata must be at most {MAX_METADATA_BYTES} bytes and 50 keys"),
+                ));
+            }
+            v.clone()
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "INVALID_METADATA",
+                "metadata",
+                "metadata must be an object",
+            ))
+        }
+    };
+    let delivery = match body.get("delivery") {
+        None | Some(Value::Null) => Delivery::Server,
+        Some(Value::String(s)) if s == "client" => Delivery::Client,
+        Some(Value::String(s)) if s == "server" => Delivery::Server,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "INVALID_DELIVERY",
+                "delivery",
+                "delivery must be \"client\" or \"server\"",
+            ))
+        }
+    };
+    Ok(CreateRequest {
+        format,
+        data_types,
+        range,
+        metadata,
+        delivery,
+    })
+}
+
+/// Builds the manifest (counts and columns per type) and a size estimate.
+///
+/// # Errors
+///
+/// Database errors (a data type query that fails).
+pub async fn plan(
+    state: &AppState,
+    scope: &Scope,
+    data_types: &[String],
+    range: &Range,
+    export_id: Option<&str>,
+) -> anyhow::Result<(Manifest, u64)> {
+    let mut manifest = Manifest::default();
+    let mut bytes = 0u64;
+    for name in data_types {
+        let t = state
+            .registry
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("data type {name} vanished"))?;
+        let records = state.source.count(name, scope, range).await?;
+        if records > 0 {
+            // A small sample gives the average record size (its JSON
+            // values plus the keys a JSON record repeats); a sample that
+            // cannot be read only makes the estimate rougher.
+            let keys: u64 = t.columns.iter().map(|c| c.name.len() as u64 + 4).sum();
+            let req = crate::source::PageRequest {
+                data_type: name.clone(),
+                owner: scope.clone(),
+                range: range.clone(),
+                after: None,
+                limit: 20,
+            };
+            let avg = match state
+                .source
+                .read_page(req, crate::source::SizeSample::default())
+                .await
+            {
+                Ok((sample, _)) if sample.rows > 0 => sample.json_bytes / sample.rows + keys,
+                Ok(_) => 256,
+                Err(e) => {
+                    tracing::warn!(data_type = %name, error = %format!("{e:#}"), "could not sample records for the size estimate");
+                    256
+                }
+            };
+            bytes += avg * records;
+        }
+        manifest.types.insert(
+            name.clone(),
+            TypeManifest {
+                records,
+                columns: t.columns.clone(),
+                records_url: export_id.map(|id| format!("/api/data/export/{id}/records/{name}")),
+            },
+        );
+    }
+    Ok((manifest, bytes + 512))
+}
+
+/// `FILE_TOO_LARGE` beyond the size limit; `QUOTA_EXCEEDED` when the
+/// records exported in the last 24 hours would pass the daily quota.
+///
+/// # Errors
+///
+/// Those two, and database errors.
+pub async fn check_size_and_quota(
+    state: &AppState,
+    scope: &Scope,
+    manifest: &Manifest,
+    estimated_bytes: u64,
+) -> ApiResult<()> {
+    let limit = state.settings.max_export_bytes;
+    if estimated_bytes > limit {
+        return Err(ApiError::validation(
+            "FILE_TOO_LARGE",
+            "date_range_start",
+            format!(
+                "the export would be about {} MB, over the limit of {} MB: reduce the date range or the data types",
+                estimated_bytes / 1_048_576 + 1,
+                limit / 1_048_576
+            ),
+        ));
+    }
+    let day_ago = handover::model::format_timestamp(
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    );
+    let rows = state.store.records_requested_since(scope, &day_ago).await?;
+    let quota = state.settings.daily_record_quota;
+    let used: u64 = rows.iter().map(|(n, _)| *n).sum();
+    if used + manifest.total_records() > quota {
+        // Space frees up as the oldest exports leave the 24-hour window.
+        let needed = (used + manifest.total_records()).saturating_sub(quota);
+        let mut freed = 0;
+        let mut until = None;
+        for (n, at) in &rows {
+            freed += *n;
+            until = parse_timestamp(at);
+            if freed >= needed {
+                break;
+            }
+        }
+        let retry_after = until
+            .map(|t| {
+                (t + time::Duration::days(1) - time::OffsetDateTime::now_utc())
+                    .whole_seconds()
+                    .max(1) as u64
+            })
+            .unwrap_or(86_400);
+        return Err(ApiError::QuotaExceeded { quota, retry_after });
+    }
+    Ok(())
+}
+

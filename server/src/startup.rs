@@ -1,0 +1,149 @@
+//! Putting the server together: the database, the data types, the keys and
+//! the file store become an [`AppState`]; `serve` runs the HTTP API and the
+//! background work on it until a signal stops it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::auth::{self, AuthConfig, PERM_AUDIT, PERM_EXPORT};
+use crate::config::{self, JwtSettings, MasterKeySource};
+use crate::cursor::CursorKey;
+use crate::datatypes::Registry;
+use crate::files::FileStore;
+use crate::source::Source;
+use crate::store::Store;
+use crate::{demo, jobs, AppState, Settings, StateInner};
+
+/// What an [`AppState`] is made of.
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `HANDOVER_DATA_TYPES`; the built-in config for the engine otherwise.
+    pub data_types: Option<PathBuf>,
+    /// `HANDOVER_DATA_DIR`: export files (directory storage) and build scratch space.
+    pub data_dir: PathBuf,
+    pub master_key: MasterKeySource,
+    /// `HANDOVER_FILE_STORAGE`.
+    pub file_storage: Option<String>,
+    pub jwt: JwtSettings,
+    pub dev_no_auth: bool,
+    pub settings: Settings,
+}
+
+/// Opens everything and returns the state the handlers and workers share.
+///
+/// # Errors
+///
+/// Any setting that does not check out (each error names its variable),
+/// or a database that cannot be opened or migrated.
+pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
+    let store = Store::connect(&o.database_url).await?;
+    let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
+    let exports_dir = o.data_dir.join("exports");
+    let master = config::master_key(&o.master_key, Some(&exports_dir))?;
+    let storage = config::file_storage(o.file_storage.as_deref(), store.engine())?;
+    let files = FileStore::new(exports_dir, master.clone(), storage, store.clone())?;
+    let source = Source::open(&o.database_url, &registry)?;
+    Ok(AppState(Arc::new(StateInner {
+        store,
+        registry,
+        source,
+        cursor_key: CursorKey::derive(&master),
+        auth: AuthConfig {
+            jwt: o.jwt.build()?,
+            dev_no_auth: o.dev_no_auth,
+        },
+        metrics: Default::default(),
+        files,
+        settings: o.settings,
+        jobs: Default::default(),
+    })))
+}
+
+/// The demo: data loaded into an empty database, and a token for the page.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoOptions {
+    pub users: u64,
+    pub records: u64,
+}
+
+/// Runs the API on `bind` until SIGINT/SIGTERM.
+///
+/// # Errors
+///
+/// Startup errors (settings, database, an address that cannot be bound, a
+/// development switch on a public address).
+pub async fn serve(mut o: StateOptions, bind: &str, demo_opts: Option<DemoOptions>) -> anyhow::Result<()> {
+    if o.dev_no_auth {
+        let loopback = bind
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| bind.starts_with("localhost:"));
+        anyhow::ensure!(
+            loopback,
+            "HANDOVER_DEV_NO_AUTH accepts requests without a token, so it only runs on a loopback address (127.0.0.1 or ::1); HANDOVER_BIND is {bind}"
+        );
+        for _ in 0..3 {
+            tracing::warn!("HANDOVER_DEV_NO_AUTH is on: requests WITHOUT a token are accepted as any user. NEVER use this in production.");
+        }
+    }
+    let demo_token = if let Some(d) = demo_opts {
+        // Loaded before the state exists, so the first request sees it.
+        let store = Store::connect(&o.database_url).await?;
+        let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
+        if !demo::has_data(&store, &registry).await {
+            let loaded = demo::load(&store, &o.database_url, &registry, d.users, d.records, 42).await?;
+            tracing::info!(users = loaded.users, records = loaded.records, "loaded demo data");
+        }
+        let (_, token) = auth::create_token(
+            &store,
+            "user_456",
+            &["company_123".to_string(), "company_456".to_string()],
+            &[PERM_EXPORT.to_string(), PERM_AUDIT.to_string()],
+            "demo",
+        )
+        .await?;
+        store.close().await;
+        Some(token)
+    } else {
+        None
+    };
+    o.settings.demo_token = demo_token.clone();
+    let state = open_state(o).await?;
+    jobs::spawn(state.clone());
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("HANDOVER_BIND: cannot listen on {bind}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, engine = ?state.store.engine(), "handover-server listening");
+    if let Some(token) = &demo_token {
+        println!("\n  handover demo: http://{addr}/\n  demo token (user_456, company_123): {token}\n");
+    }
+    axum::serve(
+        listener,
+        crate::app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}

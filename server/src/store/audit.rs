@@ -1,0 +1,276 @@
+//! The tamper-evident audit log: one row per API request and per lifecycle
+//! event, each storing the hash of the previous row. Appends take turns
+//! (SQLite's write lock; a PostgreSQL advisory lock across instances), so
+//! the chain stays one chain whatever appends it. [`Store::verify_audit`]
+//! finds the first altered, removed or reordered row.
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+
+use super::{int, lock, now, opt_int, opt_text, text, Store, Tx};
+
+/// The previous-hash of the first row.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One row to append (time, sequence number and hashes are added).
+#[derive(Debug, Clone, Default)]
+pub struct AuditEntry {
+    pub request_id: Option<String>,
+    pub actor: Option<String>,
+    pub company_id: Option<String>,
+    pub action: String,
+    pub resource: Option<String>,
+    /// `allowed`, `refused`, `error` for requests; `event` for lifecycle events.
+    pub outcome: String,
+    pub status: Option<u16>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub details: Value,
+}
+
+impl AuditEntry {
+    /// A lifecycle event (`export.created`, `export.completed`, …).
+    pub fn event(action: &str, actor: &str, company: &str, resource: &str, details: Value) -> Self {
+        Self {
+            actor: Some(actor.to_string()),
+            company_id: Some(company.to_string()),
+            action: action.to_string(),
+            resource: Some(resource.to_string()),
+            outcome: "event".into(),
+            details,
+            ..Self::default()
+        }
+    }
+
+    /// The same entry for the request `request_id`.
+    pub fn for_request(mut self, request_id: Option<&str>) -> Self {
+        self.request_id = request_id.map(str::to_string);
+        self
+    }
+}
+
+/// A stored row, as `GET /api/audit` returns it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: String,
+    pub request_id: Option<String>,
+    pub actor: Option<String>,
+    pub company_id: Option<String>,
+    pub action: String,
+    pub resource: Option<String>,
+    pub outcome: String,
+    pub status: Option<i64>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    #[schema(value_type = Object)]
+    pub details: Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditRow {
+    fn compute_hash(&self) -> String {
+        // A JSON array is an unambiguous encoding of the fields, in order.
+        let canonical = json!([
+            self.seq,
+            self.at,
+            self.request_id,
+            self.actor,
+            self.company_id,
+            self.action,
+            self.resource,
+            self.outcome,
+            self.status,
+            self.ip,
+            self.user_agent,
+            self.details,
+            self.prev_hash
+        ]);
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+
+    fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
+        let details = text(r, "details")?;
+        Ok(Self {
+            seq: int(r, "seq")?,
+            at: text(r, "at")?,
+            request_id: opt_text(r, "request_id")?,
+            actor: opt_text(r, "actor")?,
+            company_id: opt_text(r, "company_id")?,
+            action: text(r, "action")?,
+            resource: opt_text(r, "resource")?,
+            outcome: text(r, "outcome")?,
+            status: opt_int(r, "status")?,
+            ip: opt_text(r, "ip")?,
+            user_agent: opt_text(r, "user_agent")?,
+            details: serde_json::from_str(&details).unwrap_or(Value::String(details)),
+            prev_hash: text(r, "prev_hash")?,
+            hash: text(r, "hash")?,
+        })
+    }
+}
+
+/// Result of [`Store::verify_audit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// Every row checks out.
+    Intact { rows: u64 },
+    /// The first row that does not.
+    Broken { seq: i64, reason: String },
+}
+
+/// Which rows `GET /api/audit` lists.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub company_id: String,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub outcome: Option<String>,
+    pub resource: Option<String>,
+}
+
+impl Store {
+    /// Appends `entry` inside `tx` (with the change it records).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub(crate) async fn append_audit(&self, tx: &mut Tx<'_>, entry: AuditEntry) -> anyhow::Result<()> {
+        self.lock(tx, lock::AUDIT).await?;
+        let head: Option<(i64, String)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx.tx)
+                .await?;
+        let (last_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_string()));
+        let mut row = AuditRow {
+            seq: last_seq + 1,
+            at: now(),
+            request_id: entry.request_id,
+            actor: entry.actor,
+            company_id: entry.company_id,
+            action: entry.action,
+            resource: entry.resource,
+            outcome: entry.outcome,
+            status: entry.status.map(i64::from),
+            ip: entry.ip,
+            user_agent: entry.user_agent,
+            details: entry.details,
+            prev_hash,
+            hash: String::new(),
+        };
+        row.hash = row.compute_hash();
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at, request_id, actor, company_id, action, resource, outcome, status, ip, \
+             user_agent, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(row.seq)
+        .bind(&row.at)
+        .bind(&row.request_id)
+        .bind(&row.actor)
+        .bind(&row.company_id)
+        .bind(&row.action)
+        .bind(&row.resource)
+        .bind(&row.outcome)
+        .bind(row.status)
+        .bind(&row.ip)
+        .bind(&row.user_agent)
+        .bind(row.details.to_string())
+        .bind(&row.prev_hash)
+        .bind(&row.hash)
+        .execute(&mut *tx.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends `entry` on its own (a request's row).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn audit(&self, entry: AuditEntry) -> anyhow::Result<()> {
+        let mut tx = self.write().await?;
+        self.append_audit(&mut tx, entry).await?;
+        tx.commit().await
+    }
+
+    /// Walks the whole chain in order and reports the first bad row.
+    ///
+    /// # Errors
+    ///
+    /// Database errors only; a broken chain is a [`Verification::Broken`].
+    pub async fn verify_audit(&self) -> anyhow::Result<Verification> {
+        use futures_util::StreamExt as _;
+        let mut rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq").fetch(self.pool());
+        let mut expected_seq = 1;
+        let mut prev = GENESIS.to_string();
+        let mut count = 0;
+        while let Some(r) = rows.next().await {
+            let row = AuditRow::from_row(&r.context("reading the audit log")?)?;
+            if row.seq != expected_seq {
+                return Ok(Verification::Broken {
+                    seq: expected_seq,
+                    reason: format!("row {expected_seq} is missing (next row is {})", row.seq),
+                });
+            }
+            if row.prev_hash != prev {
+                return Ok(Verification::Broken {
+                    seq: row.seq,
+                    reason: format!(
+                        "row {} does not follow row {}: rows were removed, reordered or altered",
+                        row.seq,
+                        row.seq - 1
+                    ),
+                });
+            }
+            if row.compute_hash() != row.hash {
+                return Ok(Verification::Broken {
+                    seq: row.seq,
+                    reason: format!("row {} was altered: its content does not match its hash", row.seq),
+                });
+            }
+            prev = row.hash;
+            expected_seq += 1;
+            count += 1;
+        }
+        Ok(Verification::Intact { rows: count })
+    }
+
+    /// A page of a company's audit rows, newest first, and the total.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        limit: u64,
+        offset: u64,
+    ) -> anyhow::Result<(Vec<AuditRow>, u64)> {
+        let cond = "FROM audit_log WHERE company_id = $1 AND ($2 IS NULL OR action = $2) AND ($3 IS NULL OR actor = $3) \
+                    AND ($4 IS NULL OR outcome = $4) AND ($5 IS NULL OR resource = $5)";
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {cond}"))
+            .bind(&filter.company_id)
+            .bind(&filter.action)
+            .bind(&filter.actor)
+            .bind(&filter.outcome)
+            .bind(&filter.resource)
+            .fetch_one(self.pool())
+            .await?;
+        let rows = sqlx::query(&format!("SELECT * {cond} ORDER BY seq DESC LIMIT $6 OFFSET $7"))
+            .bind(&filter.company_id)
+            .bind(&filter.action)
+            .bind(&filter.actor)
+            .bind(&filter.outcome)
+            .bind(&filter.resource)
+            .bind(limit as i64)
+            .bind(offset as i64)
+            .fetch_all(self.pool())
+            .await?;
+        let rows = rows.iter().map(AuditRow::from_row).collect::<anyhow::Result<_>>()?;
+        Ok((rows, total as u64))
+    }
+}

@@ -1,0 +1,272 @@
+//! Everything handover keeps in its database, on SQLite (the embedded
+//! default) or PostgreSQL (several instances sharing one database), chosen
+//! by `DATABASE_URL`. Both engines run the same schema and the same SQL
+//! (sqlx's `Any` driver); where they differ — how a write transaction
+//! serialises, how a build is claimed — the engine decides here and nowhere
+//! else. Routes never hold SQL.
+//!
+//! - [`exports`]: the export lifecycle, typed; every transition in one
+//!   transaction with its audit row.
+//! - [`audit`]: the hash-chained audit log.
+//! - [`limits`]: sliding-window rate limits.
+//! - [`tokens`]: API tokens.
+//! - [`files`]: encrypted export files' keys and, on PostgreSQL, their
+//!   bytes.
+
+pub mod audit;
+pub mod exports;
+pub mod files;
+pub mod limits;
+pub mod tokens;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Executor as _, Transaction};
+
+/// The engine behind a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// An SQLite file: one server (and the CLI beside it).
+    Sqlite,
+    /// PostgreSQL: any number of server instances.
+    Postgres,
+}
+
+impl Engine {
+    /// The engine a database URL names.
+    ///
+    /// # Errors
+    ///
+    /// Anything but `sqlite:` and `postgres://`/`postgresql://`.
+    pub fn of(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            anyhow::bail!(
+                "DATABASE_URL {url:?}: use sqlite://FILE (embedded) or postgres://USER@HOST/DB"
+            )
+        }
+    }
+}
+
+/// handover's own database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    engine: Engine,
+    /// SQLite takes one writer at a time; writers of this process queue
+    /// here instead of spinning on the file lock (other processes, such as
+    /// the CLI, still meet the lock and its busy timeout).
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction; on SQLite it also holds the process's writer turn.
+pub struct Tx<'s> {
+    pub(crate) tx: Transaction<'static, Any>,
+    _turn: Option<tokio::sync::MutexGuard<'s, ()>>,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+impl Tx<'_> {
+    /// Commits.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn commit(self) -> anyhow::Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Keys of PostgreSQL's transaction-level advisory locks.
+pub(crate) mod lock {
+    /// The audit chain's head: appends take turns.
+    pub const AUDIT: i64 = 0x6876_6175_6469_7400;
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `url`:
+    /// `sqlite://FILE` or `postgres://…`.
+    ///
+    /// # Errors
+    ///
+    /// An unknown URL, a database that cannot be opened, a failed migration.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let engine = Engine::of(url)?;
+        let (url, max) = match engine {
+            Engine::Sqlite => {
+                let mut u = url.to_string();
+                if !u.contains("mode=") {
+                    u.push_str(if u.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                }
+                (u, 8)
+            }
+            Engine::Postgres => (url.to_string(), 16),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if engine == Engine::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .with_context(|| format!("opening the database {}", redact(&url)))?;
+        let migrated = match engine {
+            Engine::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await,
+            Engine::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await,
+        };
+        migrated.context("migrating the database")?;
+        Ok(Self {
+            pool,
+            engine,
+            writer: Default::default(),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The connection pool (tests and tools reach behind the API with it).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Begins a write transaction. On SQLite it is `BEGIN IMMEDIATE` (the
+    /// write lock up front, so a read-then-write cannot fail half-way).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub(crate) async fn write(&self) -> anyhow::Result<Tx<'_>> {
+        match self.engine {
+            Engine::Sqlite => {
+                let turn = self.writer.lock().await;
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok(Tx {
+                    tx,
+                    _turn: Some(turn),
+                })
+            }
+            Engine::Postgres => Ok(Tx {
+                tx: self.pool.begin().await?,
+                _turn: None,
+            }),
+        }
+    }
+
+    /// Takes a transaction-level lock on `key` (PostgreSQL; on SQLite the
+    /// write transaction holds the whole database already).
+    pub(crate) async fn lock(&self, tx: &mut Tx<'_>, key: i64) -> anyhow::Result<()> {
+        if self.engine == Engine::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *tx.tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Runs SQL with no parameters (demo schemas, seeds).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn execute_script(&self, sql: &str) -> anyhow::Result<()> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A count query with no parameters; `None` when it fails (e.g. the
+    /// table does not exist).
+    pub async fn count(&self, sql: &str) -> Option<i64> {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.ok()
+    }
+}
+
+/// A database URL without its password, for messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A text column of a row.
+pub(crate) fn text(r: &AnyRow, col: &str) -> anyhow::Result<String> {
+    use sqlx::Row as _;
+    Ok(r.try_get::<String, _>(col)?)
+}
+
+/// An optional text column of a row.
+pub(crate) fn opt_text(r: &AnyRow, col: &str) -> anyhow::Result<Option<String>> {
+    use sqlx::Row as _;
+    Ok(r.try_get::<Option<String>, _>(col)?)
+}
+
+/// An integer column of a row.
+pub(crate) fn int(r: &AnyRow, col: &str) -> anyhow::Result<i64> {
+    use sqlx::Row as _;
+    Ok(r.try_get::<i64, _>(col)?)
+}
+
+/// An optional integer column of a row.
+pub(crate) fn opt_int(r: &AnyRow, col: &str) -> anyhow::Result<Option<i64>> {
+    use sqlx::Row as _;
+    Ok(r.try_get::<Option<i64>, _>(col)?)
+}
+
+/// The current time as the database stores it.
+pub fn now() -> String {
+    handover::model::format_timestamp(time::OffsetDateTime::now_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_kept_out_of_messages() {
+        assert_eq!(
+            super::redact("postgres://app:s3cret@db:5432/handover"),
+            "postgres://app:***@db:5432/handover"
+        );
+        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

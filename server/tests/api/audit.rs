@@ -1,0 +1,304 @@
+//! The audit log: every request and event recorded, and tampering detected.
+
+use std::collections::HashSet;
+
+use reqwest::Method;
+use serde_json::json;
+
+use handover_server::store::audit::Verification;
+use handover_server::store::Store;
+use sqlx::Row;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn every_request_is_audited_and_the_chain_verifies() {
+    let app = spawn_app().await;
+    let before = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await;
+    let t = app.token.clone();
+    let mut n = 0;
+    let mut statuses = HashSet::new();
+    for (tok, company, method, path, body) in [
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::POST,
+            "/api/data/export",
+            Some(r#"{"export_format":"json","data_types":["user_profile"]}"#),
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::GET,
+            "/api/data/export",
+            None,
+        ),
+        (
+            None,
+            Some("company_123"),
+            Method::GET,
+            "/api/data/export",
+            None,
+        ),
+        (
+            Some("hov_x_y"),
+            Some("company_123"),
+            Method::GET,
+            "/api/data/export",
+            None,
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_999"),
+            Method::GET,
+            "/api/data/export",
+            None,
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::GET,
+            "/api/data/export/export_00",
+            None,
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::POST,
+            "/api/data/export",
+            Some(r#"{"export_format":"doc","data_types":["user_profile"]}"#),
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::POST,
+            "/api/data/export",
+            Some("{oops"),
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::GET,
+            "/api/data/summary",
+            None,
+        ),
+        (
+            Some(t.as_str()),
+            Some("company_123"),
+            Method::GET,
+            "/api/nope",
+            None,
+        ),
+    ] {
+        let r = app.raw(method, path, tok, company, body).await;
+        statuses.insert(r.status.as_u16());
+        n += 1;
+    }
+    for _ in 0..5 {
+        let r = app
+            .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+            .await;
+        statuses.insert(r.status.as_u16());
+        n += 1;
+    }
+    for s in [200, 201, 400, 401, 403, 404, 422, 429] {
+        assert!(statuses.contains(&s), "exercised {s}");
+    }
+    let after = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await;
+    assert_eq!(after - before, n, "one row per request, allowed or refused");
+    let rows = sqlx::query("SELECT * FROM audit_log WHERE outcome != 'event' ORDER BY seq")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
+    let tail = &rows[rows.len() - n as usize..];
+    let refused401 = tail
+        .iter()
+        .find(|r| r.get::<Option<i64>, _>("status") == Some(401))
+        .unwrap();
+    assert_eq!(refused401.get::<String, _>("outcome"), "refused");
+    assert_eq!(
+        refused401.get::<Option<String>, _>("ip").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        refused401.get::<Option<String>, _>("user_agent").as_deref(),
+        Some("handover-tests/1.0")
+    );
+    let create = tail
+        .iter()
+        .find(|r| r.get::<Option<i64>, _>("status") == Some(201))
+        .unwrap();
+    assert_eq!(
+        create.get::<Option<String>, _>("actor").as_deref(),
+        Some("user_456")
+    );
+    assert_eq!(
+        create.get::<Option<String>, _>("company_id").as_deref(),
+        Some("company_123")
+    );
+    assert_eq!(create.get::<String, _>("action"), "export.create");
+    assert!(create
+        .get::<Option<String>, _>("resource")
+        .unwrap()
+        .starts_with("export_"));
+    assert!(create
+        .get::<Option<String>, _>("request_id")
+        .unwrap()
+        .starts_with("req_"));
+    let all: Vec<String> = sqlx::query_scalar(
+        "SELECT details || coalesce(actor,'') || coalesce(user_agent,'') FROM audit_log",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    let secret = t.split('_').next_back().unwrap();
+    assert!(
+        all.iter()
+            .all(|d| !d.contains(secret) && !d.contains("hov_")),
+        "no token in the audit log"
+    );
+    assert!(matches!(
+        app.state.store.verify_audit().await.unwrap(),
+        Verification::Intact { .. }
+    ));
+
+    // GET /api/audit: audit:read, own company only.
+    let auditor = app
+        .token_for("dpo_1", &["company_123"], &["audit:read"])
+        .await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/audit?action=export.create&limit=3",
+            Some(&auditor),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let entries = r.body["data"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert!(entries
+        .iter()
+        .all(|e| e["action"] == "export.create" && e["company_id"] == "company_123"));
+    assert!(r.body["data"]["total"].as_u64().unwrap() >= 6);
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/audit",
+            Some(&t),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "data:export alone cannot read the audit log");
+    let other = app
+        .token_for("dpo_2", &["company_789"], &["audit:read"])
+        .await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/audit?limit=500",
+            Some(&other),
+            Some("company_789"),
+            None,
+        )
+        .await;
+    assert!(r.body["data"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["company_id"] == "company_789"));
+}
+
+async fn verify_cli(db: &TestDb) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn tampering_with_the_audit_log_is_detected_by_verify() {
+    let app = spawn_app().await;
+    for _ in 0..6 {
+        app.call(Method::GET, "/api/data/summary", None).await;
+    }
+    let dir = app.stop().await;
+    let store = Store::connect(&dir.url).await.unwrap();
+    let pool = store.pool();
+    let (ok, text) = verify_cli(&dir).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("intact"));
+
+    // Edit a row.
+    sqlx::query("UPDATE audit_log SET actor = 'someone_else' WHERE seq = 3")
+        .execute(pool)
+        .await
+        .unwrap();
+    let (ok, text) = verify_cli(&dir).await;
+    assert!(!ok);
+    assert!(text.contains("row 3"), "{text}");
+    assert!(text.contains("altered"), "{text}");
+    sqlx::query("DELETE FROM audit_log WHERE seq >= 3")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(verify_cli(&dir).await.0, "a clean prefix verifies");
+    store.close().await;
+
+    // Delete a row in the middle.
+    let app = spawn_with(Opts::default(), Some(dir)).await;
+    for _ in 0..4 {
+        app.call(Method::GET, "/api/data/summary", None).await;
+    }
+    let last: i64 = app.count("SELECT MAX(seq) FROM audit_log").await;
+    sqlx::query("DELETE FROM audit_log WHERE seq = $1")
+        .bind(last - 1)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    match app.state.store.verify_audit().await.unwrap() {
+        Verification::Broken { seq, reason } => {
+            assert_eq!(seq, last - 1);
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        v => panic!("{v:?}"),
+    }
+    let (ok, text) = verify_cli(&app.db).await;
+    assert!(!ok && text.contains(&format!("row {}", last - 1)), "{text}");
+
+    // Swap two rows' contents (keeping their seq).
+    sqlx::query("DELETE FROM audit_log WHERE seq >= $1")
+        .bind(last - 1)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let a = last - 3;
+    let b = last - 2;
+    sqlx::query(
+        "UPDATE audit_log SET request_id = CASE seq WHEN $1 THEN (SELECT request_id FROM audit_log WHERE seq = $2) ELSE (SELECT request_id FROM audit_log WHERE seq = $1) END, \
+         prev_hash = CASE seq WHEN $1 THEN (SELECT prev_hash FROM audit_log WHERE seq = $2) ELSE (SELECT prev_hash FROM audit_log WHERE seq = $1) END, \
+         hash = CASE seq WHEN $1 THEN (SELECT hash FROM audit_log WHERE seq = $2) ELSE (SELECT hash FROM audit_log WHERE seq = $1) END \
+         WHERE seq IN ($1, $2)",
+    )
+    .bind(a)
+    .bind(b)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    match app.state.store.verify_audit().await.unwrap() {
+        Verification::Broken { seq, .. } => assert_eq!(seq, a),
+        v => panic!("{v:?}"),
+    }
+}

@@ -1,0 +1,279 @@
+//! API tokens and JWTs from an identity provider, and development mode.
+
+
+use reqwest::Method;
+
+use crate::helpers::*;
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    companies: Vec<&'a str>,
+    permissions: Vec<&'a str>,
+    exp: i64,
+    iss: &'a str,
+    aud: &'a str,
+}
+
+fn jwt(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    exp_in: i64,
+    iss: &str,
+    aud: &str,
+) -> String {
+    let claims = Claims {
+        sub: "user_456",
+        companies: vec!["company_123"],
+        permissions: vec!["data:export"],
+        exp: time::OffsetDateTime::now_utc().unix_timestamp() + exp_in,
+        iss,
+        aud,
+    };
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn api_tokens_from_the_cli_work_until_revoked() {
+    let app = spawn_app().await;
+    let url = app.db.url.clone();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args([
+            "token",
+            "create",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+        ])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "prints the token and nothing else"
+    );
+    let token = stdout.trim();
+    assert!(
+        token.starts_with("hov_") && token.len() >= 4 + 12 + 1 + 43,
+        "≥128 random bits: {token}"
+    );
+    let stored: i64 = app
+        .count(&format!(
+            "SELECT COUNT(*) FROM api_tokens WHERE token_hash = '{}'",
+            sha256_hex(token.as_bytes())
+        ))
+        .await;
+    assert_eq!(stored, 1, "only the SHA-256 is stored");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM api_tokens WHERE token_hash LIKE '%{}%'",
+            &token[20..40]
+        ))
+        .await,
+        0
+    );
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(token),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let id = token.trim_start_matches("hov_").split('_').next().unwrap();
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["token", "revoke", id])
+        .env("DATABASE_URL", &url)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(token),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn hs256_jwts_are_checked_for_signature_expiry_issuer_and_audience() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let app = spawn_app().await;
+    let key = EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let good = jwt(Algorithm::HS256, &key, 300, ISSUER, AUDIENCE);
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&good),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["user_id"], "user_456");
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&good),
+            Some("company_456"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "company not in the claims");
+    for (name, bad) in [
+        (
+            "expired",
+            jwt(Algorithm::HS256, &key, -3600, ISSUER, AUDIENCE),
+        ),
+        (
+            "issuer",
+            jwt(
+                Algorithm::HS256,
+                &key,
+                300,
+                "https://evil.example",
+                AUDIENCE,
+            ),
+        ),
+        (
+            "audience",
+            jwt(Algorithm::HS256, &key, 300, ISSUER, "someone-else"),
+        ),
+        (
+            "signature",
+            jwt(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b"another-secret-another-secret-0000"),
+                300,
+                ISSUER,
+                AUDIENCE,
+            ),
+        ),
+    ] {
+        let r = app
+            .raw(
+                Method::GET,
+                "/api/data/summary",
+                Some(&bad),
+                Some("company_123"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (401, "UNAUTHORIZED"),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rs256_jwts_from_the_identity_provider_are_accepted() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let app = spawn_with(
+        Opts {
+            rs256: true,
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-test-private.pem")).unwrap();
+    let good = jwt(Algorithm::RS256, &key, 300, ISSUER, AUDIENCE);
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&good),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let expired = jwt(Algorithm::RS256, &key, -3600, ISSUER, AUDIENCE);
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&expired),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let hs = jwt(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        300,
+        ISSUER,
+        AUDIENCE,
+    );
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&hs),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401, "algorithm confusion is refused");
+}
+
+#[tokio::test]
+async fn development_mode_without_tokens_exists_only_when_switched_on() {
+    let app = spawn_app().await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            None,
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let dev = spawn_with(
+        Opts {
+            dev_no_auth: true,
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = dev
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            None,
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["data"]["user_id"], "user_456");
+    let r = dev
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some("hov_bad_token"),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401, "a token that is sent is still checked");
+}

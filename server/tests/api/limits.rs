@@ -1,0 +1,156 @@
+//! Rate limits: boundaries, headers, the rolling window, restarts, concurrency.
+
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn rate_limits_hold_at_their_boundaries_with_headers() {
+    let app = spawn_app().await;
+    for i in 1..=5 {
+        let r = app
+            .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+            .await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.header("ratelimit-limit"), "5");
+        assert_eq!(r.header("ratelimit-remaining"), (5 - i).to_string());
+    }
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        (
+            r.header("ratelimit-limit"),
+            r.header("ratelimit-remaining"),
+            r.header("ratelimit-reset")
+        ),
+        ("5", "0", retry.to_string().as_str()),
+        "a 429 carries the RateLimit-* headers too"
+    );
+    // Another company has its own budget; other endpoints theirs.
+    let body = json!({"export_format": "json", "data_types": ["user_profile"]}).to_string();
+    let r = app
+        .raw(
+            Method::POST,
+            "/api/data/export",
+            Some(&app.token),
+            Some("company_456"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+
+    for (path, method, limit) in [
+        ("/api/data/export", Method::GET, 60),
+        ("/api/data/export/export_0/download", Method::GET, 10),
+        ("/api/data/export/export_0", Method::DELETE, 20),
+    ] {
+        for i in 0..limit {
+            let r = app.call(method.clone(), path, None).await;
+            assert_ne!(r.status, 429, "{path} request {i}");
+            assert_eq!(r.header("ratelimit-limit"), limit.to_string());
+        }
+        let r = app.call(method.clone(), path, None).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (429, "RATE_LIMIT_EXCEEDED"),
+            "{path}"
+        );
+        let retry: u64 = r.header("retry-after").parse().unwrap();
+        assert!((1..=60).contains(&retry));
+    }
+}
+
+#[tokio::test]
+async fn the_create_window_rolls_over_the_hour() {
+    let app = spawn_app().await;
+    let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    // Four creates 59 minutes ago and one 61 minutes ago: one more fits.
+    for age_min in [59, 59, 59, 59, 61] {
+        sqlx::query("INSERT INTO rate_events (bucket, at_ms) VALUES ('data_export:user_456:company_123', $1)")
+            .bind(now - age_min * 60_000)
+            .execute(app.pool())
+            .await
+            .unwrap();
+    }
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    assert_eq!(
+        r.status, 201,
+        "the 61-minute-old create is outside the window"
+    );
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!(
+        (55..=61).contains(&retry),
+        "the oldest in the window falls out in about a minute, got {retry}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_survive_a_restart() {
+    let app = spawn_app().await;
+    for _ in 0..5 {
+        app.create_id(json!({"export_format": "json", "data_types": ["user_profile"]}))
+            .await;
+    }
+    let token = app.token.clone();
+    let dir = app.stop().await;
+    let app = spawn_with(Opts::default(), Some(dir)).await;
+    let body = json!({"export_format": "json", "data_types": ["user_profile"]}).to_string();
+    let r = app
+        .raw(
+            Method::POST,
+            "/api/data/export",
+            Some(&token),
+            Some("company_123"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (429, "RATE_LIMIT_EXCEEDED"),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test]
+async fn twenty_concurrent_creates_admit_exactly_five() {
+    let app = Arc::new(spawn_app().await);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.create(json!({"export_format": "json", "data_types": ["user_profile"]}))
+                .await
+                .status
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        15,
+        "{statuses:?}"
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM export_requests").await, 5);
+}

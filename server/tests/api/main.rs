@@ -1,0 +1,17 @@
+//! handover-server over real HTTP on a real port: one test binary, each
+//! test with a fresh database and demo data (zero-to-production's
+//! `spawn_app`). The same suite runs on SQLite and, with
+//! `HANDOVER_TEST_POSTGRES` set (scripts/test.sh starts a throwaway
+//! cluster), on PostgreSQL.
+
+mod helpers;
+
+mod lifecycle;
+mod errors;
+mod isolation;
+mod limits;
+mod audit;
+mod auth;
+mod operations;
+mod records;
+mod scale;

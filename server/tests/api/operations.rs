@@ -1,0 +1,257 @@
+//! Operator tools and background work: the sweeper, the CLI export, another app's config, the binary.
+
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
+    let app = spawn_app().await;
+    let open = app
+        .create_id(
+            json!({"export_format": "json", "data_types": ["user_profile"], "delivery": "client"}),
+        )
+        .await;
+    let done = app
+        .create_id(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    handover_server::jobs::drain(&app.state).await.unwrap();
+    sqlx::query(
+        "UPDATE export_requests SET last_activity_at = '2020-01-01T00:00:00.000Z' WHERE id = $1",
+    )
+    .bind(&open)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE export_requests SET expires_at = '2020-01-01T00:00:00.000Z' WHERE id = $1")
+        .bind(&done)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    handover_server::jobs::sweep(&app.state).await.unwrap();
+    let r = app
+        .call(Method::GET, &format!("/api/data/export/{open}"), None)
+        .await;
+    assert_eq!(r.body["data"]["status"], "failed");
+    assert!(r.body["data"]["failure_reason"]
+        .as_str()
+        .unwrap()
+        .contains("abandoned"));
+    let r = app
+        .call(Method::GET, &format!("/api/data/export/{done}"), None)
+        .await;
+    assert_eq!(r.body["data"]["status"], "expired");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM export_files").await,
+        0,
+        "expired files and keys are destroyed"
+    );
+    let r = app
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{done}/download"),
+            None,
+        )
+        .await;
+    assert_eq!(r.code(), "EXPORT_NOT_READY");
+    let r = app
+        .call(Method::GET, "/api/data/export?status=expired", None)
+        .await;
+    assert_eq!(r.body["data"]["total"], 1);
+}
+
+#[tokio::test]
+async fn the_cli_export_is_the_same_file_and_audited() {
+    let app = spawn_app().await;
+    let dir = app.db.clone();
+    let out = dir.dir.path().join("dpo.json");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args([
+            "export",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+            "--format",
+            "json",
+            "--data-types",
+            "user_profile,payment_history",
+            "--out",
+        ])
+        .arg(&out)
+        .env("DATABASE_URL", &dir.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", dir.dir.path().join("cli-data"))
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    // The file holds personal data: its owner's alone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the export file is private");
+    }
+    assert!(
+        !dir.dir.path().join("cli-data/master.key").exists(),
+        "HANDOVER_MASTER_KEY is honoured: no key file is generated"
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let payments = app.count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'").await;
+    assert_eq!(
+        v["export"]["data"]["payment_history"]
+            .as_array()
+            .unwrap()
+            .len() as i64,
+        payments
+    );
+    assert_eq!(v["metadata"]["total_records"], payments + 1);
+    let sha: String =
+        sqlx::query_scalar("SELECT sha256 FROM export_requests WHERE delivery = 'cli'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(sha, sha256_hex(&std::fs::read(&out).unwrap()));
+    assert_eq!(app.count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.completed' AND details LIKE '%\"cli\"%'").await, 1);
+}
+
+#[tokio::test]
+async fn the_focus_timer_app_config_exports_its_own_types() {
+    let config = pomodoro_config();
+    let app = spawn_with(
+        Opts {
+            config: Some(config),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let s = app.call(Method::GET, "/api/data/summary", None).await;
+    let counts: Vec<(String, u64)> = s.body["data"]["data_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["data_type"].as_str().unwrap().to_string(),
+                t["records"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("user", 1),
+            ("sessions", 127),
+            ("projects", 2),
+            ("settings", 1),
+            ("coach_insights", 2),
+            ("coach_chat_history", 2)
+        ]
+        .map(|(a, b)| (a.to_string(), b))
+    );
+    let types = [
+        "user",
+        "sessions",
+        "projects",
+        "settings",
+        "coach_insights",
+        "coach_chat_history",
+    ];
+    let r = app
+        .create(json!({"export_format": "csv", "data_types": types, "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
+    let all = fetch_all(&app, &id, &types, 50).await;
+    assert_eq!(all[1].1.len(), 127);
+    assert!(all[1].1.iter().all(|s| s["note"] != "not yours"));
+    assert_eq!(
+        all[1].1[0]["completed"], true,
+        "booleans from SQLite integers"
+    );
+    assert_eq!(
+        all[3].1[0]["appearance"],
+        json!({"theme": "dark", "language": "en"})
+    );
+    // Server-built CSV flattens the nested settings.
+    let id = app
+        .create_id(json!({"export_format": "csv", "data_types": ["settings", "sessions"]}))
+        .await;
+    handover_server::jobs::drain(&app.state).await.unwrap();
+    let c = app
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
+        .await;
+    let text = String::from_utf8(c.bytes).unwrap();
+    assert!(text.starts_with("data_type,user_id,focus_minutes,break_minutes,sound,appearance.theme,appearance.language,id,"), "{}", &text[..200]);
+    assert!(text.contains("\r\nsettings,user_456,25,5,true,dark,en,"));
+    assert_eq!(text.lines().count(), 1 + 1 + 127);
+}
+
+#[tokio::test]
+async fn the_binary_serves_demo_mode_from_the_environment() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .arg("serve")
+        .env("HANDOVER_DEMO", "1")
+        .env("HANDOVER_BIND", "127.0.0.1:0")
+        .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_DATA_DIR", db.dir.path().join("data"))
+        .env(
+            "HANDOVER_WWW_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../www"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
+    let mut token = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(u) = line.trim().strip_prefix("handover demo: ") {
+                url = Some(u.trim_end_matches('/').to_string());
+            }
+            if let Some((_, t)) = line.split_once("): ") {
+                token = Some(t.trim().to_string());
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the demo server announces itself");
+    let (url, token) = (url.expect("URL printed"), token.expect("token printed"));
+    let client = reqwest::Client::new();
+    let page = client.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.text().await.unwrap().contains("Data export"),
+        "www/ is served at /"
+    );
+    let summary: Value = client
+        .get(format!("{url}/api/data/summary"))
+        .bearer_auth(&token)
+        .header("x-company-id", "company_123")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        summary["data"]["total_records"].as_u64().unwrap() > 100,
+        "demo data loaded into the empty database"
+    );
+    child.kill().await.unwrap();
+}

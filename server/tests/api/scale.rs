@@ -1,0 +1,2 @@
+//! Several instances on one database, and deletes racing builds.
+
