@@ -162,12 +162,49 @@ def main():
             print()
             print("| load | page requests | records | s | records/s | p50 ms | p99 ms | errors |")
             print("|---|--:|--:|--:|--:|--:|--:|--:|")
-            print(bench_http("load", server.url, tokens, "1"))
-            print(bench_http("load", server.url, tokens, str(LOAD_USERS)))
+            print(bench_http("load", server.url, tokens, "1", "SQLite, 1 instance: "))
+            print(bench_http("load", server.url, tokens, str(LOAD_USERS), "SQLite, 1 instance: "))
         finally:
             server.stop()
+        load_postgres(tmp, companies)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_postgres(tmp, companies):
+    """The same load on PostgreSQL: one instance, then two sharing the database."""
+    # Its own directory under /tmp: the cluster runs as the postgres user,
+    # which cannot enter this benchmark's private temporary directory.
+    cluster = tempfile.mkdtemp(prefix="handover-pg-")
+    admin = subprocess.run([os.path.join(ROOT, "scripts", "pg-cluster.sh"), "start", cluster],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["psql", admin, "-qc", "CREATE DATABASE bench"], check=True, capture_output=True)
+        url = admin.rsplit("/", 1)[0] + "/bench"
+        penv = {"DATABASE_URL": url, "HANDOVER_DATA_DIR": os.path.join(tmp, "data3"), "HANDOVER_MASTER_KEY": MASTER}
+        run([BIN, "demo-data", "--users", str(LOAD_USERS), "--records", "20000"], penv)
+        tokens = os.path.join(tmp, "pg-tokens.txt")
+        with open(tokens, "w") as f:
+            for i in range(1, LOAD_USERS + 1):
+                c = companies[i % 3]
+                f.write(f"{token(penv, f'user_{i:04d}', c)} {c}\n")
+        one = Server(penv)
+        try:
+            print(bench_http("load", one.url, tokens, str(LOAD_USERS), "PostgreSQL, 1 instance: "))
+            # New exports for the second run: the rate limit allows five an hour.
+            subprocess.run(["psql", url, "-qc", "DELETE FROM rate_events"], check=True, capture_output=True)
+            two = Server(penv)
+            try:
+                print(bench_http("load", f"{one.url},{two.url}", tokens, str(LOAD_USERS), "PostgreSQL, 2 instances: "))
+            finally:
+                two.stop()
+        finally:
+            one.stop()
+        print()
+        print("Two instances share this machine's two cores with PostgreSQL and the load generator, "
+              "so the second instance shows that they cooperate (exact limits, one audit chain), not added capacity.")
+    finally:
+        subprocess.run([os.path.join(ROOT, "scripts", "pg-cluster.sh"), "stop", cluster], check=False)
 
 
 if __name__ == "__main__":

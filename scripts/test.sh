@@ -19,8 +19,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "clippy (wasm32, the handover crate only)"
 cargo clippy -p handover --target wasm32-unknown-unknown --all-targets -- -D warnings
 
-step "native tests (unit, doc, golden files, server over HTTP)"
+step "native tests (unit, doc, golden files, server over HTTP on SQLite)"
 cargo test --workspace
+
+step "the server suite again, on PostgreSQL (a throwaway cluster)"
+pg_dir=$(mktemp -d /tmp/handover-pg.XXXXXX)
+trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
+pg_url=$(scripts/pg-cluster.sh start "$pg_dir")
+HANDOVER_TEST_POSTGRES="$pg_url" cargo test -p handover-server --test api
+scripts/pg-cluster.sh stop "$pg_dir"
+trap - EXIT
 
 step "examples"
 cargo run -q -p handover --example format_records > /dev/null

@@ -4,7 +4,8 @@
 //! ```text
 //! bench_http stream BASE TOKEN COMPANY ENCODING TYPE…   every record through the streams
 //! bench_http pages  BASE TOKEN COMPANY ENCODING TYPE…   every record through pages of 5000
-//! bench_http load   BASE TOKENS_FILE USERS              USERS users paging at once
+//! bench_http load   BASES TOKENS_FILE USERS [LABEL]     USERS users paging at once, spread
+//!                                                        over the comma-separated BASES
 //! bench_http convert BASE TOKEN COMPANY PID             server JSON build, then a CSV download
 //! ```
 //!
@@ -186,7 +187,8 @@ fn report(path: &str, encoding: &str, took: Duration, records: u64, wire: u64, p
 
 /// USERS users at once, each creating a client export of every type and
 /// paging through it (1000 records a page).
-async fn load(base: &str, tokens_file: &str, users: usize) -> Result<(), Error> {
+async fn load(bases: &str, tokens_file: &str, users: usize, label: &str) -> Result<(), Error> {
+    let bases: Vec<String> = bases.split(',').map(str::to_string).collect();
     let tokens: Vec<(String, String)> = std::fs::read_to_string(tokens_file)?
         .lines()
         .filter_map(|l| {
@@ -197,8 +199,8 @@ async fn load(base: &str, tokens_file: &str, users: usize) -> Result<(), Error> 
         .collect();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (token, company) in tokens {
-        let base = base.to_string();
+    for (i, (token, company)) in tokens.into_iter().enumerate() {
+        let base = bases[i % bases.len()].clone();
         tasks.push(tokio::spawn(async move {
             let api = Api::new(&base, &token, &company);
             let mut latencies = Vec::new();
@@ -280,7 +282,7 @@ async fn load(base: &str, tokens_file: &str, users: usize) -> Result<(), Error> 
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "| {users} users paging (1000 a page) | {} | {records} | {took:.2} | {:.0} | {:.1} | {:.1} | {errors} |",
+        "| {label}{users} users paging (1000 a page) | {} | {records} | {took:.2} | {:.0} | {:.1} | {:.1} | {errors} |",
         all.len(),
         records as f64 / took,
         pct(0.5),
@@ -368,7 +370,7 @@ async fn main() -> Result<(), Error> {
     match arg(0).as_str() {
         "stream" => stream(&Api::new(&arg(1), &arg(2), &arg(3)), &arg(4), &args[5..]).await,
         "pages" => pages(&Api::new(&arg(1), &arg(2), &arg(3)), &arg(4), &args[5..]).await,
-        "load" => load(&arg(1), &arg(2), arg(3).parse()?).await,
+        "load" => load(&arg(1), &arg(2), arg(3).parse()?, &arg(4)).await,
         "convert" => convert(&Api::new(&arg(1), &arg(2), &arg(3)), arg(4).parse()?).await,
         other => Err(format!("unknown mode {other:?}: stream, pages, load or convert").into()),
     }

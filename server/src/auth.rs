@@ -1,13 +1,13 @@
 //! Bearer authentication (opaque API tokens and JWTs), permissions, and the
 //! tenant scope from `X-Company-ID`.
 
+use crate::store::Store;
 use anyhow::Context as _;
 use axum::http::HeaderMap;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use crate::store::Store;
 
 use crate::context::Ctx;
 use crate::error::ApiError;

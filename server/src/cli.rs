@@ -214,7 +214,11 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         database_url: cli.database.clone(),
         data_types: cli.data_types_config.clone(),
         data_dir: a.data_dir.clone(),
-        master_key: master_source(a.master_key.as_deref(), a.master_key_file.as_deref(), &a.data_dir),
+        master_key: master_source(
+            a.master_key.as_deref(),
+            a.master_key_file.as_deref(),
+            &a.data_dir,
+        ),
         file_storage: a.file_storage.clone(),
         jwt: JwtSettings {
             hs256_secret: a.jwt_hs256_secret.clone(),
@@ -306,7 +310,15 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         _ => PathBuf::from("."),
     };
     let built = async {
-        let b = jobs::build(&state, &row, format, &tempdir, &mut sink, None::<&mut jobs::PlainFile>).await?;
+        let b = jobs::build(
+            &state,
+            &row,
+            format,
+            &tempdir,
+            &mut sink,
+            None::<&mut jobs::PlainFile>,
+        )
+        .await?;
         tokio::io::AsyncWriteExt::flush(&mut sink.file).await?;
         sink.file.sync_all().await?;
         anyhow::Ok(b)
@@ -317,7 +329,10 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         Err(e) => {
             // Nothing half-written is left behind.
             let _ = std::fs::remove_file(a.out);
-            state.store.fail_export(&row, "generation failed", None).await?;
+            state
+                .store
+                .fail_export(&row, "generation failed", None)
+                .await?;
             return Err(e);
         }
     };
@@ -348,11 +363,16 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Serve(args) => serve(&cli, args).await?,
-        Command::DemoData { users, records, seed } => {
+        Command::DemoData {
+            users,
+            records,
+            seed,
+        } => {
             let store = Store::connect(&cli.database).await?;
             let registry = Registry::load_for(cli.data_types_config.as_deref(), store.engine())?;
             let started = std::time::Instant::now();
-            let loaded = demo::load(&store, &cli.database, &registry, *users, *records, *seed).await?;
+            let loaded =
+                demo::load(&store, &cli.database, &registry, *users, *records, *seed).await?;
             eprintln!(
                 "loaded {} users, {} records in {:.1?}",
                 loaded.users,
@@ -360,14 +380,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 started.elapsed()
             );
         }
-        Command::Token(TokenCommand::Create { user, companies, permissions }) => {
+        Command::Token(TokenCommand::Create {
+            user,
+            companies,
+            permissions,
+        }) => {
             let store = Store::connect(&cli.database).await?;
             let perms = if permissions.is_empty() {
                 vec![PERM_EXPORT.to_string()]
             } else {
                 permissions.clone()
             };
-            let (id, token) = auth::create_token(&store, user, companies, &perms, &operator()).await?;
+            let (id, token) =
+                auth::create_token(&store, user, companies, &perms, &operator()).await?;
             eprintln!(
                 "token id {id} for {user} in {} with {}",
                 companies.join(", "),

@@ -59,7 +59,8 @@ pub fn master_key(source: &MasterKeySource, exports_dir: Option<&Path>) -> anyho
     match std::fs::read_to_string(path) {
         Ok(k) => return parse(&k, &path.display().to_string()),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("HANDOVER_MASTER_KEY_FILE: reading {}", path.display()))
+            return Err(e)
+                .with_context(|| format!("HANDOVER_MASTER_KEY_FILE: reading {}", path.display()))
         }
         Err(_) => {}
     }
@@ -183,7 +184,10 @@ pub fn fault_injection(rate: Option<f64>, kind: &str) -> anyhow::Result<Option<F
                 ["mixed", "stall"].contains(&kind),
                 "HANDOVER_FAULT_KIND must be mixed or stall"
             );
-            tracing::warn!(rate = r, "HANDOVER_FAULT_PAGES: injecting faults into record pages (tests only)");
+            tracing::warn!(
+                rate = r,
+                "HANDOVER_FAULT_PAGES: injecting faults into record pages (tests only)"
+            );
             Ok(Some(FaultInjection {
                 rate: r,
                 stall: kind == "stall",
@@ -228,7 +232,10 @@ mod tests {
     fn file_storage_follows_the_engine_unless_set() {
         assert_eq!(file_storage(None, Engine::Postgres).unwrap(), Storage::Db);
         assert_eq!(file_storage(None, Engine::Sqlite).unwrap(), Storage::Dir);
-        assert_eq!(file_storage(Some("dir"), Engine::Postgres).unwrap(), Storage::Dir);
+        assert_eq!(
+            file_storage(Some("dir"), Engine::Postgres).unwrap(),
+            Storage::Dir
+        );
         assert!(file_storage(Some("s3"), Engine::Sqlite)
             .unwrap_err()
             .to_string()

@@ -18,9 +18,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::Instrument as _;
 
-use crate::store::audit::AuditEntry;
 use crate::error::{ApiError, ErrorCode, InternalErrorText};
 use crate::ratelimit::RateState;
+use crate::store::audit::AuditEntry;
 use crate::AppState;
 
 /// API version reported in every envelope.

@@ -326,7 +326,9 @@ async fn insert_postgres(url: &str, t: &Tables) -> anyhow::Result<()> {
         if !buf.is_empty() {
             copy.send(buf.into_bytes()).await?;
         }
-        copy.finish().await.with_context(|| format!("copying into {table}"))?;
+        copy.finish()
+            .await
+            .with_context(|| format!("copying into {table}"))?;
         sqlx::raw_sql(&format!(
             "INSERT INTO {table} SELECT * FROM load_{table} ON CONFLICT DO NOTHING"
         ))

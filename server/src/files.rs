@@ -114,7 +114,12 @@ impl FileStore {
     /// # Errors
     ///
     /// The directory cannot be created.
-    pub fn new(dir: PathBuf, master: DataKey, storage: Storage, store: Store) -> anyhow::Result<Self> {
+    pub fn new(
+        dir: PathBuf,
+        master: DataKey,
+        storage: Storage,
+        store: Store,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp = Self::tmp_of(&dir);
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -263,44 +268,45 @@ impl FileStore {
                 let Some((0, head)) = first.into_iter().next() else {
                     anyhow::bail!("the stored bytes of {id}.{kind} are missing");
                 };
-                anyhow::ensure!(head.len() >= HEADER_SIZE, "the stored file {id}.{kind} is truncated");
+                anyhow::ensure!(
+                    head.len() >= HEADER_SIZE,
+                    "the stored file {id}.{kind} is truncated"
+                );
                 let dec = Decryptor::new(&key, &head[..HEADER_SIZE])?;
                 let mut dec = dec;
-                let out = push_sealed(&mut dec, &head[HEADER_SIZE..]).map_err(std::io::Error::other)?;
+                let out =
+                    push_sealed(&mut dec, &head[HEADER_SIZE..]).map_err(std::io::Error::other)?;
                 let store = self.store.clone();
                 let (id, kind) = (id.to_string(), f.path.clone());
                 let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(out))]);
-                let rest = futures_util::stream::try_unfold(
-                    Some((dec, 1u64)),
-                    move |state| {
-                        let (store, id, kind) = (store.clone(), id.clone(), kind.clone());
-                        async move {
-                            let Some((mut dec, next)) = state else {
-                                return Ok(None);
-                            };
-                            let rows = store
-                                .chunks(&id, &kind, next, DB_CHUNKS_PER_READ)
-                                .await
-                                .map_err(std::io::Error::other)?;
-                            if rows.is_empty() {
-                                let last = dec.finish().map_err(std::io::Error::other)?;
-                                return Ok(Some((Bytes::from(last), None)));
-                            }
-                            let mut out = Vec::new();
-                            let mut expect = next;
-                            for (seq, data) in &rows {
-                                if *seq != expect {
-                                    return Err(std::io::Error::other(format!(
-                                        "stored chunk {expect} of {id}.{kind} is missing"
-                                    )));
-                                }
-                                out.extend(push_sealed(&mut dec, data).map_err(std::io::Error::other)?);
-                                expect += 1;
-                            }
-                            Ok(Some((Bytes::from(out), Some((dec, expect)))))
+                let rest = futures_util::stream::try_unfold(Some((dec, 1u64)), move |state| {
+                    let (store, id, kind) = (store.clone(), id.clone(), kind.clone());
+                    async move {
+                        let Some((mut dec, next)) = state else {
+                            return Ok(None);
+                        };
+                        let rows = store
+                            .chunks(&id, &kind, next, DB_CHUNKS_PER_READ)
+                            .await
+                            .map_err(std::io::Error::other)?;
+                        if rows.is_empty() {
+                            let last = dec.finish().map_err(std::io::Error::other)?;
+                            return Ok(Some((Bytes::from(last), None)));
                         }
-                    },
-                );
+                        let mut out = Vec::new();
+                        let mut expect = next;
+                        for (seq, data) in &rows {
+                            if *seq != expect {
+                                return Err(std::io::Error::other(format!(
+                                    "stored chunk {expect} of {id}.{kind} is missing"
+                                )));
+                            }
+                            out.extend(push_sealed(&mut dec, data).map_err(std::io::Error::other)?);
+                            expect += 1;
+                        }
+                        Ok(Some((Bytes::from(out), Some((dec, expect)))))
+                    }
+                });
                 Box::pin(first.chain(rest))
             }
         };
@@ -433,7 +439,9 @@ impl FileWriter {
                     let take = buf.len().min(DB_CHUNK);
                     let rest = buf.split_off(take);
                     let row = std::mem::replace(buf, rest);
-                    self.store.put_chunk(&self.id, &self.name, *seq, &row).await?;
+                    self.store
+                        .put_chunk(&self.id, &self.name, *seq, &row)
+                        .await?;
                     *seq += 1;
                 }
             }

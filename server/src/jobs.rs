@@ -9,9 +9,9 @@ use handover::format::{Cell, ExportFormat, ExportWriter, FormatOptions};
 use handover::model::{parse_timestamp, DateRange, ExportInfo};
 use handover::wire::FrameEncoder;
 
-use crate::store::files::FileRef;
 use crate::source::{PageRequest, RowSink};
 use crate::store::exports::{Completion, ExportRow, Retried};
+use crate::store::files::FileRef;
 use crate::AppState;
 
 /// Records per database page while building a file.
@@ -241,9 +241,9 @@ async fn run_one(
         Some(&mut frames),
     )
     .await?;
-    if let Some(gate) = &state.settings.build_gate {
-        gate.reached(&row.id).await;
-    }
+
+    let frames = frames.finish().await?;
+    let file = file.finish().await?;
     if state.settings.hold_builds {
         // Tests only: keep the claim alive, never complete.
         let last = row.data_types.last().map_or("", String::as_str);
@@ -252,8 +252,9 @@ async fn run_one(
         }
         anyhow::bail!("the held build was taken over");
     }
-    let frames = frames.finish().await?;
-    let file = file.finish().await?;
+    if let Some(gate) = &state.settings.build_gate {
+        gate.reached(&row.id).await;
+    }
     Ok((built.records, vec![file, frames]))
 }
 
@@ -271,7 +272,11 @@ async fn run_claimed(state: &AppState, row: &ExportRow) -> anyhow::Result<()> {
                 sha256: main.sha256.clone(),
                 details: Default::default(),
             };
-            if state.store.complete_export(row, &done, &files, None).await? {
+            if state
+                .store
+                .complete_export(row, &done, &files, None)
+                .await?
+            {
                 crate::exports::count_completed(state, row, &done);
             } else {
                 tracing::info!(export = %row.id, "the export was deleted or taken over during its build; its bytes are removed");

@@ -309,4 +309,3 @@ pub async fn check_size_and_quota(
     }
     Ok(())
 }
-

@@ -71,7 +71,12 @@ pub struct RateState {
 ///
 /// [`ApiError::RateLimited`] with the seconds until the oldest request in
 /// the window falls out; database errors as [`ApiError::Internal`].
-pub async fn admit(store: &Store, limit: Limit, user: &str, company: &str) -> Result<RateState, ApiError> {
+pub async fn admit(
+    store: &Store,
+    limit: Limit,
+    user: &str,
+    company: &str,
+) -> Result<RateState, ApiError> {
     let bucket = format!("{}:{user}:{company}", limit.name);
     let a = store
         .admit(&bucket, limit.max, (limit.window_secs * 1000) as i64)

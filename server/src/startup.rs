@@ -77,7 +77,11 @@ pub struct DemoOptions {
 ///
 /// Startup errors (settings, database, an address that cannot be bound, a
 /// development switch on a public address).
-pub async fn serve(mut o: StateOptions, bind: &str, demo_opts: Option<DemoOptions>) -> anyhow::Result<()> {
+pub async fn serve(
+    mut o: StateOptions,
+    bind: &str,
+    demo_opts: Option<DemoOptions>,
+) -> anyhow::Result<()> {
     if o.dev_no_auth {
         let loopback = bind
             .parse::<SocketAddr>()
@@ -96,8 +100,13 @@ pub async fn serve(mut o: StateOptions, bind: &str, demo_opts: Option<DemoOption
         let store = Store::connect(&o.database_url).await?;
         let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
         if !demo::has_data(&store, &registry).await {
-            let loaded = demo::load(&store, &o.database_url, &registry, d.users, d.records, 42).await?;
-            tracing::info!(users = loaded.users, records = loaded.records, "loaded demo data");
+            let loaded =
+                demo::load(&store, &o.database_url, &registry, d.users, d.records, 42).await?;
+            tracing::info!(
+                users = loaded.users,
+                records = loaded.records,
+                "loaded demo data"
+            );
         }
         let (_, token) = auth::create_token(
             &store,
@@ -121,7 +130,9 @@ pub async fn serve(mut o: StateOptions, bind: &str, demo_opts: Option<DemoOption
     let addr = listener.local_addr()?;
     tracing::info!(%addr, engine = ?state.store.engine(), "handover-server listening");
     if let Some(token) = &demo_token {
-        println!("\n  handover demo: http://{addr}/\n  demo token (user_456, company_123): {token}\n");
+        println!(
+            "\n  handover demo: http://{addr}/\n  demo token (user_456, company_123): {token}\n"
+        );
     }
     axum::serve(
         listener,
@@ -139,7 +150,8 @@ async fn shutdown() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

@@ -9,11 +9,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::QueryMap;
-use crate::store::audit::AuditFilter;
 use crate::auth::PERM_AUDIT;
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::ratelimit;
+use crate::store::audit::AuditFilter;
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -53,6 +53,6 @@ pub(crate) async fn list(
         "total": total,
         "limit": limit,
         "offset": offset,
-        "hasMore": offset + (entries.len() as u64) < total as u64,
+        "hasMore": offset + (entries.len() as u64) < total,
     })))
 }

@@ -16,8 +16,8 @@ use crate::auth::{self, Scope, PERM_EXPORT};
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::plan;
-use crate::store::exports::{Completion, Delivery, ExportRow, NewExport, Status};
 use crate::ratelimit::{self, Limit};
+use crate::store::exports::{Completion, Delivery, ExportRow, NewExport, Status};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -147,7 +147,10 @@ pub(crate) async fn list(
             )
         })?),
     };
-    let (rows, total) = state.store.list_exports(&scope, status, limit, offset).await?;
+    let (rows, total) = state
+        .store
+        .list_exports(&scope, status, limit, offset)
+        .await?;
     Ok(ctx.ok(json!({
         "requests": rows.iter().map(ExportRow::list_view).collect::<Vec<_>>(),
         "total": total,
@@ -183,7 +186,10 @@ pub(crate) async fn delete(
     let scope = enter(&state, &ctx, &headers, ratelimit::DELETE).await?;
     let row = owned(&state, &scope, id).await?;
     ctx.set_action("export.delete", Some(&row.id));
-    let (deleted_at, files) = state.store.delete_export(&row, Some(ctx.request_id())).await?;
+    let (deleted_at, files) = state
+        .store
+        .delete_export(&row, Some(ctx.request_id()))
+        .await?;
     state.files.remove(&files).await;
     Ok(ctx.ok(json!({ "request_id": row.id, "deleted": true, "deleted_at": deleted_at })))
 }

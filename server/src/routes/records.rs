@@ -30,8 +30,8 @@ use crate::auth::{Scope, PERM_EXPORT};
 use crate::context::Ctx;
 use crate::cursor::Cursor;
 use crate::error::{ApiError, ApiResult};
-use crate::store::exports::{Delivery, ExportRow};
 use crate::source::{PageRequest, RowSink};
+use crate::store::exports::{Delivery, ExportRow};
 use crate::{ratelimit, AppState};
 
 /// Rows per page (or per stream frame).
@@ -210,14 +210,16 @@ pub(crate) async fn page(
         .mark_started(&req.row, Some(ctx.request_id()))
         .await?;
     let bookkeeping = Instant::now();
-    state.store.record_progress(
-        &req.row.id,
-        &req.data_type,
-        served,
-        end.rows,
-        next.is_none(),
-    )
-    .await?;
+    state
+        .store
+        .record_progress(
+            &req.row.id,
+            &req.data_type,
+            served,
+            end.rows,
+            next.is_none(),
+        )
+        .await?;
     state.metrics.observe_bookkeeping(bookkeeping.elapsed());
     Ok(ctx.ok_raw(frame))
 }
@@ -343,14 +345,16 @@ async fn produce(
             }
             sent += 1;
             let bookkeeping = Instant::now();
-            if let Err(e) = state.store.record_progress(
-                &req.row.id,
-                &req.data_type,
-                frame.served,
-                frame.rows,
-                frame.done,
-            )
-            .await
+            if let Err(e) = state
+                .store
+                .record_progress(
+                    &req.row.id,
+                    &req.data_type,
+                    frame.served,
+                    frame.rows,
+                    frame.done,
+                )
+                .await
             {
                 tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
             }

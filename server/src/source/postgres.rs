@@ -343,10 +343,15 @@ fn prepare<'r>(
         }
         Wire::Json | Wire::Jsonb => {
             let text = json_text(b, wire, name)?;
-            if kind == ColumnKind::Json || matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'[')) {
+            if kind == ColumnKind::Json
+                || matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
+            {
                 json_cell(text, name)?
             } else {
-                Made::Value(serde_json::from_str(text).with_context(|| format!("column {name} is not JSON"))?)
+                Made::Value(
+                    serde_json::from_str(text)
+                        .with_context(|| format!("column {name} is not JSON"))?,
+                )
             }
         }
         Wire::Timestamp => Made::Text(timestamp_text(i64::from_be_bytes(be(b, name)?))?),
@@ -375,7 +380,8 @@ fn json_cell(text: &str, name: &str) -> anyhow::Result<Made> {
     let t = text.trim();
     if let Some(b'{' | b'[') = t.as_bytes().first() {
         // Compact it: the wire and the flat formats carry JSON without spaces.
-        let v: Value = serde_json::from_str(t).with_context(|| format!("column {name} is not JSON"))?;
+        let v: Value =
+            serde_json::from_str(t).with_context(|| format!("column {name} is not JSON"))?;
         return Ok(Made::Text(serde_json::to_string(&v)?));
     }
     Ok(Made::Value(
@@ -435,7 +441,12 @@ impl PostgresSource {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn count(&self, data_type: &str, owner: &Scope, range: &Range) -> anyhow::Result<u64> {
+    pub async fn count(
+        &self,
+        data_type: &str,
+        owner: &Scope,
+        range: &Range,
+    ) -> anyhow::Result<u64> {
         let t = self.sql(data_type)?;
         let n: i64 = sqlx::query_scalar(&t.count)
             .bind(&owner.user_id)
@@ -453,15 +464,28 @@ impl PostgresSource {
     /// # Errors
     ///
     /// Database errors, values that cannot be read, and the sink's errors.
-    pub fn read_page<S: RowSink>(&self, req: &PageRequest, sink: &mut S) -> anyhow::Result<PageEnd> {
+    pub fn read_page<S: RowSink>(
+        &self,
+        req: &PageRequest,
+        sink: &mut S,
+    ) -> anyhow::Result<PageEnd> {
         let t = self.sql(&req.data_type)?;
         self.runtime
             .block_on(self.read(t, req, sink))
             .with_context(|| format!("reading {}", req.data_type))
     }
 
-    async fn read<S: RowSink>(&self, t: &TypeSql, req: &PageRequest, sink: &mut S) -> anyhow::Result<PageEnd> {
-        let sql = if req.after.is_some() { &t.after } else { &t.first };
+    async fn read<S: RowSink>(
+        &self,
+        t: &TypeSql,
+        req: &PageRequest,
+        sink: &mut S,
+    ) -> anyhow::Result<PageEnd> {
+        let sql = if req.after.is_some() {
+            &t.after
+        } else {
+            &t.first
+        };
         let mut q = sqlx::query(sql)
             .bind(&req.owner.user_id)
             .bind(&req.owner.company_id)
@@ -498,11 +522,16 @@ impl PostgresSource {
                     None => Ok(None),
                     Some(b) => {
                         let text = match wire {
-                            Wire::Json | Wire::Jsonb => json_text(b, wire, "a column holding sub-columns")?,
+                            Wire::Json | Wire::Jsonb => {
+                                json_text(b, wire, "a column holding sub-columns")?
+                            }
                             Wire::Text => std::str::from_utf8(b)?,
                             _ => bail!("a column holding sub-columns is not JSON"),
                         };
-                        Ok(Some(serde_json::from_str::<Value>(text).context("a column holding sub-columns is not JSON")?))
+                        Ok(Some(
+                            serde_json::from_str::<Value>(text)
+                                .context("a column holding sub-columns is not JSON")?,
+                        ))
                     }
                 })
                 .collect::<anyhow::Result<Vec<Option<Value>>>>()?;
@@ -521,7 +550,10 @@ impl PostgresSource {
                     (_, Prepared::Ready(c)) => c,
                     (_, Prepared::Made(i)) => match &made[i] {
                         Made::Text(s) => match src {
-                            CellSource::Column { kind: ColumnKind::Json, .. } => Cell::Json(s),
+                            CellSource::Column {
+                                kind: ColumnKind::Json,
+                                ..
+                            } => Cell::Json(s),
                             _ => Cell::Text(s),
                         },
                         Made::Value(v) => Cell::from_value(v),
@@ -569,18 +601,30 @@ mod tests {
     #[test]
     fn numerics_read_as_decimal_text() {
         // 12345.678 = [1, 2345, 6780], weight 1, dscale 3
-        assert_eq!(numeric_text(&numeric(3, 1, 0, 3, &[1, 2345, 6780]), "n").unwrap(), "12345.678");
+        assert_eq!(
+            numeric_text(&numeric(3, 1, 0, 3, &[1, 2345, 6780]), "n").unwrap(),
+            "12345.678"
+        );
         // -0.05 = [500], weight -1, dscale 2
-        assert_eq!(numeric_text(&numeric(1, -1, 0x4000, 2, &[500]), "n").unwrap(), "-0.05");
+        assert_eq!(
+            numeric_text(&numeric(1, -1, 0x4000, 2, &[500]), "n").unwrap(),
+            "-0.05"
+        );
         // 100000000 = [1], weight 2
-        assert_eq!(numeric_text(&numeric(1, 2, 0, 0, &[1]), "n").unwrap(), "100000000");
+        assert_eq!(
+            numeric_text(&numeric(1, 2, 0, 0, &[1]), "n").unwrap(),
+            "100000000"
+        );
         assert_eq!(numeric_text(&numeric(0, 0, 0, 0, &[]), "n").unwrap(), "0");
     }
 
     #[test]
     fn timestamps_and_dates_read_as_utc_text() {
         assert_eq!(timestamp_text(0).unwrap(), "2000-01-01T00:00:00.000Z");
-        assert_eq!(timestamp_text(86_400_000_000 + 1_500).unwrap(), "2000-01-02T00:00:00.001Z");
+        assert_eq!(
+            timestamp_text(86_400_000_000 + 1_500).unwrap(),
+            "2000-01-02T00:00:00.001Z"
+        );
         assert_eq!(date_text(-1).unwrap(), "1999-12-31");
     }
 }

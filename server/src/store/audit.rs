@@ -139,7 +139,11 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub(crate) async fn append_audit(&self, tx: &mut Tx<'_>, entry: AuditEntry) -> anyhow::Result<()> {
+    pub(crate) async fn append_audit(
+        &self,
+        tx: &mut Tx<'_>,
+        entry: AuditEntry,
+    ) -> anyhow::Result<()> {
         self.lock(tx, lock::AUDIT).await?;
         let head: Option<(i64, String)> =
             sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -229,7 +233,10 @@ impl Store {
             if row.compute_hash() != row.hash {
                 return Ok(Verification::Broken {
                     seq: row.seq,
-                    reason: format!("row {} was altered: its content does not match its hash", row.seq),
+                    reason: format!(
+                        "row {} was altered: its content does not match its hash",
+                        row.seq
+                    ),
                 });
             }
             prev = row.hash;
@@ -260,17 +267,22 @@ impl Store {
             .bind(&filter.resource)
             .fetch_one(self.pool())
             .await?;
-        let rows = sqlx::query(&format!("SELECT * {cond} ORDER BY seq DESC LIMIT $6 OFFSET $7"))
-            .bind(&filter.company_id)
-            .bind(&filter.action)
-            .bind(&filter.actor)
-            .bind(&filter.outcome)
-            .bind(&filter.resource)
-            .bind(limit as i64)
-            .bind(offset as i64)
-            .fetch_all(self.pool())
-            .await?;
-        let rows = rows.iter().map(AuditRow::from_row).collect::<anyhow::Result<_>>()?;
+        let rows = sqlx::query(&format!(
+            "SELECT * {cond} ORDER BY seq DESC LIMIT $6 OFFSET $7"
+        ))
+        .bind(&filter.company_id)
+        .bind(&filter.action)
+        .bind(&filter.actor)
+        .bind(&filter.outcome)
+        .bind(&filter.resource)
+        .bind(limit as i64)
+        .bind(offset as i64)
+        .fetch_all(self.pool())
+        .await?;
+        let rows = rows
+            .iter()
+            .map(AuditRow::from_row)
+            .collect::<anyhow::Result<_>>()?;
         Ok((rows, total as u64))
     }
 }

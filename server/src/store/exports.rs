@@ -260,7 +260,9 @@ pub fn new_id() -> String {
 
 /// Whether `id` could be an export id (anything else is simply not found).
 pub fn plausible_id(id: &str) -> bool {
-    id.len() <= 64 && id.starts_with("export_") && id[7..].bytes().all(|b| b.is_ascii_alphanumeric())
+    id.len() <= 64
+        && id.starts_with("export_")
+        && id[7..].bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 const OPEN: &str = "status IN ('pending', 'processing')";
@@ -338,7 +340,10 @@ impl Store {
         .bind(offset as i64)
         .fetch_all(self.pool())
         .await?;
-        let rows = rows.iter().map(ExportRow::from_row).collect::<anyhow::Result<_>>()?;
+        let rows = rows
+            .iter()
+            .map(ExportRow::from_row)
+            .collect::<anyhow::Result<_>>()?;
         Ok((rows, total as u64))
     }
 
@@ -369,7 +374,11 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn create_export(&self, new: NewExport, request_id: Option<&str>) -> anyhow::Result<ExportRow> {
+    pub async fn create_export(
+        &self,
+        new: NewExport,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<ExportRow> {
         let id = new_id();
         let created = time::OffsetDateTime::now_utc();
         let at = handover::model::format_timestamp(created);
@@ -396,12 +405,18 @@ impl Store {
         .bind(&at)
         .execute(&mut *tx.tx)
         .await?;
-        let row = self.row_in(&mut tx, &id).await?.ok_or_else(|| anyhow::anyhow!("export {id} vanished"))?;
+        let row = self
+            .row_in(&mut tx, &id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("export {id} vanished"))?;
         let details = json!({ "export_format": new.export_format, "data_types": new.data_types,
             "delivery": new.delivery, "date_range": { "start": new.range.start, "end": new.range.end },
             "estimated_records": new.manifest.total_records() });
-        self.append_audit(&mut tx, row.event("export.created", details).for_request(request_id))
-            .await?;
+        self.append_audit(
+            &mut tx,
+            row.event("export.created", details).for_request(request_id),
+        )
+        .await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -431,10 +446,16 @@ impl Store {
         let Some(id) = id else {
             return Ok(None);
         };
-        let row = self.row_in(&mut tx, &id).await?.ok_or_else(|| anyhow::anyhow!("export {id} vanished"))?;
+        let row = self
+            .row_in(&mut tx, &id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("export {id} vanished"))?;
         self.append_audit(
             &mut tx,
-            row.event("export.started", json!({ "delivery": "server", "attempt": row.attempts })),
+            row.event(
+                "export.started",
+                json!({ "delivery": "server", "attempt": row.attempts }),
+            ),
         )
         .await?;
         tx.commit().await?;
@@ -447,7 +468,11 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn mark_started(&self, row: &ExportRow, request_id: Option<&str>) -> anyhow::Result<()> {
+    pub async fn mark_started(
+        &self,
+        row: &ExportRow,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<()> {
         if row.status != Status::Pending {
             return Ok(());
         }
@@ -464,7 +489,8 @@ impl Store {
         if r.rows_affected() == 1 {
             self.append_audit(
                 &mut tx,
-                row.event("export.started", json!({ "delivery": row.delivery })).for_request(request_id),
+                row.event("export.started", json!({ "delivery": row.delivery }))
+                    .for_request(request_id),
             )
             .await?;
         }
@@ -544,7 +570,12 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn build_progress(&self, row: &ExportRow, records: u64, data_type: &str) -> anyhow::Result<bool> {
+    pub async fn build_progress(
+        &self,
+        row: &ExportRow,
+        records: u64,
+        data_type: &str,
+    ) -> anyhow::Result<bool> {
         let mut tx = self.write().await?;
         let r = sqlx::query(&format!(
             "UPDATE export_requests SET records_served = $1, current_type = $2, last_activity_at = $3 \
@@ -604,8 +635,12 @@ impl Store {
         if let Value::Object(d) = &mut details {
             d.extend(done.details.clone());
         }
-        self.append_audit(&mut tx, row.event("export.completed", details).for_request(request_id))
-            .await?;
+        self.append_audit(
+            &mut tx,
+            row.event("export.completed", details)
+                .for_request(request_id),
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -616,7 +651,12 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn fail_export(&self, row: &ExportRow, reason: &str, request_id: Option<&str>) -> anyhow::Result<bool> {
+    pub async fn fail_export(
+        &self,
+        row: &ExportRow,
+        reason: &str,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<bool> {
         let at = now();
         let mut tx = self.write().await?;
         let r = sqlx::query(&format!(
@@ -631,8 +671,12 @@ impl Store {
         if r.rows_affected() == 0 {
             return Ok(false);
         }
-        self.append_audit(&mut tx, row.event("export.failed", json!({ "reason": reason })).for_request(request_id))
-            .await?;
+        self.append_audit(
+            &mut tx,
+            row.event("export.failed", json!({ "reason": reason }))
+                .for_request(request_id),
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -648,7 +692,10 @@ impl Store {
         let Some(current) = self.row_in(&mut tx, &row.id).await? else {
             return Ok(Retried::Gone);
         };
-        if current.status != Status::Processing || current.attempts != row.attempts || current.deleted_at.is_some() {
+        if current.status != Status::Processing
+            || current.attempts != row.attempts
+            || current.deleted_at.is_some()
+        {
             return Ok(Retried::Gone);
         }
         let retried = if current.attempts < 2 {
@@ -662,8 +709,14 @@ impl Store {
             if r.rows_affected() == 0 {
                 return Ok(Retried::Gone);
             }
-            self.append_audit(&mut tx, current.event("export.requeued", json!({ "reason": reason, "attempt": current.attempts })))
-                .await?;
+            self.append_audit(
+                &mut tx,
+                current.event(
+                    "export.requeued",
+                    json!({ "reason": reason, "attempt": current.attempts }),
+                ),
+            )
+            .await?;
             Retried::Requeued
         } else {
             let at = now();
@@ -679,8 +732,11 @@ impl Store {
             if r.rows_affected() == 0 {
                 return Ok(Retried::Gone);
             }
-            self.append_audit(&mut tx, current.event("export.failed", json!({ "reason": reason })))
-                .await?;
+            self.append_audit(
+                &mut tx,
+                current.event("export.failed", json!({ "reason": reason })),
+            )
+            .await?;
             Retried::Failed
         };
         tx.commit().await?;
@@ -701,7 +757,7 @@ impl Store {
             return Ok(None);
         };
         let r = sqlx::query(
-            "UPDATE export_requests SET status = 'expired', last_activity_at = $1 WHERE id = $2 AND status = 'completed' AND expires_at < $1",
+            "UPDATE export_requests SET status = 'expired', last_activity_at = $1 WHERE id = $2 AND status = 'completed' AND expires_at < $1 AND deleted_at IS NULL",
         )
         .bind(&at)
         .bind(id)
@@ -711,8 +767,11 @@ impl Store {
             return Ok(None);
         }
         let files = self.take_files(&mut tx, id).await?;
-        self.append_audit(&mut tx, row.event("export.expired", json!({ "expires_at": row.expires_at })))
-            .await?;
+        self.append_audit(
+            &mut tx,
+            row.event("export.expired", json!({ "expires_at": row.expires_at })),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(files))
     }
@@ -724,18 +783,25 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn delete_export(&self, row: &ExportRow, request_id: Option<&str>) -> anyhow::Result<(String, Vec<FileRef>)> {
+    pub async fn delete_export(
+        &self,
+        row: &ExportRow,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<(String, Vec<FileRef>)> {
         let at = now();
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE export_requests SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
-            .bind(&at)
-            .bind(&row.id)
-            .execute(&mut *tx.tx)
-            .await?;
+        sqlx::query(
+            "UPDATE export_requests SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
+        )
+        .bind(&at)
+        .bind(&row.id)
+        .execute(&mut *tx.tx)
+        .await?;
         let files = self.take_files(&mut tx, &row.id).await?;
         self.append_audit(
             &mut tx,
-            row.event("export.deleted", json!({ "status_before": row.status })).for_request(request_id),
+            row.event("export.deleted", json!({ "status_before": row.status }))
+                .for_request(request_id),
         )
         .await?;
         tx.commit().await?;
@@ -748,8 +814,15 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn export_event(&self, row: &ExportRow, action: &str, request_id: Option<&str>, details: Value) -> anyhow::Result<()> {
-        self.audit(row.event(action, details).for_request(request_id)).await
+    pub async fn export_event(
+        &self,
+        row: &ExportRow,
+        action: &str,
+        request_id: Option<&str>,
+        details: Value,
+    ) -> anyhow::Result<()> {
+        self.audit(row.event(action, details).for_request(request_id))
+            .await
     }
 
     /// Open client exports idle since `before`.
@@ -759,7 +832,9 @@ impl Store {
     /// Database errors.
     pub async fn idle_client_exports(&self, before: &str) -> anyhow::Result<Vec<ExportRow>> {
         self.rows_where(
-            &format!("{OPEN} AND delivery = 'client' AND deleted_at IS NULL AND last_activity_at < $1"),
+            &format!(
+                "{OPEN} AND delivery = 'client' AND deleted_at IS NULL AND last_activity_at < $1"
+            ),
             before,
         )
         .await
@@ -785,7 +860,7 @@ impl Store {
     ///
     /// Database errors.
     pub async fn due_for_expiry(&self, now: &str) -> anyhow::Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM export_requests WHERE status = 'completed' AND expires_at < $1")
+        Ok(sqlx::query_scalar("SELECT id FROM export_requests WHERE status = 'completed' AND expires_at < $1 AND deleted_at IS NULL")
             .bind(now)
             .fetch_all(self.pool())
             .await?)

@@ -65,7 +65,11 @@ impl Store {
 
     /// Forgets every file of export `id`: key rows and stored chunks go in
     /// `tx`; returns the files whose bytes are on disk, to remove.
-    pub(crate) async fn take_files(&self, tx: &mut Tx<'_>, id: &str) -> anyhow::Result<Vec<FileRef>> {
+    pub(crate) async fn take_files(
+        &self,
+        tx: &mut Tx<'_>,
+        id: &str,
+    ) -> anyhow::Result<Vec<FileRef>> {
         let rows: Vec<(String, String, i64, String, String)> = sqlx::query_as(
             "SELECT format, path, byte_size, sha256, storage FROM export_files WHERE request_id = $1",
         )
@@ -107,15 +111,17 @@ impl Store {
         .bind(kind)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|(path, wrapped_key, size, sha256, storage)| FileRef {
-            request_id: id.to_string(),
-            kind: kind.to_string(),
-            path,
-            wrapped_key,
-            byte_size: size as u64,
-            sha256,
-            storage: Storage::parse(&storage),
-        }))
+        Ok(
+            row.map(|(path, wrapped_key, size, sha256, storage)| FileRef {
+                request_id: id.to_string(),
+                kind: kind.to_string(),
+                path,
+                wrapped_key,
+                byte_size: size as u64,
+                sha256,
+                storage: Storage::parse(&storage),
+            }),
+        )
     }
 
     /// Stores chunk `seq` of the file `file` (its unique name) of export
@@ -124,14 +130,22 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn put_chunk(&self, id: &str, file: &str, seq: u64, data: &[u8]) -> anyhow::Result<()> {
-        sqlx::query("INSERT INTO export_file_chunks (request_id, file, seq, data) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(file)
-            .bind(seq as i64)
-            .bind(data)
-            .execute(self.pool())
-            .await?;
+    pub async fn put_chunk(
+        &self,
+        id: &str,
+        file: &str,
+        seq: u64,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO export_file_chunks (request_id, file, seq, data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(file)
+        .bind(seq as i64)
+        .bind(data)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -140,7 +154,13 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn chunks(&self, id: &str, file: &str, from: u64, count: u64) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
+    pub async fn chunks(
+        &self,
+        id: &str,
+        file: &str,
+        from: u64,
+        count: u64,
+    ) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, data FROM export_file_chunks WHERE request_id = $1 AND file = $2 AND seq >= $3 ORDER BY seq LIMIT $4",
         )
@@ -199,11 +219,13 @@ impl Store {
     ///
     /// Database errors.
     pub async fn owns_file(&self, id: &str, path: &str) -> anyhow::Result<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM export_files WHERE request_id = $1 AND path = $2")
-            .bind(id)
-            .bind(path)
-            .fetch_one(self.pool())
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM export_files WHERE request_id = $1 AND path = $2",
+        )
+        .bind(id)
+        .bind(path)
+        .fetch_one(self.pool())
+        .await?;
         Ok(n > 0)
     }
 

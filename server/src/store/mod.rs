@@ -108,7 +108,11 @@ impl Store {
             Engine::Sqlite => {
                 let mut u = url.to_string();
                 if !u.contains("mode=") {
-                    u.push_str(if u.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                    u.push_str(if u.contains('?') {
+                        "&mode=rwc"
+                    } else {
+                        "?mode=rwc"
+                    });
                 }
                 (u, 8)
             }
@@ -212,7 +216,10 @@ impl Store {
     /// A count query with no parameters; `None` when it fails (e.g. the
     /// table does not exist).
     pub async fn count(&self, sql: &str) -> Option<i64> {
-        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.ok()
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .ok()
     }
 }
 

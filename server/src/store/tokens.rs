@@ -47,9 +47,19 @@ impl Store {
         .execute(&mut *tx.tx)
         .await?;
         for company in companies {
-            let details = json!({ "token_id": id, "user_id": user, "permissions": permissions, "by": by });
-            self.append_audit(&mut tx, AuditEntry::event("token.created", user, company, &format!("token_{id}"), details))
-                .await?;
+            let details =
+                json!({ "token_id": id, "user_id": user, "permissions": permissions, "by": by });
+            self.append_audit(
+                &mut tx,
+                AuditEntry::event(
+                    "token.created",
+                    user,
+                    company,
+                    &format!("token_{id}"),
+                    details,
+                ),
+            )
+            .await?;
         }
         tx.commit().await
     }
@@ -94,8 +104,17 @@ impl Store {
         };
         for company in serde_json::from_str::<Vec<String>>(&companies)? {
             let details = json!({ "token_id": id, "user_id": user, "by": by });
-            self.append_audit(&mut tx, AuditEntry::event("token.revoked", &user, &company, &format!("token_{id}"), details))
-                .await?;
+            self.append_audit(
+                &mut tx,
+                AuditEntry::event(
+                    "token.revoked",
+                    &user,
+                    &company,
+                    &format!("token_{id}"),
+                    details,
+                ),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(Some(user))

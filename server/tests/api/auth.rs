@@ -1,6 +1,5 @@
 //! API tokens and JWTs from an identity provider, and development mode.
 
-
 use reqwest::Method;
 
 use crate::helpers::*;
@@ -192,7 +191,8 @@ async fn rs256_jwts_from_the_identity_provider_are_accepted() {
         None,
     )
     .await;
-    let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-test-private.pem")).unwrap();
+    let key =
+        EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-test-private.pem")).unwrap();
     let good = jwt(Algorithm::RS256, &key, 300, ISSUER, AUDIENCE);
     let r = app
         .raw(

@@ -299,8 +299,7 @@ async fn every_documented_error_code_is_reachable() {
 
 #[tokio::test]
 async fn creation_failed_when_the_operators_query_breaks() {
-    let config = default_config()
-        .replace("FROM demo_payments WHERE", "FROM no_such_table WHERE");
+    let config = default_config().replace("FROM demo_payments WHERE", "FROM no_such_table WHERE");
     let app = spawn_with(
         Opts {
             config: Some(config),

@@ -55,7 +55,9 @@ pub fn engine() -> Engine {
 }
 
 fn postgres_admin() -> Option<String> {
-    std::env::var("HANDOVER_TEST_POSTGRES").ok().filter(|s| !s.is_empty())
+    std::env::var("HANDOVER_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 impl TestDb {
@@ -154,9 +156,16 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
         None => Registry::load_for(None, store.engine()).unwrap(),
     };
     if !demo::has_data(&store, &registry).await {
-        demo::load(&store, &db.url, &registry, 3, opts.records.unwrap_or(60), 42)
-            .await
-            .unwrap();
+        demo::load(
+            &store,
+            &db.url,
+            &registry,
+            3,
+            opts.records.unwrap_or(60),
+            42,
+        )
+        .await
+        .unwrap();
     }
     let jwt = if opts.rs256 {
         JwtConfig::rs256(
@@ -171,7 +180,13 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
     let master = DataKey::from_bytes([7; 32]);
     let source = handover_server::source::Source::open(&db.url, &registry).unwrap();
     let storage = handover_server::config::file_storage(None, store.engine()).unwrap();
-    let files = FileStore::new(db.dir.path().join("exports"), master.clone(), storage, store.clone()).unwrap();
+    let files = FileStore::new(
+        db.dir.path().join("exports"),
+        master.clone(),
+        storage,
+        store.clone(),
+    )
+    .unwrap();
     let defaults = Settings::default();
     let state = AppState(Arc::new(StateInner {
         store: store.clone(),
@@ -186,7 +201,9 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
         files,
         settings: Settings {
             max_export_bytes: opts.max_export_bytes.unwrap_or(defaults.max_export_bytes),
-            daily_record_quota: opts.daily_record_quota.unwrap_or(defaults.daily_record_quota),
+            daily_record_quota: opts
+                .daily_record_quota
+                .unwrap_or(defaults.daily_record_quota),
             build_gate: opts.build_gate.clone(),
             stale_after: opts.stale_after.unwrap_or(defaults.stale_after),
             ..Settings::default()
@@ -345,7 +362,11 @@ impl TestApp {
 
     /// Runs a statement with one text parameter.
     pub async fn exec(&self, sql: &str, param: &str) {
-        sqlx::query(sql).bind(param).execute(self.pool()).await.unwrap();
+        sqlx::query(sql)
+            .bind(param)
+            .execute(self.pool())
+            .await
+            .unwrap();
     }
 }
 

@@ -1,6 +1,5 @@
 //! Tenant isolation: two users in two companies.
 
-
 use reqwest::Method;
 use serde_json::json;
 

@@ -1,6 +1,5 @@
 //! The export lifecycle through the API: create, pages, complete, fail, list, delete, server builds.
 
-
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -516,7 +515,11 @@ async fn delete_destroys_the_export_and_its_files() {
     assert!(
         handover::model::parse_timestamp(r.body["data"]["deleted_at"].as_str().unwrap()).is_some()
     );
-    assert_eq!(app.stored_files().await.len(), 0, "no bytes survive the delete");
+    assert_eq!(
+        app.stored_files().await.len(),
+        0,
+        "no bytes survive the delete"
+    );
     assert_eq!(
         app.count("SELECT COUNT(*) FROM export_files").await,
         0,

@@ -6,12 +6,12 @@
 
 mod helpers;
 
-mod lifecycle;
-mod errors;
-mod isolation;
-mod limits;
 mod audit;
 mod auth;
+mod errors;
+mod isolation;
+mod lifecycle;
+mod limits;
 mod operations;
 mod records;
 mod scale;

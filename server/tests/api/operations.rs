@@ -1,6 +1,5 @@
 //! Operator tools and background work: the sweeper, the CLI export, another app's config, the binary.
 
-
 use reqwest::Method;
 use serde_json::{json, Value};
 

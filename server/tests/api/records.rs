@@ -1,6 +1,5 @@
 //! Record pages and streams: every record, resumable, compressed.
 
-
 use reqwest::Method;
 use serde_json::{json, Value};
 
