@@ -167,6 +167,22 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     // Every log line of the handler carries the request id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
     let mut response = next.run(req).instrument(span).await;
+    // Whatever answered (a static file service, a layer), errors leave in
+    // the envelope: a bare 405 or 404 becomes the API's own.
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        if response.status() == axum::http::StatusCode::METHOD_NOT_ALLOWED {
+            response = ApiError::MethodNotAllowed.into_response();
+        } else if response.status() == axum::http::StatusCode::NOT_FOUND
+            && path.starts_with("/api/")
+        {
+            response = ApiError::RouteNotFound.into_response();
+        }
+    }
 
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);

@@ -39,6 +39,9 @@ pub enum ApiError {
     /// Route exists, method does not.
     #[error("method not allowed for this path")]
     MethodNotAllowed,
+    /// A body that is not declared as JSON.
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
     /// Body over the limit.
     #[error("request body too large (limit {0} bytes)")]
     PayloadTooLarge(usize),
@@ -112,6 +115,12 @@ impl ApiError {
             Self::MethodNotAllowed => (
                 S::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
+                "validation",
+                "low",
+            ),
+            Self::UnsupportedMediaType => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
                 "validation",
                 "low",
             ),

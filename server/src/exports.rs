@@ -15,7 +15,7 @@ impl ExportRow {
     }
 
     fn download_url(&self) -> Option<String> {
-        (self.status == Status::Completed && self.delivery != Delivery::Client)
+        (self.status == Status::Completed && self.delivery == Delivery::Server)
             .then(|| format!("/api/data/export/{}/download", self.id))
     }
 

@@ -294,6 +294,7 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .merge(routes::exports::router())
         .merge(routes::records::router())
+        .merge(routes::privacy::router())
         .merge(routes::summary::router())
         .merge(routes::audit::router())
         .merge(routes::meta::router());

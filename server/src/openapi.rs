@@ -30,6 +30,18 @@ pub struct CreateExport {
     delivery: Option<String>,
 }
 
+/// Optional body of `POST /api/privacy/export`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct PrivacyExport {
+    /// `json` (default), `csv` or `xlsx`.
+    #[schema(example = "json")]
+    format: Option<String>,
+    /// Data types to include (default: every configured type).
+    #[schema(example = json!(["user_profile"]))]
+    data_types: Option<Vec<String>>,
+}
+
 /// Body of `POST /api/data/export/{id}/complete`.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
@@ -158,9 +170,9 @@ impl Modify for BearerAuth {
         routes::exports::create, routes::exports::list, routes::exports::details, routes::exports::delete,
         routes::exports::download, routes::exports::complete, routes::exports::fail,
         routes::records::page, routes::records::stream, routes::summary::summary, routes::audit::list,
-        routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
+        routes::privacy::export, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
     ),
-    components(schemas(CreateExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
+    components(schemas(CreateExport, PrivacyExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -3,6 +3,8 @@
 //! instances, exactly, under concurrency.
 
 use crate::error::ApiError;
+use crate::store::exports::AdmitLimit;
+use crate::store::limits::Admission;
 use crate::store::Store;
 
 /// One limit of the API reference's table.
@@ -65,6 +67,15 @@ pub struct RateState {
     pub reset_secs: u64,
 }
 
+/// The limit of `user` in `company`, as the store admits under it.
+pub fn admit_limit(limit: Limit, user: &str, company: &str) -> AdmitLimit {
+    AdmitLimit {
+        bucket: format!("{}:{user}:{company}", limit.name),
+        max: limit.max,
+        window_ms: (limit.window_secs * 1000) as i64,
+    }
+}
+
 /// Admits one request of `user` in `company` under `limit`, or refuses it.
 ///
 /// # Errors
@@ -77,10 +88,18 @@ pub async fn admit(
     user: &str,
     company: &str,
 ) -> Result<RateState, ApiError> {
-    let bucket = format!("{}:{user}:{company}", limit.name);
-    let a = store
-        .admit(&bucket, limit.max, (limit.window_secs * 1000) as i64)
-        .await?;
+    let l = admit_limit(limit, user, company);
+    let a = store.admit(&l.bucket, l.max, l.window_ms).await?;
+    decide(limit, a)
+}
+
+/// What an admission means for the client: the `RateLimit-*` state, or the
+/// refusal.
+///
+/// # Errors
+///
+/// [`ApiError::RateLimited`] when it was refused.
+pub fn decide(limit: Limit, a: Admission) -> Result<RateState, ApiError> {
     let reset_secs = a.reset_ms.div_ceil(1000).max(u64::from(a.used > 0));
     if !a.admitted {
         return Err(ApiError::RateLimited {

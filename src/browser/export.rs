@@ -172,6 +172,9 @@ async fn fetch_type(
     name: &str,
 ) -> Result<(), JsValue> {
     let mut cursor: Option<String> = None;
+    // Every cursor handed out so far: a server that leads back to one
+    // (a → b → a) would otherwise be read forever.
+    let mut seen = std::collections::HashSet::new();
     let mut offset: u64 = 0;
     let mut failures = 0;
     loop {
@@ -245,10 +248,10 @@ async fn fetch_type(
                 drop(cells);
                 let rows = frame.row_count() as u64;
                 match frame.next_cursor {
-                    Some(next) if Some(next.as_ref()) == cursor.as_deref() => {
+                    Some(next) if !seen.insert(next.to_string()) => {
                         return Err(export_error(
                             "INVALID_RESPONSE",
-                            "the server repeated a cursor",
+                            &format!("the server led the records of {name} back to an earlier cursor (a cycle)"),
                         ))
                     }
                     Some(next) => cursor = Some(next.into_owned()),
@@ -335,6 +338,7 @@ pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
         retry_base_ms: opts.retry_base_ms,
         max_retry_after_secs: opts.max_retry_after_secs,
         request_timeout_ms: opts.request_timeout_ms,
+        idempotency_key: super::http::new_idempotency_key(),
     };
     let range = opts.date_range.clone().unwrap_or_default();
     let body = json!({

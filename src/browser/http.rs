@@ -32,6 +32,32 @@ pub(crate) struct Client {
     pub max_retry_after_secs: u32,
     /// A request (headers and body) taking longer is aborted and retried.
     pub request_timeout_ms: u32,
+    /// Sent with the create, the same on each retry of it: the server then
+    /// creates one export however often the create is retried.
+    pub idempotency_key: String,
+}
+
+/// A fresh `Idempotency-Key`: 128 random bits, hex.
+pub(crate) fn new_idempotency_key() -> String {
+    let mut bytes = [0u8; 16];
+    // Without randomness the key would collide across calls: then send a
+    // time-based key rather than none (the retry protection still holds).
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = js_sys::Date::now().to_bits().to_le_bytes();
+        bytes[..8].copy_from_slice(&now);
+        let r = js_sys::Math::random().to_bits().to_le_bytes();
+        bytes[8..].copy_from_slice(&r);
+    }
+    hex::encode(bytes)
+}
+
+/// `scheme://host[:port]` of an absolute URL.
+fn origin(url: &str) -> Option<&str> {
+    let rest = url.find("://")? + 3;
+    let end = url[rest..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| rest + i);
+    Some(&url[..end])
 }
 
 enum Outcome {
@@ -246,6 +272,25 @@ impl Client {
         }
     }
 
+    /// Whether `path` (absolute, from a server's answer) stays on the
+    /// server's origin: the bearer token is never sent anywhere else.
+    fn on_our_origin(&self, path: &str) -> bool {
+        if !(path.starts_with("http://") || path.starts_with("https://")) {
+            return true;
+        }
+        let ours = if self.base.is_empty() {
+            // Relative requests go to the page's (or worker's) own origin.
+            js_sys::Reflect::get(&js_sys::global(), &"location".into())
+                .ok()
+                .and_then(|l| js_sys::Reflect::get(&l, &"origin".into()).ok())
+                .and_then(|o| o.as_string())
+                .unwrap_or_default()
+        } else {
+            origin(&self.base).unwrap_or_default().to_string()
+        };
+        origin(path).is_some_and(|o| o.eq_ignore_ascii_case(&ours))
+    }
+
     fn is_aborted(&self) -> bool {
         self.signal.as_ref().is_some_and(AbortSignal::aborted)
     }
@@ -257,6 +302,15 @@ impl Client {
         body: Option<&str>,
         stream: bool,
     ) -> Result<Outcome, JsValue> {
+        if !self.on_our_origin(path) {
+            return Err(export_error(
+                "INVALID_RESPONSE",
+                &format!(
+                    "the server pointed at {path}, on another origin: the token is only sent to {}",
+                    self.base
+                ),
+            ));
+        }
         let init = RequestInit::new();
         init.set_method(method);
         if let Some(b) = body {
@@ -276,6 +330,9 @@ impl Client {
         headers.set("Accept", "application/json")?;
         if body.is_some() {
             headers.set("Content-Type", "application/json")?;
+        }
+        if method == "POST" && path == "/api/data/export" {
+            headers.set("Idempotency-Key", &self.idempotency_key)?;
         }
         let fetch = global_fn("fetch")?;
         let promise: Promise = fetch.call1(&js_sys::global(), &request)?.unchecked_into();

@@ -17,7 +17,9 @@ use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::plan;
 use crate::ratelimit::{self, Limit};
-use crate::store::exports::{Completion, Delivery, ExportRow, NewExport, Status};
+use crate::store::exports::{
+    Completion, Created, Delivery, ExportRow, IdempotencyKey, IdempotentExport, NewExport, Status,
+};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -68,7 +70,7 @@ async fn owned(
         .ok_or(ApiError::ExportNotFound)
 }
 
-#[utoipa::path(post, path = "/api/data/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body = crate::openapi::CreateExport, responses((status = 201, description = "Created; with `manifest` for client delivery", body = crate::openapi::Envelope), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: INVALID_FORMAT, INVALID_DATA_TYPE, DATE_RANGE_INVALID, INVALID_METADATA, FILE_TOO_LARGE", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED or QUOTA_EXCEEDED (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
+#[utoipa::path(post, path = "/api/data/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("Idempotency-Key" = Option<String>, Header, description = "Optional, 1–255 visible ASCII characters: the same key with the same body within 24 hours gives back the same export (201, Idempotent-Replayed: true) without taking a create slot")), request_body = crate::openapi::CreateExport, responses((status = 201, description = "Created; with `manifest` for client delivery", body = crate::openapi::Envelope), (status = 400, description = "Malformed JSON or Idempotency-Key (INVALID_REQUEST), or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 409, description = "IDEMPOTENCY_KEY_REUSED: the export created with this key was deleted", body = crate::openapi::ErrorEnvelope), (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: INVALID_FORMAT, INVALID_DATA_TYPE, DATE_RANGE_INVALID, INVALID_METADATA, FILE_TOO_LARGE, IDEMPOTENCY_KEY_REUSED (same key, different body)", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED or QUOTA_EXCEEDED (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -77,18 +79,32 @@ pub(crate) async fn create(
 ) -> ApiResult<Response> {
     ctx.set_action("export.create", None);
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
+    let key = idempotency_key(&headers)?;
     let JsonObject(body) = body?;
     let req = plan::validate_create(&state.registry, &body)?;
-    super::admit(&state, &ctx, &scope, ratelimit::CREATE).await?;
+    let key = key.map(|key| IdempotencyKey {
+        key,
+        fingerprint: fingerprint(&body),
+    });
+    if let Some(k) = &key {
+        if let Some(prev) = state
+            .store
+            .idempotent_export(&scope.user_id, &scope.company_id, &k.key)
+            .await?
+        {
+            return replay(&state, &ctx, &scope, k, prev).await;
+        }
+    }
+    // Planning and the size and quota checks come before admission: a
+    // create that is refused, or fails, stores nothing and takes no slot.
     let (manifest, estimated_bytes) = plan::plan(&state, &scope, &req.data_types, &req.range, None)
         .await
         .map_err(ApiError::CreationFailed)?;
     plan::check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
-    let delivery = req.delivery;
     let new = NewExport {
         user_id: scope.user_id.clone(),
         company_id: scope.company_id.clone(),
-        delivery,
+        delivery: req.delivery,
         export_format: req.format.as_str().to_string(),
         data_types: req.data_types,
         range: req.range,
@@ -96,15 +112,116 @@ pub(crate) async fn create(
         manifest,
         estimated_bytes,
     };
-    let mut row = state
+    let limit = ratelimit::admit_limit(ratelimit::CREATE, &scope.user_id, &scope.company_id);
+    let created = state
         .store
-        .create_export(new, Some(ctx.request_id()))
+        .create_admitted(new, Some(ctx.request_id()), &limit, key.as_ref())
         .await
         .map_err(ApiError::CreationFailed)?;
+    let row = match created {
+        Created::Limited(a) => {
+            ratelimit::decide(ratelimit::CREATE, a)?;
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "a refused admission was admitted"
+            )));
+        }
+        Created::Replay(prev) => {
+            let k = key
+                .as_ref()
+                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("replay without a key")))?;
+            return replay(&state, &ctx, &scope, k, prev).await;
+        }
+        Created::New(row, a) => {
+            ctx.set_rate(ratelimit::decide(ratelimit::CREATE, a)?);
+            row
+        }
+    };
     state.metrics.export_created();
+    if row.delivery == Delivery::Server {
+        state.jobs.notify_one();
+    }
+    created_response(&state, &ctx, row, false)
+}
+
+/// The `Idempotency-Key` header, when sent: 1–255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    // A structured-field string may arrive quoted; the key is its content.
+    let raw = v.to_str().unwrap_or_default().trim();
+    let key = raw
+        .strip_prefix('"')
+        .and_then(|k| k.strip_suffix('"'))
+        .unwrap_or(raw);
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::InvalidRequest(
+            "the Idempotency-Key header must be 1 to 255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// The SHA-256 of a body with its object keys sorted: the same request
+/// sent again, whatever its key order or spacing, has the same fingerprint.
+fn fingerprint(body: &Map<String, Value>) -> String {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+            v => v.clone(),
+        }
+    }
+    let text = canonical(&Value::Object(body.clone())).to_string();
+    let mut sha = handover::Sha256Stream::default();
+    sha.update(text.as_bytes());
+    sha.finish_hex()
+}
+
+/// The answer to a create whose key was already used: the same export, or
+/// a refusal when the body differs or the export is gone.
+async fn replay(
+    state: &AppState,
+    ctx: &Ctx,
+    scope: &Scope,
+    key: &IdempotencyKey,
+    prev: IdempotentExport,
+) -> ApiResult<Response> {
+    if prev.fingerprint != key.fingerprint {
+        return Err(ApiError::validation(
+            "IDEMPOTENCY_KEY_REUSED",
+            "Idempotency-Key",
+            "this Idempotency-Key was already used with a different request body: use a fresh key for a different export",
+        ));
+    }
+    let Some(row) = state.store.find_export(scope, &prev.export_id).await? else {
+        return Err(ApiError::Conflict(
+            "IDEMPOTENCY_KEY_REUSED",
+            "the export created with this Idempotency-Key was deleted: use a fresh key".into(),
+        ));
+    };
+    ctx.set_action("export.create", Some(&row.id));
+    created_response(state, ctx, row, true)
+}
+
+/// 201 with the created view (and, for client delivery, the manifest).
+fn created_response(
+    state: &AppState,
+    ctx: &Ctx,
+    mut row: ExportRow,
+    replayed: bool,
+) -> ApiResult<Response> {
     ctx.set_action("export.create", Some(&row.id));
     let mut data = row.created_view();
-    if delivery == Delivery::Client {
+    if row.delivery == Delivery::Client {
         for (name, t) in row.manifest.types.iter_mut() {
             t.records_url = Some(format!("/api/data/export/{}/records/{name}", row.id));
         }
@@ -112,15 +229,22 @@ pub(crate) async fn create(
             serde_json::to_value(&row.manifest).map_err(|e| ApiError::Internal(e.into()))?;
         // What the browser's writer states besides the data: the same as a
         // server-built file of this request would.
-        let info = crate::jobs::export_info(&state, &row).map_err(ApiError::Internal)?;
+        let info = crate::jobs::export_info(state, &row).map_err(ApiError::Internal)?;
         data["export_info"] =
             serde_json::to_value(&info).map_err(|e| ApiError::Internal(e.into()))?;
-    } else {
-        state.jobs.notify_one();
+    }
+    if replayed {
+        // The export as it is now (it may have moved on since).
+        data["status"] = json!(row.status);
     }
     let mut response = (axum::http::StatusCode::CREATED, ctx.ok(data)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/data/export/{}", row.id)) {
         response.headers_mut().insert(header::LOCATION, v);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
 }

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod exports;
 pub mod meta;
+pub mod privacy;
 pub mod records;
 pub mod summary;
 
@@ -62,37 +63,81 @@ pub(crate) async fn enter(
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// A JSON object body. Not JSON (or not an object) → 400 `INVALID_REQUEST`;
-/// over [`MAX_BODY_BYTES`] → 413. Handlers validate fields themselves so
-/// every 422 names its field and specific code.
+/// A JSON object body. Declared as anything but JSON → 415; not JSON (or
+/// not an object) → 400 `INVALID_REQUEST`; over [`MAX_BODY_BYTES`] → 413.
+/// Handlers validate fields themselves so every 422 names its field and
+/// specific code.
 #[derive(Debug)]
 pub struct JsonObject(pub Map<String, Value>);
+
+/// Whether a Content-Type names JSON (`application/json`, `…+json`).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// An optional JSON object body: absent (empty, without Content-Type) is
+/// `None`; anything sent is checked as [`JsonObject`].
+#[derive(Debug)]
+pub struct OptionalJsonObject(pub Option<Map<String, Value>>);
+
+impl<S: Send + Sync> FromRequest<S> for OptionalJsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let declared = req.headers().contains_key(axum::http::header::CONTENT_TYPE);
+        let bytes = read_body(req, state).await?;
+        if !declared && bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        parse_object(&bytes).map(|m| Self(Some(m)))
+    }
+}
+
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+        if !ct.to_str().is_ok_and(is_json) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+        } else {
+            ApiError::InvalidRequest("the request body could not be read".into())
+        }
+    })
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::InvalidRequest(
+            "a JSON object body is required".into(),
+        ));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::InvalidRequest(
+            "the request body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidRequest(format!(
+            "malformed JSON body: {e}"
+        ))),
+    }
+}
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(MAX_BODY_BYTES)
-            } else {
-                ApiError::InvalidRequest("the request body could not be read".into())
-            }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::InvalidRequest(
-                "a JSON object body is required".into(),
-            ));
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Self(map)),
-            Ok(_) => Err(ApiError::InvalidRequest(
-                "the request body must be a JSON object".into(),
-            )),
-            Err(e) => Err(ApiError::InvalidRequest(format!(
-                "malformed JSON body: {e}"
-            ))),
-        }
+        let bytes = read_body(req, state).await?;
+        parse_object(&bytes).map(Self)
     }
 }
 

@@ -87,6 +87,8 @@ pub enum Delivery {
     Server,
     /// The privacy officer's CLI, to a file of their own.
     Cli,
+    /// `POST /api/privacy/export`: streamed to the caller, no copy kept.
+    Direct,
 }
 
 impl Delivery {
@@ -95,6 +97,7 @@ impl Delivery {
             Self::Client => "client",
             Self::Server => "server",
             Self::Cli => "cli",
+            Self::Direct => "direct",
         }
     }
 }
@@ -112,9 +115,50 @@ impl FromStr for Delivery {
             "client" => Ok(Self::Client),
             "server" => Ok(Self::Server),
             "cli" => Ok(Self::Cli),
+            "direct" => Ok(Self::Direct),
             _ => anyhow::bail!("unknown delivery {s:?}"),
         }
     }
+}
+
+/// The limit a create is admitted under (see [`crate::ratelimit`]).
+#[derive(Debug, Clone)]
+pub struct AdmitLimit {
+    pub bucket: String,
+    pub max: u32,
+    pub window_ms: i64,
+}
+
+/// An `Idempotency-Key` with the fingerprint of the body it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// What a live idempotency key points at.
+#[derive(Debug, Clone)]
+pub struct IdempotentExport {
+    pub fingerprint: String,
+    pub export_id: String,
+}
+
+/// What [`Store::create_admitted`] did.
+#[derive(Debug)]
+pub enum Created {
+    /// Stored, admitted as the window's `used`-th create.
+    New(ExportRow, crate::store::limits::Admission),
+    /// Refused by the limit: nothing stored.
+    Limited(crate::store::limits::Admission),
+    /// A create with the same key got there first: nothing stored, no slot.
+    Replay(IdempotentExport),
+}
+
+/// How long an idempotency key is honoured.
+pub const IDEMPOTENCY_WINDOW: time::Duration = time::Duration::hours(24);
+
+fn idempotency_cutoff() -> String {
+    handover::model::format_timestamp(time::OffsetDateTime::now_utc() - IDEMPOTENCY_WINDOW)
 }
 
 /// One export request as stored.
@@ -379,10 +423,113 @@ impl Store {
         new: NewExport,
         request_id: Option<&str>,
     ) -> anyhow::Result<ExportRow> {
+        let mut tx = self.write().await?;
+        let row = self.create_in(&mut tx, &new, request_id).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// A create from the API: admission under the create limit, the
+    /// idempotency key and the new request commit in one transaction, so a
+    /// create that stores nothing takes no slot, and two creates racing
+    /// with one key store one export.
+    ///
+    /// # Errors
+    ///
+    /// Database errors (nothing was stored, no slot was taken).
+    pub async fn create_admitted(
+        &self,
+        new: NewExport,
+        request_id: Option<&str>,
+        limit: &AdmitLimit,
+        key: Option<&IdempotencyKey>,
+    ) -> anyhow::Result<Created> {
+        let mut tx = self.write().await?;
+        let admission = self
+            .admit_in(&mut tx, &limit.bucket, limit.max, limit.window_ms)
+            .await?;
+        if !admission.admitted {
+            return Ok(Created::Limited(admission));
+        }
         let id = new_id();
+        if let Some(k) = key {
+            // A live key (another create with it won the race) stays; an
+            // expired one is taken over.
+            let at = now();
+            let r = sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, company_id, idem_key, body_sha256, export_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, company_id, idem_key) DO UPDATE SET \
+                 body_sha256 = excluded.body_sha256, export_id = excluded.export_id, created_at = excluded.created_at \
+                 WHERE idempotency_keys.created_at < $7",
+            )
+            .bind(&new.user_id)
+            .bind(&new.company_id)
+            .bind(&k.key)
+            .bind(&k.fingerprint)
+            .bind(&id)
+            .bind(&at)
+            .bind(idempotency_cutoff())
+            .execute(&mut *tx.tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                drop(tx);
+                let prev = self
+                    .idempotent_export(&new.user_id, &new.company_id, &k.key)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?;
+                return Ok(Created::Replay(prev));
+            }
+        }
+        let row = self.create_with_id(&mut tx, id, &new, request_id).await?;
+        tx.commit().await?;
+        Ok(Created::New(row, admission))
+    }
+
+    /// The export a live idempotency key of this user and company created.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn idempotent_export(
+        &self,
+        user_id: &str,
+        company_id: &str,
+        key: &str,
+    ) -> anyhow::Result<Option<IdempotentExport>> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT body_sha256, export_id FROM idempotency_keys \
+             WHERE user_id = $1 AND company_id = $2 AND idem_key = $3 AND created_at >= $4",
+        )
+        .bind(user_id)
+        .bind(company_id)
+        .bind(key)
+        .bind(idempotency_cutoff())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|(fingerprint, export_id)| IdempotentExport {
+            fingerprint,
+            export_id,
+        }))
+    }
+
+    async fn create_in(
+        &self,
+        tx: &mut Tx<'_>,
+        new: &NewExport,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<ExportRow> {
+        self.create_with_id(tx, new_id(), new, request_id).await
+    }
+
+    async fn create_with_id(
+        &self,
+        tx: &mut Tx<'_>,
+        id: String,
+        new: &NewExport,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<ExportRow> {
         let created = time::OffsetDateTime::now_utc();
         let at = handover::model::format_timestamp(created);
-        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO export_requests (id, user_id, company_id, status, delivery, export_format, data_types, date_start, date_end, \
              metadata, manifest, estimated_records, estimated_bytes, created_at, expires_at, last_activity_at) \
@@ -406,18 +553,17 @@ impl Store {
         .execute(&mut *tx.tx)
         .await?;
         let row = self
-            .row_in(&mut tx, &id)
+            .row_in(tx, &id)
             .await?
             .ok_or_else(|| anyhow::anyhow!("export {id} vanished"))?;
         let details = json!({ "export_format": new.export_format, "data_types": new.data_types,
             "delivery": new.delivery, "date_range": { "start": new.range.start, "end": new.range.end },
             "estimated_records": new.manifest.total_records() });
         self.append_audit(
-            &mut tx,
+            tx,
             row.event("export.created", details).for_request(request_id),
         )
         .await?;
-        tx.commit().await?;
         Ok(row)
     }
 
@@ -825,7 +971,8 @@ impl Store {
             .await
     }
 
-    /// Open client exports idle since `before`.
+    /// Open exports sent as they are read (client and direct) idle since
+    /// `before`: their reader went away, or their instance stopped.
     ///
     /// # Errors
     ///
@@ -833,7 +980,7 @@ impl Store {
     pub async fn idle_client_exports(&self, before: &str) -> anyhow::Result<Vec<ExportRow>> {
         self.rows_where(
             &format!(
-                "{OPEN} AND delivery = 'client' AND deleted_at IS NULL AND last_activity_at < $1"
+                "{OPEN} AND delivery IN ('client', 'direct') AND deleted_at IS NULL AND last_activity_at < $1"
             ),
             before,
         )

@@ -4,7 +4,7 @@
 //! PostgreSQL advisory lock on the bucket), so racing requests, on one
 //! instance or several, can never overshoot.
 
-use super::{lock, Store};
+use super::{lock, Store, Tx};
 
 /// What admission decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,10 +35,28 @@ impl Store {
     ///
     /// Database errors.
     pub async fn admit(&self, bucket: &str, max: u32, window_ms: i64) -> anyhow::Result<Admission> {
+        let mut tx = self.write().await?;
+        let a = self.admit_in(&mut tx, bucket, max, window_ms).await?;
+        tx.commit().await?;
+        Ok(a)
+    }
+
+    /// [`Store::admit`] inside a write transaction, so that what the
+    /// request then does and its slot commit (or roll back) together.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub(crate) async fn admit_in(
+        &self,
+        tx: &mut Tx<'_>,
+        bucket: &str,
+        max: u32,
+        window_ms: i64,
+    ) -> anyhow::Result<Admission> {
         let now = now_ms();
         let since = now - window_ms;
-        let mut tx = self.write().await?;
-        self.lock(&mut tx, bucket_key(bucket)).await?;
+        self.lock(tx, bucket_key(bucket)).await?;
         let (used, oldest): (i64, Option<i64>) = sqlx::query_as(
             "SELECT COUNT(*), MIN(at_ms) FROM rate_events WHERE bucket = $1 AND at_ms > $2",
         )
@@ -60,7 +78,6 @@ impl Store {
                 .execute(&mut *tx.tx)
                 .await?;
         }
-        tx.commit().await?;
         let used = used + i64::from(admitted);
         let oldest = oldest.unwrap_or(now);
         Ok(Admission {

@@ -39,6 +39,7 @@ async fn health_metrics_and_openapi_match_the_server() {
     }
     let expected: HashSet<String> = [
         "POST /api/data/export",
+        "POST /api/privacy/export",
         "GET /api/data/export",
         "GET /api/data/export/{id}",
         "DELETE /api/data/export/{id}",
@@ -285,6 +286,21 @@ async fn every_documented_error_code_is_reachable() {
         )
         .await;
     assert_eq!((r.status.as_u16(), r.code()), (413, "PAYLOAD_TOO_LARGE"));
+    // A body declared as something other than JSON.
+    let r = app
+        .client
+        .post(format!("{}/api/data/export", app.base))
+        .bearer_auth(&t)
+        .header("x-company-id", "company_123")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("export_format=json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "UNSUPPORTED_MEDIA_TYPE");
+    assert_eq!(body["success"], false);
     // Rate limit.
     for _ in 0..5 {
         app.create_id(json!({"export_format": "json", "data_types": ["user_profile"]}))

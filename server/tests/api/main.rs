@@ -13,5 +13,6 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod operations;
+mod privacy;
 mod records;
 mod scale;
