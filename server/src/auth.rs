@@ -42,6 +42,8 @@ pub struct Scope {
 pub struct JwtConfig {
     pub key: DecodingKey,
     pub validation: Validation,
+    /// Tokens meant to live longer (exp − iat) are refused.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for JwtConfig {
@@ -77,6 +79,7 @@ impl JwtConfig {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 30;
+        validation.validate_nbf = true;
         if let Some(iss) = issuer {
             validation.set_issuer(&[iss]);
             validation.required_spec_claims.insert("iss".into());
@@ -88,7 +91,11 @@ impl JwtConfig {
             }
             None => validation.validate_aud = false,
         }
-        Self { key, validation }
+        Self {
+            key,
+            validation,
+            max_lifetime_secs: None,
+        }
     }
 }
 
@@ -112,6 +119,9 @@ struct Claims {
     permissions: Vec<String>,
     #[serde(default)]
     scope: Option<String>,
+    exp: i64,
+    #[serde(default)]
+    iat: Option<i64>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -176,6 +186,20 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     let data = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
         .map_err(|e| ApiError::Unauthorized(format!("JWT rejected: {e}")))?;
     let c = data.claims;
+    if let Some(max) = jwt.max_lifetime_secs {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let Some(iat) = c.iat else {
+            return Err(ApiError::Unauthorized(
+                "JWT rejected: it has no iat, and a maximum token lifetime is set".into(),
+            ));
+        };
+        if c.exp.saturating_sub(iat) > max || c.exp.saturating_sub(now) > max {
+            return Err(ApiError::Unauthorized(format!(
+                "JWT rejected: it lives longer than the {max} s this server accepts"
+            )));
+        }
+    }
     let mut companies = c.companies;
     companies.extend(c.company_id);
     let mut permissions = c.permissions;
@@ -215,7 +239,19 @@ pub async fn scope(
         }
         _ => None,
     };
-    ctx.set_actor(&principal.user_id, company.as_deref());
+    // The audit row goes to the company the request acts in only when the
+    // caller belongs to it: a request naming someone else's company is
+    // recorded in the caller's own scope, with the name it tried.
+    match company.as_deref() {
+        Some(c) if !principal.companies.iter().any(|p| p == c) => {
+            ctx.set_actor(
+                &principal.user_id,
+                principal.companies.first().map(String::as_str),
+            );
+            ctx.detail("requested_company", c.chars().take(128).collect::<String>());
+        }
+        c => ctx.set_actor(&principal.user_id, c),
+    }
     if !principal.permissions.iter().any(|p| p == permission) {
         return Err(ApiError::Forbidden(
             "INSUFFICIENT_PERMISSIONS",

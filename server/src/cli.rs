@@ -147,6 +147,10 @@ struct ServeArgs {
     jwt_issuer: Option<String>,
     #[arg(long, env = "HANDOVER_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
+    /// Refuse JWTs meant to live longer than this (exp − iat, and exp from
+    /// now), in seconds; they must then carry `iat`.
+    #[arg(long, env = "HANDOVER_JWT_MAX_LIFETIME_SECS")]
+    jwt_max_lifetime_secs: Option<u64>,
     /// DEVELOPMENT ONLY: accept requests without a token.
     #[arg(long, env = "HANDOVER_DEV_NO_AUTH", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     dev_no_auth: bool,
@@ -225,6 +229,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             rs256_public_key: a.jwt_rs256_public_key.clone(),
             issuer: a.jwt_issuer.clone(),
             audience: a.jwt_audience.clone(),
+            max_lifetime_secs: a.jwt_max_lifetime_secs,
         },
         dev_no_auth: a.dev_no_auth,
         settings,

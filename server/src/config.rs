@@ -130,6 +130,8 @@ pub struct JwtSettings {
     pub rs256_public_key: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// Longest accepted JWT lifetime, in seconds.
+    pub max_lifetime_secs: Option<u64>,
 }
 
 impl JwtSettings {
@@ -166,6 +168,19 @@ impl JwtSettings {
                 JwtConfig::rs256(&pem, self.issuer.as_deref(), self.audience.as_deref())
                     .context("HANDOVER_JWT_RS256_PUBLIC_KEY")?,
             );
+        }
+        if let Some(j) = &mut jwt {
+            j.max_lifetime_secs = self.max_lifetime_secs;
+            if self.issuer.is_none() || self.audience.is_none() {
+                tracing::warn!(
+                    "JWTs are accepted without an {} check: a token your identity provider issued for another app is accepted here too; set HANDOVER_JWT_ISSUER and HANDOVER_JWT_AUDIENCE",
+                    match (self.issuer.is_none(), self.audience.is_none()) {
+                        (true, true) => "issuer (iss) or audience (aud)",
+                        (true, false) => "issuer (iss)",
+                        _ => "audience (aud)",
+                    }
+                );
+            }
         }
         Ok(jwt)
     }

@@ -138,6 +138,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     }
 }
 
+/// What is kept of a request's user-agent and path in the audit log: enough
+/// to recognise a client, never a row a flood can inflate.
+const MAX_STORED_UA: usize = 256;
+const MAX_STORED_PATH: usize = 256;
+
+fn capped(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(max).collect();
+        c.push('…');
+        c
+    }
+}
+
 fn new_request_id() -> String {
     format!("req_{}", hex::encode(rand::random::<[u8; 12]>()))
 }
@@ -152,7 +167,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         .headers()
         .get(axum::http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(512).collect());
+        .map(|s| s.chars().take(MAX_STORED_UA).collect());
     let ctx = Ctx(Arc::new(Inner {
         request_id: new_request_id(),
         started: Instant::now(),
@@ -197,6 +212,17 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
+    if path.starts_with("/api/") {
+        // Answers of the API may carry personal data: no cache keeps them,
+        // no browser guesses their type.
+        headers
+            .entry(axum::http::header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+        headers.insert(
+            axum::http::header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+    }
     let learned = std::mem::take(&mut *ctx.learned());
     if let Some(rate) = &learned.rate {
         headers.insert(
@@ -229,7 +255,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         };
         let mut details = learned.details;
         details.insert("method".into(), json!(method.as_str()));
-        details.insert("path".into(), json!(path));
+        details.insert("path".into(), json!(capped(&path, MAX_STORED_PATH)));
         if let Some(code) = code {
             details.insert("code".into(), json!(code));
         }

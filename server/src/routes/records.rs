@@ -117,11 +117,11 @@ async fn prologue(
             ),
         ));
     }
-    let Some(columns) = row
+    let Some((columns, records)) = row
         .manifest
         .types
         .get(&data_type)
-        .map(|t| t.columns.clone())
+        .map(|t| (t.columns.clone(), t.records))
     else {
         return Err(ApiError::validation(
             "INVALID_DATA_TYPE",
@@ -130,20 +130,26 @@ async fn prologue(
         ));
     };
     let limit = q.int("limit", DEFAULT_PAGE, 1, MAX_PAGE, "INVALID_LIMIT")? as u32;
+    let invalid = || {
+        ApiError::validation(
+            "INVALID_CURSOR",
+            "cursor",
+            "cursor is not valid for this export and data type: use a next_cursor the server sent",
+        )
+    };
     let start = match q.get("cursor") {
         None | Some("") => None,
-        Some(c) => Some(
-            state
+        Some(c) => {
+            let c = state
                 .cursor_key
                 .decode(&row.id, &data_type, c)
-                .map_err(|_| {
-                    ApiError::validation(
-                        "INVALID_CURSOR",
-                        "cursor",
-                        "cursor is not valid for this export and data type: use a next_cursor the server sent",
-                    )
-                })?,
-        ),
+                .map_err(|_| invalid())?;
+            // A position past the manifest's end was never handed out.
+            if c.offset > records {
+                return Err(invalid());
+            }
+            Some(c)
+        }
     };
     ctx.detail("data_type", data_type.as_str());
     if let Some(c) = &start {

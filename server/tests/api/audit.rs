@@ -302,3 +302,39 @@ async fn tampering_with_the_audit_log_is_detected_by_verify() {
         v => panic!("{v:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_request_naming_a_foreign_company_is_logged_in_the_callers_scope() {
+    let app = spawn_app().await;
+    let outsider = app
+        .token_for("user_789", &["company_789"], &["data:export"])
+        .await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/export",
+            Some(&outsider),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "COMPANY_ACCESS_DENIED")
+    );
+    // company_123's log holds nothing of it; the outsider's own does.
+    let in_victim: i64 = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE company_id = 'company_123' AND actor = 'user_789'")
+        .await;
+    assert_eq!(in_victim, 0);
+    let details: String = sqlx::query_scalar(
+        "SELECT details FROM audit_log WHERE actor = 'user_789' AND company_id = 'company_789' AND outcome = 'refused'",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert!(
+        details.contains("\"requested_company\":\"company_123\""),
+        "{details}"
+    );
+}

@@ -277,3 +277,116 @@ async fn development_mode_without_tokens_exists_only_when_switched_on() {
         .await;
     assert_eq!(r.status, 401, "a token that is sent is still checked");
 }
+
+#[tokio::test]
+async fn dev_no_auth_refuses_to_start_on_a_public_address() {
+    let db = TestDb::new().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_BIND", "0.0.0.0:0")
+        .env("HANDOVER_DATA_DIR", db.dir.path().join("data"))
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DEV_NO_AUTH", "1")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn creating_and_revoking_tokens_is_audited() {
+    let app = spawn_app().await;
+    let (id, token) = handover_server::auth::create_token(
+        &app.state.store,
+        "user_9",
+        &["company_123".into()],
+        &["data:export".into()],
+        "ops@example.com",
+    )
+    .await
+    .unwrap();
+    assert!(
+        handover_server::auth::revoke_token(&app.state.store, &token, "ops@example.com")
+            .await
+            .unwrap()
+    );
+    for action in ["token.created", "token.revoked"] {
+        let details: String = sqlx::query_scalar(
+            "SELECT details FROM audit_log WHERE action = $1 AND company_id = 'company_123' AND resource = $2",
+        )
+        .bind(action)
+        .bind(format!("token_{id}"))
+        .fetch_one(app.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{action}: {e}"));
+        assert!(details.contains("ops@example.com"), "{action}: {details}");
+        assert!(
+            !details.contains(&token),
+            "the token itself is never logged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn jwts_not_yet_valid_or_meant_to_live_too_long_are_refused() {
+    let app = spawn_with(
+        Opts {
+            jwt_max_lifetime_secs: Some(3600),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = |claims: serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &key,
+        )
+        .unwrap()
+    };
+    let base = serde_json::json!({ "sub": "user_456", "companies": ["company_123"],
+        "permissions": ["data:export"], "iss": ISSUER, "aud": AUDIENCE });
+    let with = |extra: serde_json::Value| {
+        let mut c = base.clone();
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        token(c)
+    };
+    for (what, t, status) in [
+        (
+            "valid",
+            with(serde_json::json!({"iat": now, "exp": now + 600})),
+            200,
+        ),
+        (
+            "nbf in an hour",
+            with(serde_json::json!({"iat": now, "nbf": now + 3600, "exp": now + 3000})),
+            401,
+        ),
+        (
+            "a day long",
+            with(serde_json::json!({"iat": now, "exp": now + 86_400})),
+            401,
+        ),
+        ("no iat", with(serde_json::json!({"exp": now + 600})), 401),
+    ] {
+        let r = app
+            .raw(
+                Method::GET,
+                "/api/data/export",
+                Some(&t),
+                Some("company_123"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+    }
+}

@@ -35,6 +35,7 @@ pub struct Opts {
     pub daily_record_quota: Option<u64>,
     pub build_gate: Option<Arc<BuildGate>>,
     pub stale_after: Option<time::Duration>,
+    pub jwt_max_lifetime_secs: Option<u64>,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -167,7 +168,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
         .await
         .unwrap();
     }
-    let jwt = if opts.rs256 {
+    let mut jwt = if opts.rs256 {
         JwtConfig::rs256(
             include_bytes!("../fixtures/jwt-test-public.pem"),
             Some(ISSUER),
@@ -177,6 +178,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
     } else {
         JwtConfig::hs256(JWT_SECRET.as_bytes(), Some(ISSUER), Some(AUDIENCE))
     };
+    jwt.max_lifetime_secs = opts.jwt_max_lifetime_secs;
     let master = DataKey::from_bytes([7; 32]);
     let source = handover_server::source::Source::open(&db.url, &registry).unwrap();
     let storage = handover_server::config::file_storage(None, store.engine()).unwrap();

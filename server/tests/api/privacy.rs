@@ -23,6 +23,8 @@ async fn one_call_streams_every_data_type_as_a_json_attachment_and_audits_it() {
     let r = privacy_export(&app, None).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.bytes));
     assert!(r.header("content-type").starts_with("application/json"));
+    assert_eq!(r.header("cache-control"), "no-store");
+    assert_eq!(r.header("x-content-type-options"), "nosniff");
     let cd = r.header("content-disposition");
     assert!(
         cd.starts_with("attachment; filename=\"") && cd.ends_with(".json\""),
@@ -335,4 +337,19 @@ async fn refused_creates_take_no_slot() {
             .await,
         0
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_huge_paths_cannot_inflate_the_audit_log() {
+    let app = spawn_app().await;
+    let path = format!("/api/data/export/{}", "a".repeat(30_000));
+    let r = app.raw(Method::GET, &path, None, None, None).await;
+    assert_eq!(r.status, 401);
+    let stored: String = sqlx::query_scalar(
+        "SELECT details FROM audit_log WHERE outcome = 'refused' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert!(stored.len() < 1024, "{} bytes stored", stored.len());
 }

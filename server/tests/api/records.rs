@@ -150,6 +150,27 @@ async fn streams_carry_every_record_and_resume_byte_identically() {
             "{bad:?}"
         );
     }
+    // A cursor the server signed but never handed out: past the end.
+    let past = app.state.cursor_key.encode(
+        &id,
+        "payment_history",
+        &handover_server::cursor::Cursor {
+            after: handover_server::source::SortKey::Text("payment_zzzz".into()),
+            offset: 1_000_000,
+        },
+    );
+    let r = app
+        .call(
+            Method::GET,
+            &format!("{base}?cursor={}", urlencode(&past)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.detail_code()),
+        (422, "INVALID_CURSOR"),
+        "a cursor past the end"
+    );
     let other = app
         .create(json!({"export_format": "csv", "data_types": ["payment_history"], "delivery": "client"}))
         .await;
