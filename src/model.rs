@@ -151,6 +151,18 @@ pub struct ExportInfo {
     /// retention, source), as configured by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub article_15: Option<IndexMap<String, String>>,
+    /// Data types that were asked for but could not be read, and why: the
+    /// file holds the others (a partial export), and says so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_data_types: Vec<FailedDataType>,
+}
+
+/// A data type left out of an export because it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedDataType {
+    pub data_type: String,
+    /// Why, in words fit for the data subject (no internal detail).
+    pub reason: String,
 }
 
 impl ExportInfo {
@@ -167,6 +179,7 @@ impl ExportInfo {
             date_range: None,
             user_id: None,
             article_15: None,
+            failed_data_types: Vec::new(),
         }
     }
 

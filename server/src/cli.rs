@@ -350,6 +350,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         byte_size: size,
         sha256: sha.clone(),
         details,
+        failed_types: Vec::new(),
     };
     state.store.complete_export(&row, &done, &[], None).await?;
     eprintln!(

@@ -42,7 +42,7 @@ impl ExportRow {
 
     /// An item of the list response.
     pub fn list_view(&self) -> Value {
-        json!({
+        let mut v = json!({
             "request_id": self.id,
             "status": self.status,
             "export_format": self.export_format,
@@ -55,7 +55,9 @@ impl ExportRow {
             "file_size_mb": Self::mb(self.byte_size),
             "record_count": self.record_count,
             "metadata": self.metadata,
-        })
+        });
+        self.add_outcomes(&mut v);
+        v
     }
 
     /// The details response, with `progress` while the export runs.
@@ -103,7 +105,36 @@ impl ExportRow {
         if let Some(reason) = &self.failure_reason {
             v["failure_reason"] = json!(reason);
         }
+        self.add_outcomes(&mut v);
         v
+    }
+
+    /// Beside the status (one of the five), what became of each data type:
+    /// `outcome` is `complete` or `partial` once completed, and
+    /// `data_type_outcomes` says which types are in the file and which were
+    /// left out, and why.
+    fn add_outcomes(&self, v: &mut Value) {
+        if self.status != Status::Completed {
+            return;
+        }
+        let outcomes: serde_json::Map<String, Value> = self
+            .data_types
+            .iter()
+            .map(|t| {
+                let o = match self.failed_types.iter().find(|f| &f.data_type == t) {
+                    Some(f) => json!({ "status": "failed", "reason": f.reason }),
+                    None => json!({ "status": "completed" }),
+                };
+                (t.clone(), o)
+            })
+            .collect();
+        v["outcome"] = json!(if self.failed_types.is_empty() {
+            "complete"
+        } else {
+            "partial"
+        });
+        v["data_type_outcomes"] = Value::Object(outcomes);
+        v["failed_data_types"] = json!(self.failed_types);
     }
 
     fn estimated_completion(&self, processed: u64, total: u64) -> Option<String> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use handover::format::{Cell, ExportFormat, ExportWriter, FormatOptions};
-use handover::model::{parse_timestamp, DateRange, ExportInfo};
+use handover::model::{parse_timestamp, DateRange, ExportInfo, FailedDataType};
 use handover::wire::FrameEncoder;
 
 use crate::source::{PageRequest, RowSink};
@@ -35,6 +35,7 @@ pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportIn
         });
     }
     info.article_15 = state.registry.article_15.clone();
+    info.failed_data_types = row.failed_types.clone();
     Ok(info)
 }
 
@@ -96,6 +97,18 @@ struct Piece {
     frames: Vec<u8>,
     records: u64,
 }
+
+/// A data type whose records could not be read during a build.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {data_type} failed: {detail}")]
+pub struct TypeFailed {
+    pub data_type: String,
+    /// The internal error (logged, never sent to clients).
+    pub detail: String,
+}
+
+/// What the data subject is told about a data type left out.
+const TYPE_FAILED_REASON: &str = "its records could not be read when the file was built";
 
 /// What a build produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +212,17 @@ where
             }
             anyhow::Ok(())
         };
+        // A data type that cannot be read is told apart from a broken sink:
+        // the build can go on without it (a partial export).
+        let data_type = name.clone();
+        let reader = async move {
+            reader.await.map_err(|e| {
+                anyhow::Error::new(TypeFailed {
+                    data_type,
+                    detail: format!("{e:#}"),
+                })
+            })
+        };
         let (back, ()) = tokio::try_join!(reader, writing)?;
         b = back;
     }
@@ -218,44 +242,78 @@ where
 }
 
 /// Builds the file of a claimed server export, with its frames for
-/// conversions, in one pass; returns the records and the files (not yet
-/// owned: their key rows are written when the export completes). The
-/// names of files written are pushed to `written` as they are created, so
-/// that they can be removed whatever happens.
+/// conversions, in one pass; returns the records, the files (not yet
+/// owned: their key rows are written when the export completes) and the
+/// data types left out. A data type that cannot be read does not sink the
+/// others: the file is built again without it, and says so (a partial
+/// export). The names of files written are pushed to `written` as they are
+/// created, so that they can be removed whatever happens.
 async fn run_one(
     state: &AppState,
     row: &ExportRow,
     written: &mut Vec<String>,
-) -> anyhow::Result<(u64, Vec<FileRef>)> {
+) -> anyhow::Result<(u64, Vec<FileRef>, Vec<FailedDataType>)> {
     let format: ExportFormat = row.export_format.parse()?;
-    let mut file = state.files.create(&row.id, format.as_str()).await?;
-    written.push(file.name().to_string());
-    let mut frames = state.files.create(&row.id, crate::files::FRAMES).await?;
-    written.push(frames.name().to_string());
-    let built = build(
-        state,
-        row,
-        format,
-        &state.files.tempdir(),
-        &mut file,
-        Some(&mut frames),
-    )
-    .await?;
-
-    let frames = frames.finish().await?;
-    let file = file.finish().await?;
-    if state.settings.hold_builds {
-        // Tests only: keep the claim alive, never complete.
-        let last = row.data_types.last().map_or("", String::as_str);
-        while state.store.build_progress(row, built.records, last).await? {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut failed: Vec<FailedDataType> = Vec::new();
+    loop {
+        let mut attempt = row.clone();
+        attempt
+            .data_types
+            .retain(|t| !failed.iter().any(|f| &f.data_type == t));
+        attempt
+            .manifest
+            .types
+            .retain(|t, _| !failed.iter().any(|f| &f.data_type == t));
+        attempt.failed_types = failed.clone();
+        anyhow::ensure!(
+            !attempt.data_types.is_empty(),
+            "no data type of the export could be read"
+        );
+        let mut file = state.files.create(&row.id, format.as_str()).await?;
+        written.push(file.name().to_string());
+        let mut frames = state.files.create(&row.id, crate::files::FRAMES).await?;
+        written.push(frames.name().to_string());
+        let built = build(
+            state,
+            &attempt,
+            format,
+            &state.files.tempdir(),
+            &mut file,
+            Some(&mut frames),
+        )
+        .await;
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => match e.downcast::<TypeFailed>() {
+                Ok(tf) => {
+                    tracing::error!(export = %row.id, data_type = %tf.data_type, error = %tf.detail, "a data type could not be read; building the export without it");
+                    drop((file, frames));
+                    let names = std::mem::take(written);
+                    state.files.discard(&row.id, &names).await?;
+                    failed.push(FailedDataType {
+                        data_type: tf.data_type,
+                        reason: TYPE_FAILED_REASON.into(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let frames = frames.finish().await?;
+        let file = file.finish().await?;
+        if state.settings.hold_builds {
+            // Tests only: keep the claim alive, never complete.
+            let last = row.data_types.last().map_or("", String::as_str);
+            while state.store.build_progress(row, built.records, last).await? {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            anyhow::bail!("the held build was taken over");
         }
-        anyhow::bail!("the held build was taken over");
+        if let Some(gate) = &state.settings.build_gate {
+            gate.reached(&row.id).await;
+        }
+        return Ok((built.records, vec![file, frames], failed));
     }
-    if let Some(gate) = &state.settings.build_gate {
-        gate.reached(&row.id).await;
-    }
-    Ok((built.records, vec![file, frames]))
 }
 
 /// Builds one claimed export to the end: completed with its files, or
@@ -264,13 +322,14 @@ async fn run_one(
 async fn run_claimed(state: &AppState, row: &ExportRow) -> anyhow::Result<()> {
     let mut written = Vec::new();
     match run_one(state, row, &mut written).await {
-        Ok((records, files)) => {
+        Ok((records, files, failed_types)) => {
             let main = &files[0];
             let done = Completion {
                 records,
                 byte_size: main.byte_size,
                 sha256: main.sha256.clone(),
                 details: Default::default(),
+                failed_types,
             };
             if state
                 .store

@@ -170,7 +170,7 @@ impl Modify for BearerAuth {
         routes::exports::create, routes::exports::list, routes::exports::details, routes::exports::delete,
         routes::exports::download, routes::exports::complete, routes::exports::fail,
         routes::records::page, routes::records::stream, routes::summary::summary, routes::audit::list,
-        routes::privacy::export, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
+        routes::privacy::export, routes::exports::retry, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
     ),
     components(schemas(CreateExport, PrivacyExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
     modifiers(&BearerAuth),

@@ -124,6 +124,10 @@ impl Backend for JsonBackend {
             out.extend_from_slice(b",\"article_15\":");
             push_json(out, a15)?;
         }
+        if !self.info.failed_data_types.is_empty() {
+            out.extend_from_slice(b",\"failed_data_types\":");
+            push_json(out, &self.info.failed_data_types)?;
+        }
         out.extend_from_slice(b"}}\n");
         Ok(())
     }

@@ -326,6 +326,14 @@ fn write_summary(
     ws.write_string_with_format(r, 0, "Total", &bold)?;
     ws.write_number_with_format(r, 1, counts.iter().sum::<u64>() as f64, &bold)?;
     r += 1;
+    if !info.failed_data_types.is_empty() {
+        r += 1;
+        ws.write_string_with_format(r, 0, "Not included (could not be read)", &bold)?;
+        r += 1;
+        for f in &info.failed_data_types {
+            pair(ws, &mut r, &f.data_type, &f.reason)?;
+        }
+    }
     if let Some(a15) = &info.article_15 {
         r += 1;
         ws.write_string_with_format(r, 0, "About this data (GDPR Art. 15)", &bold)?;

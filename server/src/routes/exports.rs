@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/data/export", post(create).get(list))
         .route("/api/data/export/{id}", get(details).delete(delete))
         .route("/api/data/export/{id}/download", get(download))
+        .route("/api/data/export/{id}/retry", post(retry))
         .route("/api/data/export/{id}/complete", post(complete))
         .route("/api/data/export/{id}/fail", post(fail))
 }
@@ -318,6 +319,52 @@ pub(crate) async fn delete(
     Ok(ctx.ok(json!({ "request_id": row.id, "deleted": true, "deleted_at": deleted_at })))
 }
 
+#[utoipa::path(post, path = "/api/data/export/{id}/retry", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("id" = String, Path, description = "Export request id")), responses((status = 202, description = "Queued again (status pending); poll the details", body = crate::openapi::Envelope), (status = 404, description = "EXPORT_NOT_FOUND (also for other users' ids)", body = crate::openapi::ErrorEnvelope), (status = 409, description = "EXPORT_NOT_RETRYABLE: only a failed or partial server export can be retried", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED: retries count as creates", body = crate::openapi::ErrorEnvelope)))]
+pub(crate) async fn retry(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    ctx.set_action("export.retry", None);
+    let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
+    let row = owned(&state, &scope, id).await?;
+    ctx.set_action("export.retry", Some(&row.id));
+    let retryable = row.delivery == Delivery::Server
+        && (row.status == Status::Failed
+            || (row.status == Status::Completed && !row.failed_types.is_empty()));
+    if !retryable {
+        return Err(ApiError::Conflict(
+            "EXPORT_NOT_RETRYABLE",
+            if row.delivery == Delivery::Server {
+                format!("export is {} with every data type: only a failed or partial export can be retried", row.status)
+            } else {
+                "only server-built exports can be retried: start a new export instead".to_string()
+            },
+        ));
+    }
+    // A retry builds the whole export again: it costs a create.
+    super::admit(&state, &ctx, &scope, ratelimit::CREATE).await?;
+    let Some(files) = state
+        .store
+        .retry_export(&row, Some(ctx.request_id()))
+        .await?
+    else {
+        return Err(ApiError::Conflict(
+            "EXPORT_NOT_RETRYABLE",
+            "the export changed meanwhile and can no longer be retried".into(),
+        ));
+    };
+    state.files.remove(&files).await;
+    state.jobs.notify_one();
+    let row = state
+        .store
+        .find_export(&scope, &row.id)
+        .await?
+        .ok_or(ApiError::ExportNotFound)?;
+    Ok((axum::http::StatusCode::ACCEPTED, ctx.ok(row.details_view())).into_response())
+}
+
 #[utoipa::path(get, path = "/api/data/export/{id}/download", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies"), ("id" = String, Path, description = "Export request id"), ("format" = Option<String>, Query, description = "original (default), json or csv")), responses((status = 200, description = "The file (Content-Disposition: attachment)", content_type = "application/octet-stream"), (status = 404, description = "EXPORT_NOT_FOUND", body = crate::openapi::ErrorEnvelope), (status = 409, description = "EXPORT_NOT_READY", body = crate::openapi::ErrorEnvelope), (status = 422, description = "INVALID_FORMAT", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "Rate limited (Retry-After, RateLimit-*)", body = crate::openapi::ErrorEnvelope)))]
 pub(crate) async fn download(
     State(state): State<AppState>,
@@ -477,6 +524,7 @@ pub(crate) async fn complete(
         byte_size,
         sha256: sha,
         details: Default::default(),
+        failed_types: Vec::new(),
     };
     if !state
         .store

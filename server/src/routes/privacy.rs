@@ -214,6 +214,7 @@ async fn stream_export(
                 byte_size: sink.size,
                 sha256: sink.sha.finish_hex(),
                 details: Default::default(),
+                failed_types: Vec::new(),
             };
             match state
                 .store

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use handover::model::Manifest;
+use handover::model::{FailedDataType, Manifest};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
@@ -190,6 +190,10 @@ pub struct ExportRow {
     pub failed_at: Option<String>,
     pub expires_at: String,
     pub deleted_at: Option<String>,
+    /// Data types a completed export left out because they could not be read.
+    pub failed_types: Vec<FailedDataType>,
+    /// `attempts` when the export was last retried by hand.
+    pub retry_base: i64,
 }
 
 impl ExportRow {
@@ -221,6 +225,11 @@ impl ExportRow {
             failed_at: opt_text(r, "failed_at")?,
             expires_at: text(r, "expires_at")?,
             deleted_at: opt_text(r, "deleted_at")?,
+            failed_types: match opt_text(r, "failed_types")? {
+                Some(t) => serde_json::from_str(&t)?,
+                None => Vec::new(),
+            },
+            retry_base: int(r, "retry_base")?,
         })
     }
 
@@ -272,6 +281,8 @@ pub struct Completion {
     pub sha256: String,
     /// More for the audit event (e.g. the operator of a CLI export).
     pub details: serde_json::Map<String, Value>,
+    /// Data types left out (a partial export).
+    pub failed_types: Vec<FailedDataType>,
 }
 
 /// What happened to a build that did not finish.
@@ -759,13 +770,18 @@ impl Store {
         let mut tx = self.write().await?;
         let r = sqlx::query(&format!(
             "UPDATE export_requests SET status = 'completed', completed_at = $1, record_count = $2, byte_size = $3, sha256 = $4, \
-             records_served = CASE WHEN records_served > $2 THEN records_served ELSE $2 END, current_type = NULL, last_activity_at = $1 \
-             WHERE id = $5 AND {OPEN} AND deleted_at IS NULL AND attempts = $6"
+             records_served = CASE WHEN records_served > $2 THEN records_served ELSE $2 END, current_type = NULL, last_activity_at = $1, \
+             failed_types = $5 WHERE id = $6 AND {OPEN} AND deleted_at IS NULL AND attempts = $7"
         ))
         .bind(&at)
         .bind(done.records as i64)
         .bind(done.byte_size as i64)
         .bind(&done.sha256)
+        .bind(if done.failed_types.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&done.failed_types)?)
+        })
         .bind(&row.id)
         .bind(row.attempts)
         .execute(&mut *tx.tx)
@@ -780,6 +796,10 @@ impl Store {
             "record_count": done.records, "byte_size": done.byte_size, "sha256": done.sha256 });
         if let Value::Object(d) = &mut details {
             d.extend(done.details.clone());
+            if !done.failed_types.is_empty() {
+                d.insert("outcome".into(), json!("partial"));
+                d.insert("failed_data_types".into(), json!(done.failed_types));
+            }
         }
         self.append_audit(
             &mut tx,
@@ -844,7 +864,7 @@ impl Store {
         {
             return Ok(Retried::Gone);
         }
-        let retried = if current.attempts < 2 {
+        let retried = if current.attempts - current.retry_base < 2 {
             let r = sqlx::query(
                 "UPDATE export_requests SET status = 'pending', last_activity_at = $1 WHERE id = $2 AND status = 'processing' AND deleted_at IS NULL",
             )
@@ -887,6 +907,46 @@ impl Store {
         };
         tx.commit().await?;
         Ok(retried)
+    }
+
+    /// A manual retry of a failed or partial server export: queued again
+    /// from scratch (`export.retried`), its earlier file's keys and stored
+    /// bytes forgotten; returns the files to remove from disk, or `None`
+    /// when the export is not (or no longer) one that can be retried.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn retry_export(
+        &self,
+        row: &ExportRow,
+        request_id: Option<&str>,
+    ) -> anyhow::Result<Option<Vec<FileRef>>> {
+        let mut tx = self.write().await?;
+        let r = sqlx::query(
+            "UPDATE export_requests SET status = 'pending', failure_reason = NULL, failed_at = NULL, completed_at = NULL, \
+             started_at = NULL, record_count = NULL, byte_size = NULL, sha256 = NULL, failed_types = NULL, records_served = 0, \
+             current_type = NULL, retry_base = attempts, last_activity_at = $1 \
+             WHERE id = $2 AND delivery = 'server' AND deleted_at IS NULL \
+             AND (status = 'failed' OR (status = 'completed' AND failed_types IS NOT NULL))",
+        )
+        .bind(now())
+        .bind(&row.id)
+        .execute(&mut *tx.tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let files = self.take_files(&mut tx, &row.id).await?;
+        let details = json!({ "previous_status": row.status, "failure_reason": row.failure_reason,
+            "failed_data_types": row.failed_types });
+        self.append_audit(
+            &mut tx,
+            row.event("export.retried", details).for_request(request_id),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(files))
     }
 
     /// Expires a completed export past its retention (`export.expired`),

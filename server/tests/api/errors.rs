@@ -44,6 +44,7 @@ async fn health_metrics_and_openapi_match_the_server() {
         "GET /api/data/export/{id}",
         "DELETE /api/data/export/{id}",
         "GET /api/data/export/{id}/download",
+        "POST /api/data/export/{id}/retry",
         "POST /api/data/export/{id}/complete",
         "POST /api/data/export/{id}/fail",
         "GET /api/data/export/{id}/records/{data_type}",

@@ -363,6 +363,11 @@ impl TestApp {
     }
 
     /// Runs a statement with one text parameter.
+    /// A statement without parameters (e.g. DDL).
+    pub async fn exec_plain(&self, sql: &str) {
+        sqlx::query(sql).execute(self.pool()).await.unwrap();
+    }
+
     pub async fn exec(&self, sql: &str, param: &str) {
         sqlx::query(sql)
             .bind(param)

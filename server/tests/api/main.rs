@@ -13,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod operations;
+mod partial;
 mod privacy;
 mod records;
 mod scale;
