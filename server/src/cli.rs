@@ -63,6 +63,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Completion notifications (signed webhooks) per company.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
     /// A privacy officer's export of one user (same writers, audited).
     Export {
         #[arg(long)]
@@ -103,6 +106,26 @@ enum TokenCommand {
     },
     /// Revoke a token by id (or by the token itself).
     Revoke { token_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhookCommand {
+    /// Send export.completed, export.failed and export.expired of a company
+    /// to URL; prints the signing secret (whsec_…) on stdout.
+    Set {
+        #[arg(long)]
+        company: String,
+        #[arg(long)]
+        url: String,
+        /// Keep this secret instead of generating one.
+        #[arg(long, env = "HANDOVER_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+    /// Stop sending a company's notifications.
+    Remove {
+        #[arg(long)]
+        company: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +183,10 @@ struct ServeArgs {
     stale_after_secs: u64,
     #[arg(long, env = "HANDOVER_SWEEP_SECS", default_value_t = 30)]
     sweep_secs: u64,
+    /// The first wait before a failed webhook delivery is retried, in
+    /// milliseconds; doubled after each failure (8 attempts in all).
+    #[arg(long, env = "HANDOVER_WEBHOOK_BACKOFF_MS", default_value_t = 5000)]
+    webhook_backoff_ms: u64,
     /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
     #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
     fault_pages: Option<f64>,
@@ -214,6 +241,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         ..Settings::default()
     };
     config::timing(&mut settings, a.stale_after_secs, a.sweep_secs);
+    settings.webhook_backoff = std::time::Duration::from_millis(a.webhook_backoff_ms.max(1));
     let options = StateOptions {
         database_url: cli.database.clone(),
         data_types: cli.data_types_config.clone(),
@@ -413,6 +441,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             eprintln!("revoked {token_id}");
+        }
+        Command::Webhook(WebhookCommand::Set {
+            company,
+            url,
+            secret,
+        }) => {
+            crate::webhooks::check_url(url)?;
+            let secret = match secret {
+                Some(s) => {
+                    crate::webhooks::sign(s, "msg_check", 0, "")?;
+                    s.clone()
+                }
+                None => crate::webhooks::new_secret(),
+            };
+            let store = Store::connect(&cli.database).await?;
+            store
+                .set_webhook(
+                    &crate::store::webhooks::Endpoint {
+                        company_id: company.clone(),
+                        url: url.clone(),
+                        secret: secret.clone(),
+                    },
+                    &operator(),
+                )
+                .await?;
+            eprintln!(
+                "{company}'s export notifications go to {url}; verify them with this secret:"
+            );
+            println!("{secret}");
+        }
+        Command::Webhook(WebhookCommand::Remove { company }) => {
+            let store = Store::connect(&cli.database).await?;
+            if !store.remove_webhook(company, &operator()).await? {
+                eprintln!("{company} has no webhook");
+                return Ok(ExitCode::from(1));
+            }
+            eprintln!("removed {company}'s webhook");
         }
         Command::Audit(AuditCommand::Verify) => {
             let store = Store::connect(&cli.database).await?;

@@ -421,6 +421,17 @@ pub fn spawn(state: AppState) {
             }
         }
     });
+    let notifier = state.clone();
+    tokio::spawn(async move {
+        loop {
+            match crate::webhooks::deliver_due(&notifier).await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "webhook delivery error"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
     tokio::spawn(async move {
         loop {
             if let Err(e) = sweep(&state).await {

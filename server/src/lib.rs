@@ -24,6 +24,7 @@ pub mod routes;
 pub mod source;
 pub mod startup;
 pub mod store;
+pub mod webhooks;
 
 use std::ops::Deref;
 
@@ -137,6 +138,8 @@ pub struct Settings {
     /// files, then hold their claim (with signs of life) instead of
     /// completing, so a test can stop the instance mid-build.
     pub hold_builds: bool,
+    /// The first wait before a failed webhook is sent again (doubled each time).
+    pub webhook_backoff: Duration,
 }
 
 /// Tests only: holds server builds just before they complete, so a test
@@ -192,6 +195,7 @@ impl Default for Settings {
             daily_record_quota: 50_000_000,
             build_gate: None,
             hold_builds: false,
+            webhook_backoff: Duration::from_secs(5),
         }
     }
 }

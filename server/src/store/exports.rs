@@ -254,6 +254,13 @@ impl ExportRow {
         }
     }
 
+    /// What a webhook says about this export: ids, status and counts,
+    /// never personal data.
+    fn webhook_data(&self, status: &str) -> Value {
+        json!({ "request_id": self.id, "company_id": self.company_id, "status": status,
+                "delivery": self.delivery, "export_format": self.export_format, "data_types": self.data_types })
+    }
+
     fn event(&self, action: &str, details: Value) -> AuditEntry {
         AuditEntry::event(action, &self.user_id, &self.company_id, &self.id, details)
     }
@@ -807,6 +814,22 @@ impl Store {
                 .for_request(request_id),
         )
         .await?;
+        let mut hook = row.webhook_data("completed");
+        hook["record_count"] = json!(done.records);
+        hook["byte_size"] = json!(done.byte_size);
+        hook["sha256"] = json!(done.sha256);
+        hook["outcome"] = json!(if done.failed_types.is_empty() {
+            "complete"
+        } else {
+            "partial"
+        });
+        hook["failed_data_types"] = json!(done
+            .failed_types
+            .iter()
+            .map(|f| f.data_type.as_str())
+            .collect::<Vec<_>>());
+        self.queue_webhook(&mut tx, &row.company_id, "export.completed", hook)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -841,6 +864,13 @@ impl Store {
             &mut tx,
             row.event("export.failed", json!({ "reason": reason }))
                 .for_request(request_id),
+        )
+        .await?;
+        self.queue_webhook(
+            &mut tx,
+            &row.company_id,
+            "export.failed",
+            row.webhook_data("failed"),
         )
         .await?;
         tx.commit().await?;
@@ -901,6 +931,13 @@ impl Store {
             self.append_audit(
                 &mut tx,
                 current.event("export.failed", json!({ "reason": reason })),
+            )
+            .await?;
+            self.queue_webhook(
+                &mut tx,
+                &row.company_id,
+                "export.failed",
+                row.webhook_data("failed"),
             )
             .await?;
             Retried::Failed
@@ -976,6 +1013,13 @@ impl Store {
         self.append_audit(
             &mut tx,
             row.event("export.expired", json!({ "expires_at": row.expires_at })),
+        )
+        .await?;
+        self.queue_webhook(
+            &mut tx,
+            &row.company_id,
+            "export.expired",
+            row.webhook_data("expired"),
         )
         .await?;
         tx.commit().await?;

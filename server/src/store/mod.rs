@@ -18,6 +18,7 @@ pub mod exports;
 pub mod files;
 pub mod limits;
 pub mod tokens;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -262,6 +263,11 @@ pub(crate) fn opt_int(r: &AnyRow, col: &str) -> anyhow::Result<Option<i64>> {
 }
 
 /// The current time as the database stores it.
+/// The API's timestamp `d` from now.
+pub fn timestamp_in(d: std::time::Duration) -> String {
+    handover::model::format_timestamp(time::OffsetDateTime::now_utc() + d)
+}
+
 pub fn now() -> String {
     handover::model::format_timestamp(time::OffsetDateTime::now_utc())
 }

@@ -36,6 +36,7 @@ pub struct Opts {
     pub build_gate: Option<Arc<BuildGate>>,
     pub stale_after: Option<time::Duration>,
     pub jwt_max_lifetime_secs: Option<u64>,
+    pub webhook_backoff: Option<std::time::Duration>,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -208,6 +209,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
                 .unwrap_or(defaults.daily_record_quota),
             build_gate: opts.build_gate.clone(),
             stale_after: opts.stale_after.unwrap_or(defaults.stale_after),
+            webhook_backoff: opts.webhook_backoff.unwrap_or(defaults.webhook_backoff),
             ..Settings::default()
         },
         jobs: Default::default(),

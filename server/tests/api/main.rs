@@ -17,3 +17,4 @@ mod partial;
 mod privacy;
 mod records;
 mod scale;
+mod webhooks;

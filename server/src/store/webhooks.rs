@@ -1,0 +1,235 @@
+//! Completion notifications: each company's endpoint, and the outbox of
+//! events to deliver. Events are queued in the transaction of the
+//! transition they report, so none is lost and none is sent for a
+//! transition that rolled back.
+
+use serde_json::{json, Value};
+
+use super::audit::AuditEntry;
+use super::{int, now, opt_int, text, Engine, Store, Tx};
+
+/// A company's webhook endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub company_id: String,
+    pub url: String,
+    /// `whsec_` and the base64 of the signing key.
+    pub secret: String,
+}
+
+/// An event due for delivery.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: String,
+    pub company_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+}
+
+impl Store {
+    /// Sets (or replaces) `company`'s endpoint, audited as `webhook.configured`.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn set_webhook(&self, e: &Endpoint, by: &str) -> anyhow::Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO webhooks (company_id, url, secret, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (company_id) DO UPDATE SET url = excluded.url, secret = excluded.secret, created_at = excluded.created_at",
+        )
+        .bind(&e.company_id)
+        .bind(&e.url)
+        .bind(&e.secret)
+        .bind(now())
+        .execute(&mut *tx.tx)
+        .await?;
+        self.append_audit(
+            &mut tx,
+            AuditEntry::event(
+                "webhook.configured",
+                by,
+                &e.company_id,
+                &format!("webhook_{}", e.company_id),
+                json!({ "url": e.url, "by": by }),
+            ),
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Removes `company`'s endpoint; false when it had none.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn remove_webhook(&self, company: &str, by: &str) -> anyhow::Result<bool> {
+        let mut tx = self.write().await?;
+        let r = sqlx::query("DELETE FROM webhooks WHERE company_id = $1")
+            .bind(company)
+            .execute(&mut *tx.tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE webhook_deliveries SET status = 'cancelled' WHERE company_id = $1 AND status = 'pending'")
+            .bind(company)
+            .execute(&mut *tx.tx)
+            .await?;
+        self.append_audit(
+            &mut tx,
+            AuditEntry::event(
+                "webhook.removed",
+                by,
+                company,
+                &format!("webhook_{company}"),
+                json!({ "by": by }),
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// `company`'s endpoint, if any.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn webhook(&self, company: &str) -> anyhow::Result<Option<Endpoint>> {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT url, secret FROM webhooks WHERE company_id = $1")
+                .bind(company)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(row.map(|(url, secret)| Endpoint {
+            company_id: company.to_string(),
+            url,
+            secret,
+        }))
+    }
+
+    /// Queues `event_type` with `data` for `company`, inside the
+    /// transition's transaction; nothing when the company has no endpoint.
+    pub(crate) async fn queue_webhook(
+        &self,
+        tx: &mut Tx<'_>,
+        company: &str,
+        event_type: &str,
+        data: Value,
+    ) -> anyhow::Result<()> {
+        let id = format!("msg_{}", hex::encode(rand::random::<[u8; 12]>()));
+        let at = now();
+        let payload = json!({ "type": event_type, "timestamp": at, "data": data }).to_string();
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, company_id, event_type, payload, status, attempts, next_attempt_at, created_at) \
+             SELECT $1, company_id, $2, $3, 'pending', 0, $4, $4 FROM webhooks WHERE company_id = $5",
+        )
+        .bind(&id)
+        .bind(event_type)
+        .bind(&payload)
+        .bind(&at)
+        .bind(company)
+        .execute(&mut *tx.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes the deliveries due now for this instance: each is leased until
+    /// `lease_until`, so no other instance sends it meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn due_webhooks(&self, lease_until: &str, max: i64) -> anyhow::Result<Vec<Delivery>> {
+        let skip = match self.engine() {
+            Engine::Postgres => " FOR UPDATE SKIP LOCKED",
+            Engine::Sqlite => "",
+        };
+        let at = now();
+        // Most of the time nothing is due: find out without taking the
+        // write lock.
+        let any: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 LIMIT 1",
+        )
+        .bind(&at)
+        .fetch_optional(self.pool())
+        .await?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id, company_id, event_type, payload, attempts, last_status FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2{skip}"
+        ))
+        .bind(&at)
+        .bind(max)
+        .fetch_all(&mut *tx.tx)
+        .await?;
+        let mut due = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let d = Delivery {
+                id: text(r, "id")?,
+                company_id: text(r, "company_id")?,
+                event_type: text(r, "event_type")?,
+                payload: text(r, "payload")?,
+                attempts: int(r, "attempts")?,
+                last_status: opt_int(r, "last_status")?,
+            };
+            sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id = $2")
+                .bind(lease_until)
+                .bind(&d.id)
+                .execute(&mut *tx.tx)
+                .await?;
+            due.push(d);
+        }
+        tx.commit().await?;
+        Ok(due)
+    }
+
+    /// Records one delivery attempt (audited as `webhook.attempted`):
+    /// delivered, retried at `retry_at`, or given up (`retry_at` None).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn webhook_attempted(
+        &self,
+        d: &Delivery,
+        delivered: bool,
+        status: Option<u16>,
+        error: Option<&str>,
+        retry_at: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let attempt = d.attempts + 1;
+        let state = match (delivered, retry_at) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = $2, last_status = $3, next_attempt_at = $4 WHERE id = $5",
+        )
+        .bind(state)
+        .bind(attempt)
+        .bind(status.map(i64::from))
+        .bind(retry_at.map_or_else(now, str::to_string))
+        .bind(&d.id)
+        .execute(&mut *tx.tx)
+        .await?;
+        let entry = AuditEntry::event(
+            "webhook.attempted",
+            "handover",
+            &d.company_id,
+            &d.id,
+            json!({ "event_type": d.event_type, "attempt": attempt, "outcome": state,
+                    "http_status": status, "error": error, "next_attempt_at": retry_at }),
+        );
+        self.append_audit(&mut tx, entry).await?;
+        tx.commit().await
+    }
+}
