@@ -7,6 +7,8 @@ const LABELS = { user_profile: "Your profile", payment_history: "Payments", memb
   recovery_cases: "Recovery cases", consent_data: "Consent settings" };
 let config;
 let controller = null;
+// The data types the server offers this user (from /api/data/summary).
+let offered = null;
 
 async function api(path) {
   const r = await fetch(path, { headers: { Authorization: `Bearer ${config.token}`, "X-Company-ID": config.companyId } });
@@ -21,7 +23,9 @@ function say(text, kind = "") {
 }
 
 function timeIn(seconds) {
-  return new Date(Date.now() + seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const at = new Date(Date.now() + seconds * 1000);
+  const time = at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return at.toDateString() === new Date().toDateString() ? time : `${time} tomorrow`;
 }
 
 function explain(err) {
@@ -36,6 +40,10 @@ function explain(err) {
       return "Export cancelled. Nothing was downloaded.";
     case "DATE_RANGE_INVALID":
       return "Please check the date range: the start must be before the end.";
+    case "FILE_TOO_LARGE":
+      return "This export would be too large to prepare in one go. Choose a shorter date range and export in parts.";
+    case "QUOTA_EXCEEDED":
+      return `You have exported a lot of data today. You can export again at ${timeIn(err.retryAfter ?? 3600)}.`;
     default:
       return `The export failed: ${err?.message ?? err}`;
   }
@@ -45,6 +53,7 @@ async function loadSummary() {
   const list = $("included");
   try {
     const s = await api("/api/data/summary");
+    offered = s.data_types.map((t) => t.data_type);
     list.replaceChildren(...s.data_types.map((t) => {
       const li = document.createElement("li");
       li.dataset.type = t.data_type;
@@ -71,11 +80,21 @@ async function loadRecent() {
     body.replaceChildren(...requests.map((r) => {
       const tr = document.createElement("tr");
       tr.dataset.requestId = r.request_id;
-      const cells = [new Date(r.created_at).toLocaleString(), r.export_format.toUpperCase(), r.record_count ?? "–"];
+      const cells = [new Date(r.created_at).toLocaleString(), r.export_format.toUpperCase(),
+        r.record_count == null ? "–" : r.record_count.toLocaleString()];
       for (const c of cells) tr.append(Object.assign(document.createElement("td"), { textContent: String(c) }));
-      const badge = Object.assign(document.createElement("span"), { className: `badge ${r.status}`, textContent: r.status });
+      // A request the user cancelled is failed on the server, with that reason.
+      const shown = r.status === "failed" && r.failure_reason === "cancelled" ? "cancelled"
+        : r.outcome === "partial" ? "partial" : r.status;
+      const badge = Object.assign(document.createElement("span"), { className: `badge ${shown}`, textContent: shown });
       const td = document.createElement("td");
       td.append(badge);
+      if (r.download_url) {
+        // A copy the server kept (a server-built export): download it again.
+        const again = Object.assign(document.createElement("button"), { type: "button", className: "link", textContent: "Download" });
+        again.addEventListener("click", () => downloadAgain(r).catch((e) => say(explain(e), "error")));
+        td.append(" ", again);
+      }
       tr.append(td);
       return tr;
     }));
@@ -84,6 +103,20 @@ async function loadRecent() {
     body.append(Object.assign(document.createElement("tr"), { innerHTML: `<td colspan="4"></td>` }));
     body.querySelector("td").textContent = explain(e);
   }
+}
+
+async function downloadAgain(r) {
+  const res = await fetch(r.download_url, { headers: { Authorization: `Bearer ${config.token}`, "X-Company-ID": config.companyId } });
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    throw new ExportError(body.error?.code ?? "HTTP_ERROR", body.error?.error ?? `HTTP ${res.status}`, { status: res.status });
+  }
+  const url = URL.createObjectURL(await res.blob());
+  const a = Object.assign(document.createElement("a"), { href: url, download: `${r.request_id}.${r.export_format}` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 function showProgress(p) {
@@ -112,7 +145,8 @@ async function runExport(event) {
     // The export runs in a worker: this page only receives progress.
     const result = await exportData({
       baseUrl: location.origin, token: config.token, companyId: config.companyId, format,
-      dataTypes: Object.keys(LABELS), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
+      // Everything the server offers (exportData asks it when the list is unknown).
+      ...(offered?.length ? { dataTypes: offered } : {}), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
       onProgress: showProgress, signal: controller.signal,
     });
     say(`Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`, "ok");

@@ -56,6 +56,9 @@ impl ExportRow {
             "record_count": self.record_count,
             "metadata": self.metadata,
         });
+        if let Some(reason) = &self.failure_reason {
+            v["failure_reason"] = json!(reason);
+        }
         self.add_outcomes(&mut v);
         v
     }

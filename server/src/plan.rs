@@ -280,15 +280,25 @@ pub async fn check_size_and_quota(
             ),
         ));
     }
+    check_quota(state, scope, manifest.total_records()).await
+}
+
+/// The daily record quota: `more` records on top of what the user's
+/// exports of the last 24 hours handed over (re-read pages included).
+///
+/// # Errors
+///
+/// `429 QUOTA_EXCEEDED` with the seconds until enough leaves the window.
+pub async fn check_quota(state: &AppState, scope: &Scope, more: u64) -> ApiResult<()> {
     let day_ago = handover::model::format_timestamp(
         time::OffsetDateTime::now_utc() - time::Duration::days(1),
     );
     let rows = state.store.records_requested_since(scope, &day_ago).await?;
     let quota = state.settings.daily_record_quota;
     let used: u64 = rows.iter().map(|(n, _)| *n).sum();
-    if used + manifest.total_records() > quota {
+    if used + more > quota {
         // Space frees up as the oldest exports leave the 24-hour window.
-        let needed = (used + manifest.total_records()).saturating_sub(quota);
+        let needed = (used + more).saturating_sub(quota);
         let mut freed = 0;
         let mut until = None;
         for (n, at) in &rows {

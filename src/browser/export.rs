@@ -300,6 +300,36 @@ async fn fetch_type(
     }
 }
 
+/// Every data type the server offers this user (`GET /api/data/summary`).
+async fn all_data_types(client: &Client) -> Result<Vec<String>, JsValue> {
+    #[derive(serde::Deserialize)]
+    struct Summary {
+        data_types: Vec<Offered>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Offered {
+        data_type: String,
+    }
+    let summary: Summary = parse(
+        &client
+            .send("GET", "/api/data/summary", None, Retry::Idempotent)
+            .await?,
+        "summary",
+    )?;
+    let types: Vec<String> = summary
+        .data_types
+        .into_iter()
+        .map(|t| t.data_type)
+        .collect();
+    if types.is_empty() {
+        return Err(export_error(
+            "INVALID_RESPONSE",
+            "the server offers no data types to export",
+        ));
+    }
+    Ok(types)
+}
+
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, JsValue> {
     serde_json::from_slice::<Envelope<T>>(bytes)
         .map(|e| e.data)
@@ -341,9 +371,14 @@ pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
         idempotency_key: super::http::new_idempotency_key(),
     };
     let range = opts.date_range.clone().unwrap_or_default();
+    let data_types = if opts.data_types.is_empty() {
+        all_data_types(&client).await?
+    } else {
+        opts.data_types.clone()
+    };
     let body = json!({
         "export_format": opts.format.as_str(),
-        "data_types": opts.data_types,
+        "data_types": data_types,
         "date_range_start": range.start,
         "date_range_end": range.end,
         "metadata": opts.metadata,

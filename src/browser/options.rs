@@ -35,7 +35,8 @@ export interface ExportOptions {
   /** Default "json". */
   format?: ExportFormat;
   /** Data types to export, e.g. ["user_profile", "payment_history"]. */
-  dataTypes: string[];
+  /** The data types to export; leave out for every type the server offers. */
+  dataTypes?: string[];
   /** ISO-8601 bounds, both optional. */
   dateRange?: { start?: string | null; end?: string | null };
   /** Stored with the request (at most 4 KiB). */
@@ -232,13 +233,17 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
     let token = required(raw.token, "token")?;
     let company_id = required(raw.company_id, "companyId")?;
     let format: ExportFormat = raw.format.as_deref().unwrap_or("json").parse()?;
-    let types = raw.data_types.unwrap_or_default();
-    if types.is_empty() {
-        return Err(export_error(
-            "INVALID_DATA_TYPE",
-            "options.dataTypes must name at least one data type",
-        ));
-    }
+    // Absent: every data type the server offers (the GDPR default: all of
+    // it), asked of the server when the export starts. Present: at least one.
+    let types =
+        match raw.data_types {
+            None => Vec::new(),
+            Some(t) if t.is_empty() => return Err(export_error(
+                "INVALID_DATA_TYPE",
+                "options.dataTypes must name at least one data type (leave it out for all of them)",
+            )),
+            Some(t) => t,
+        };
     let mut data_types = Vec::with_capacity(types.len());
     for t in types {
         match t {

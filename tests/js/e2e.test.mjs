@@ -162,7 +162,8 @@ test("progress, cancel and the during/after screenshots", async () => {
   await page.waitForFunction(() => document.querySelector("#status").textContent.includes("cancelled"), null, { timeout: 10000 });
   release();
   assert.equal(downloaded, false);
-  await page.waitForSelector("#recent .badge.failed", { timeout: 10000 });
+  // Shown as cancelled (the server keeps it as failed, reason "cancelled").
+  await page.waitForSelector("#recent .badge.cancelled", { timeout: 10000 });
   await page.unroute("**/records/**");
   await page.screenshot({ path: join(ARTIFACTS, "card-after.png") });
 });

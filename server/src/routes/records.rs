@@ -151,6 +151,9 @@ async fn prologue(
             Some(c)
         }
     };
+    // Pages read again count against the daily quota like new ones: an
+    // open export cannot be re-read past it.
+    crate::plan::check_quota(state, &scope, 0).await?;
     ctx.detail("data_type", data_type.as_str());
     if let Some(c) = &start {
         ctx.detail("offset", c.offset);

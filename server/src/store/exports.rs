@@ -420,8 +420,13 @@ impl Store {
         scope: &Scope,
         since: &str,
     ) -> anyhow::Result<Vec<(u64, String)>> {
+        // What each export handed over: its records, or, when its pages were
+        // read more than once, every record read.
         let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT estimated_records, created_at FROM export_requests WHERE user_id = $1 AND company_id = $2 AND created_at > $3 ORDER BY created_at",
+            "SELECT CASE WHEN COALESCE(p.reads, 0) > e.estimated_records THEN p.reads ELSE e.estimated_records END, e.created_at \
+             FROM export_requests e LEFT JOIN \
+             (SELECT export_id, CAST(SUM(reads) AS BIGINT) AS reads FROM export_progress GROUP BY export_id) p ON p.export_id = e.id \
+             WHERE e.user_id = $1 AND e.company_id = $2 AND e.created_at > $3 ORDER BY e.created_at",
         )
         .bind(&scope.user_id)
         .bind(&scope.company_id)

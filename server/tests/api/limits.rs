@@ -154,3 +154,41 @@ async fn twenty_concurrent_creates_admit_exactly_five() {
     );
     assert_eq!(app.count("SELECT COUNT(*) FROM export_requests").await, 5);
 }
+
+#[tokio::test]
+async fn re_reading_an_open_exports_pages_counts_against_the_daily_quota() {
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(100),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let payments = app
+        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
+        .await;
+    assert!(payments > 50 && payments < 100);
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let page = format!("/api/data/export/{id}/records/payment_history?limit=5000");
+    // The first read is what the quota already holds; reading it all again
+    // goes past 100 records a day, and the read after that is refused.
+    let first = app.call(Method::GET, &page, None).await;
+    assert_eq!(first.status, 200);
+    let again = app.call(Method::GET, &page, None).await;
+    assert_eq!(
+        again.status, 200,
+        "the second read still started inside the quota"
+    );
+    let third = app.call(Method::GET, &page, None).await;
+    assert_eq!(
+        (third.status.as_u16(), third.code()),
+        (429, "QUOTA_EXCEEDED"),
+        "{}",
+        third.body
+    );
+}

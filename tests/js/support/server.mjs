@@ -14,8 +14,9 @@ function cli(env, args) {
   return execFileSync(BIN, args, { env: { ...process.env, ...env }, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] }).trim();
 }
 
-/** A fresh database with demo data; returns { dir, env }. */
-export function makeDatabase({ users = 12, records = 300 } = {}) {
+/** A fresh database with demo data (of `config`, a data type config, when
+ * given); returns { dir, env }. */
+export function makeDatabase({ users = 12, records = 300, config = null } = {}) {
   if (!existsSync(BIN)) throw new Error(`${BIN} is missing: run cargo build -p handover-server`);
   const dir = mkdtempSync(join(tmpdir(), "handover-test-"));
   const env = {
@@ -23,6 +24,7 @@ export function makeDatabase({ users = 12, records = 300 } = {}) {
     HANDOVER_DATA_DIR: join(dir, "data"),
     HANDOVER_MASTER_KEY: "11".repeat(32),
     HANDOVER_LOG: "warn",
+    ...(config ? { HANDOVER_DATA_TYPES: config } : {}),
   };
   cli(env, ["demo-data", "--users", String(users), "--records", String(records)]);
   return { dir, env };
