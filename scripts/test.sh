@@ -28,7 +28,8 @@ scripts/pg-cluster.sh stop "$pg_dir"
 trap - EXIT
 
 step "examples"
-cargo run -q -p handover --example format_records > /dev/null
+# Built by the workspace test run above (same features, no second compile).
+target/debug/examples/format_records > /dev/null
 
 step "wasm tests of formatRecords in headless Chromium"
 CHROMEDRIVER=$(command -v chromedriver) \
@@ -36,7 +37,8 @@ CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner WASM_BINDGEN
   cargo test -p handover --target wasm32-unknown-unknown --test browser_format
 
 step "wasm tests of exportData in headless Chromium against real servers (one injecting faults)"
-cargo build -p handover-server
+# The server binary the integration tests ran is the one the browser tests use.
+test -x target/debug/handover-server || { echo "target/debug/handover-server was not built by cargo test" >&2; exit 1; }
 node tests/js/support/run-wasm-tests.mjs
 
 step "release package (pkg/)"

@@ -187,6 +187,10 @@ struct ServeArgs {
     /// milliseconds; doubled after each failure (8 attempts in all).
     #[arg(long, env = "HANDOVER_WEBHOOK_BACKOFF_MS", default_value_t = 5000)]
     webhook_backoff_ms: u64,
+    /// Failed authentications per client IP and minute before that IP's
+    /// requests are answered 429 before authentication (0: never).
+    #[arg(long, env = "HANDOVER_UNAUTH_PER_MINUTE", default_value_t = 120)]
+    unauth_per_minute: u64,
     /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
     #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
     fault_pages: Option<f64>,
@@ -242,6 +246,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     };
     config::timing(&mut settings, a.stale_after_secs, a.sweep_secs);
     settings.webhook_backoff = std::time::Duration::from_millis(a.webhook_backoff_ms.max(1));
+    settings.unauth_per_minute = a.unauth_per_minute;
     let options = StateOptions {
         database_url: cli.database.clone(),
         data_types: cli.data_types_config.clone(),

@@ -157,6 +157,40 @@ fn new_request_id() -> String {
     format!("req_{}", hex::encode(rand::random::<[u8; 12]>()))
 }
 
+/// Writes the counts of refused unauthenticated requests per address and
+/// minute (see [`crate::guard`]) to the audit log, one row each.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn write_tallies(
+    state: &AppState,
+    tallies: Vec<crate::guard::Tally>,
+) -> anyhow::Result<()> {
+    for t in tallies {
+        let minute = time::OffsetDateTime::from_unix_timestamp(t.minute * 60)
+            .map(handover::model::format_timestamp)
+            .unwrap_or_default();
+        state
+            .store
+            .audit(AuditEntry {
+                request_id: None,
+                actor: None,
+                company_id: None,
+                action: "auth.refused".to_string(),
+                resource: None,
+                outcome: "refused".to_string(),
+                status: Some(401),
+                ip: Some(t.ip.clone()),
+                user_agent: None,
+                details: json!({ "minute": minute, "refused": t.refused, "throttled": t.throttled,
+                    "logged_one_by_one": crate::guard::LOGGED_PER_MINUTE.min(t.refused), "sample_path": t.sample_path }),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 /// The request middleware (see the module docs).
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let ip = req
@@ -177,6 +211,37 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     }));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let authorization = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let ip_key = ctx.0.ip.clone().unwrap_or_default();
+    // An address flooding the API with failed authentications is answered
+    // here, before authentication and without an audit row of its own.
+    if path.starts_with("/api/") {
+        if let Some(retry_after) = state.guard.throttled(
+            &ip_key,
+            state.settings.unauth_per_minute,
+            authorization.as_deref(),
+        ) {
+            let _ = state
+                .guard
+                .refused(&ip_key, &capped(&path, MAX_STORED_PATH), true);
+            state.metrics.observe_request(429, ctx.0.started.elapsed());
+            let mut r = ApiError::RateLimited {
+                limit: u32::try_from(state.settings.unauth_per_minute).unwrap_or(u32::MAX),
+                window_secs: 60,
+                retry_after,
+            }
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
+                r.headers_mut()
+                    .insert(HeaderName::from_static("x-request-id"), v);
+            }
+            return r;
+        }
+    }
     req.extensions_mut().insert(ctx.clone());
 
     // Every log line of the handler carries the request id.
@@ -246,6 +311,24 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     );
 
     if path.starts_with("/api/") {
+        if learned.actor.is_some() {
+            if let Some(a) = &authorization {
+                state.guard.authenticated(a);
+            }
+        } else if status == axum::http::StatusCode::UNAUTHORIZED {
+            // Failed authentications: the first few of each minute get a row
+            // of their own, the rest are counted per address and minute.
+            let (own_row, finished) =
+                state
+                    .guard
+                    .refused(&ip_key, &capped(&path, MAX_STORED_PATH), false);
+            if let Err(e) = write_tallies(&state, finished).await {
+                tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
+            }
+            if !own_row {
+                return response;
+            }
+        }
         let outcome = if status.is_success() {
             "allowed"
         } else if status.is_server_error() {

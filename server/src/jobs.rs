@@ -400,6 +400,7 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
             state.files.remove(&files).await;
         }
     }
+    crate::context::write_tallies(state, state.guard.take_finished()).await?;
     let removed = state.files.collect_garbage().await?;
     if removed > 0 {
         tracing::info!(removed, "removed export bytes that no export owns");

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod exports;
 pub mod files;
+pub mod guard;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
@@ -140,6 +141,9 @@ pub struct Settings {
     pub hold_builds: bool,
     /// The first wait before a failed webhook is sent again (doubled each time).
     pub webhook_backoff: Duration,
+    /// Failed authentications per client IP and minute before its requests
+    /// are answered 429 before authentication (0: never).
+    pub unauth_per_minute: u64,
 }
 
 /// Tests only: holds server builds just before they complete, so a test
@@ -196,6 +200,7 @@ impl Default for Settings {
             build_gate: None,
             hold_builds: false,
             webhook_backoff: Duration::from_secs(5),
+            unauth_per_minute: 120,
         }
     }
 }
@@ -217,6 +222,8 @@ pub struct StateInner {
     pub settings: Settings,
     /// Wakes the export worker.
     pub jobs: tokio::sync::Notify,
+    /// Unauthenticated floods: refusals counted per IP, throttling.
+    pub guard: guard::Guard,
 }
 
 /// Cheaply cloneable handle to [`StateInner`].

@@ -61,6 +61,7 @@ pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
         files,
         settings: o.settings,
         jobs: Default::default(),
+        guard: Default::default(),
     })))
 }
 

@@ -338,3 +338,79 @@ async fn a_request_naming_a_foreign_company_is_logged_in_the_callers_scope() {
         "{details}"
     );
 }
+
+#[tokio::test]
+async fn an_unauthenticated_flood_is_throttled_counted_not_logged_row_by_row() {
+    let app = spawn_with(
+        Opts {
+            unauth_per_minute: Some(20),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    // A real user has just signed in from the same address.
+    let ok = app.call(Method::GET, "/api/data/export", None).await;
+    assert_eq!(ok.status, 200);
+    let before = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await;
+    let path = format!("/api/data/export/{}", "a".repeat(30_000));
+    let (mut refused, mut throttled) = (0, 0);
+    for i in 0..60 {
+        let token = format!("hov_bogus_{i}");
+        let r = app.raw(Method::GET, &path, Some(&token), None, None).await;
+        match r.status.as_u16() {
+            401 => refused += 1,
+            429 => {
+                throttled += 1;
+                assert_eq!(r.code(), "RATE_LIMIT_EXCEEDED");
+                assert!(!r.header("retry-after").is_empty());
+            }
+            s => panic!("unexpected {s}"),
+        }
+        // The user is not locked out by the flood.
+        if i == 40 {
+            let ok = app.call(Method::GET, "/api/data/export", None).await;
+            assert_eq!(ok.status, 200, "{}", ok.body);
+        }
+    }
+    // (A minute boundary during the loop may let one more batch through.)
+    assert!(
+        refused <= 40 && throttled >= 20,
+        "{refused} refused, {throttled} throttled"
+    );
+    let rows = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await
+        - before;
+    assert!(
+        rows <= 2 * 10 + 1,
+        "{rows} audit rows for 60 refused requests"
+    );
+    let stored: i64 = app
+        .count("SELECT COALESCE(MAX(LENGTH(details)), 0) FROM audit_log")
+        .await;
+    assert!(
+        stored < 2048,
+        "the 30 KB path is not stored whole ({stored})"
+    );
+    // The counts reach the log, one row per address and minute.
+    handover_server::context::write_tallies(&app.state, app.state.guard.take_all())
+        .await
+        .unwrap();
+    let details: Vec<String> =
+        sqlx::query_scalar("SELECT details FROM audit_log WHERE action = 'auth.refused'")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert!(!details.is_empty());
+    let total: u64 = details
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap();
+            v["refused"].as_u64().unwrap() + v["throttled"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(total, 60);
+}

@@ -37,6 +37,7 @@ pub struct Opts {
     pub stale_after: Option<time::Duration>,
     pub jwt_max_lifetime_secs: Option<u64>,
     pub webhook_backoff: Option<std::time::Duration>,
+    pub unauth_per_minute: Option<u64>,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -210,9 +211,11 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
             build_gate: opts.build_gate.clone(),
             stale_after: opts.stale_after.unwrap_or(defaults.stale_after),
             webhook_backoff: opts.webhook_backoff.unwrap_or(defaults.webhook_backoff),
+            unauth_per_minute: opts.unauth_per_minute.unwrap_or(defaults.unauth_per_minute),
             ..Settings::default()
         },
         jobs: Default::default(),
+        guard: Default::default(),
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

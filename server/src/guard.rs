@@ -1,0 +1,185 @@
+//! Unauthenticated floods: refused requests are counted per client IP and
+//! minute in memory instead of each writing an audit row (the first few of
+//! each minute still do, so ordinary mistakes stay visible one by one), and
+//! an IP past its limit of failed authentications is answered `429` before
+//! authentication, for the rest of the minute. Credentials that
+//! authenticated recently still pass, so a legitimate user behind the same
+//! address keeps working, and authenticated traffic never waits on the
+//! audit lock behind a flood.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+/// Refusals of one IP that are still written one row each per minute.
+pub const LOGGED_PER_MINUTE: u64 = 10;
+
+/// Refused requests of one IP in one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub ip: String,
+    /// Unix minute.
+    pub minute: i64,
+    /// Failed authentications (401).
+    pub refused: u64,
+    /// Answered 429 before authentication.
+    pub throttled: u64,
+    /// One of the paths asked for (capped).
+    pub sample_path: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Guard {
+    tallies: Mutex<HashMap<String, Tally>>,
+    /// SHA-256 of Authorization headers that authenticated, and the minute.
+    known: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+fn minute_now() -> i64 {
+    time::OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .div_euclid(60)
+}
+
+fn digest(header: &str) -> [u8; 32] {
+    Sha256::digest(header.as_bytes()).into()
+}
+
+impl Guard {
+    /// Seconds until `ip` may try again, when it is over `limit` failed
+    /// authentications this minute and `authorization` did not
+    /// authenticate recently.
+    pub fn throttled(&self, ip: &str, limit: u64, authorization: Option<&str>) -> Option<u64> {
+        if limit == 0 {
+            return None;
+        }
+        let now = minute_now();
+        let over = self
+            .tallies
+            .lock()
+            .ok()?
+            .get(ip)
+            .is_some_and(|t| t.minute == now && t.refused >= limit);
+        if !over {
+            return None;
+        }
+        if let Some(a) = authorization {
+            let known = self.known.lock().ok()?;
+            if known.get(&digest(a)).is_some_and(|m| now - m <= 1) {
+                return None;
+            }
+        }
+        let secs = 60
+            - time::OffsetDateTime::now_utc()
+                .unix_timestamp()
+                .rem_euclid(60);
+        Some(secs.max(1) as u64)
+    }
+
+    /// Remembers credentials that authenticated.
+    pub fn authenticated(&self, authorization: &str) {
+        let now = minute_now();
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() > 10_000 {
+                known.retain(|_, m| now - *m <= 1);
+            }
+            known.insert(digest(authorization), now);
+        }
+    }
+
+    /// Counts a refusal (`throttled`: a 429 before authentication);
+    /// returns whether it should still get an audit row of its own, and
+    /// the tallies of earlier minutes that are now complete.
+    pub fn refused(&self, ip: &str, path: &str, throttled: bool) -> (bool, Vec<Tally>) {
+        let now = minute_now();
+        let Ok(mut tallies) = self.tallies.lock() else {
+            return (true, Vec::new());
+        };
+        let mut done = Vec::new();
+        let t = tallies.entry(ip.to_string()).or_insert_with(|| Tally {
+            ip: ip.to_string(),
+            minute: now,
+            refused: 0,
+            throttled: 0,
+            sample_path: path.to_string(),
+        });
+        if t.minute != now {
+            let old = std::mem::replace(
+                t,
+                Tally {
+                    ip: ip.to_string(),
+                    minute: now,
+                    refused: 0,
+                    throttled: 0,
+                    sample_path: path.to_string(),
+                },
+            );
+            done.push(old);
+        }
+        if throttled {
+            t.throttled += 1;
+        } else {
+            t.refused += 1;
+        }
+        let own_row = !throttled && t.refused <= LOGGED_PER_MINUTE;
+        done.retain(|d| d.refused + d.throttled > LOGGED_PER_MINUTE || d.throttled > 0);
+        (own_row, done)
+    }
+
+    /// Tallies of minutes before this one (for the sweeper to write).
+    pub fn take_finished(&self) -> Vec<Tally> {
+        let now = minute_now();
+        let Ok(mut tallies) = self.tallies.lock() else {
+            return Vec::new();
+        };
+        let finished: Vec<String> = tallies
+            .iter()
+            .filter(|(_, t)| t.minute < now)
+            .map(|(ip, _)| ip.clone())
+            .collect();
+        finished
+            .into_iter()
+            .filter_map(|ip| tallies.remove(&ip))
+            .filter(|t| t.refused > LOGGED_PER_MINUTE || t.throttled > 0)
+            .collect()
+    }
+
+    /// Every tally, finished or not (tests and shutdown).
+    pub fn take_all(&self) -> Vec<Tally> {
+        let Ok(mut tallies) = self.tallies.lock() else {
+            return Vec::new();
+        };
+        tallies
+            .drain()
+            .map(|(_, t)| t)
+            .filter(|t| t.refused > LOGGED_PER_MINUTE || t.throttled > 0)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttles_an_ip_past_its_limit_but_not_known_credentials() {
+        let g = Guard::default();
+        for i in 0..5 {
+            let (own, _) = g.refused("10.0.0.1", "/api/x", false);
+            assert_eq!(own, i < LOGGED_PER_MINUTE);
+        }
+        assert_eq!(g.throttled("10.0.0.1", 6, None), None);
+        g.refused("10.0.0.1", "/api/x", false);
+        assert!(g.throttled("10.0.0.1", 6, None).is_some());
+        assert!(g.throttled("10.0.0.1", 6, Some("Bearer bad")).is_some());
+        g.authenticated("Bearer good");
+        assert_eq!(g.throttled("10.0.0.1", 6, Some("Bearer good")), None);
+        assert_eq!(
+            g.throttled("10.0.0.2", 6, None),
+            None,
+            "other IPs are not affected"
+        );
+        assert_eq!(g.throttled("10.0.0.1", 0, None), None, "0 turns it off");
+    }
+}
