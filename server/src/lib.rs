@@ -273,6 +273,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("x-company-id"),
+                HeaderName::from_static("idempotency-key"),
             ])
             .expose_headers([
                 header::RETRY_AFTER,
@@ -281,6 +282,9 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 HeaderName::from_static("ratelimit-limit"),
                 HeaderName::from_static("ratelimit-remaining"),
                 HeaderName::from_static("ratelimit-reset"),
+                HeaderName::from_static("idempotent-replayed"),
+                HeaderName::from_static("x-export-id"),
+                HeaderName::from_static("x-content-sha256"),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )

@@ -289,10 +289,14 @@ impl Sink {
                 file,
                 handle,
                 name,
+                at,
                 ..
             } => {
+                // The file was grown ahead of the writes: cut it to what was
+                // written, or the download would end in zeros.
                 let done = handle
-                    .flush()
+                    .truncate_with_f64(at)
+                    .and_then(|()| handle.flush())
                     .map_err(|e| fail("saving the export file", &e));
                 handle.close();
                 if let Err(e) = done {

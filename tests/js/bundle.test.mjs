@@ -44,7 +44,7 @@ before(async () => {
   const esbuild = join(ROOT, "node_modules/.bin/esbuild");
   execFileSync(esbuild, ["main.js", "--bundle", "--format=esm", "--outfile=dist/main.js", "--log-level=warning"], { cwd: app, stdio: "inherit" });
   // The wasm and the worker scripts ship beside the bundle, as an app's build would copy them.
-  for (const f of ["handover_bg.wasm", "worker.js", "export.js", "handover.js"]) {
+  for (const f of ["handover_bg.wasm", "worker.js", "export.js", "format.js", "handover.js"]) {
     copyFileSync(join(app, "node_modules/handover", f), join(app, "dist", f));
   }
   execFileSync("cp", ["-r", join(app, "node_modules/handover/snippets"), join(app, "dist/")]);

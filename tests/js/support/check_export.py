@@ -33,7 +33,8 @@ def expected(db, user, company, config):
             rec = {}
             for name, value in zip(names, row):
                 kind = kinds.get(name)
-                if kind == "json" and value is not None:
+                nested = kind is None and any(k.startswith(name + ".") for k in kinds)
+                if (kind == "json" or nested) and isinstance(value, str):
                     value = json.loads(value)
                 elif kind == "boolean" and value is not None:
                     value = bool(value)
@@ -64,6 +65,18 @@ def parse_ts(s):
     return t.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
 
+def flat(rec, names, prefix=""):
+    """A record as the flat formats lay it out: nested objects as dotted
+    columns (a column of its own, e.g. of kind json, stays whole)."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in names:
+            out.update(flat(v, names, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def fail(msg):
     print(msg, file=sys.stderr)
     sys.exit(1)
@@ -87,7 +100,8 @@ def check_csv(data, want):
         got = [r for r in rows if r["data_type"] == name]
         if len(got) != len(recs):
             fail(f"{name}: {len(got)} CSV rows, {len(recs)} records in the database")
-        for g, r in zip(got, recs):
+        names = {c["name"] for c in cols}
+        for g, r in zip(got, (flat(r, names) for r in recs)):
             for c in cols:
                 if g[c["name"]] != text(r.get(c["name"])):
                     fail(f"{name} {r.get(cols[0]['name'])}.{c['name']}: CSV {g[c['name']]!r} != database {text(r.get(c['name']))!r}")
@@ -106,7 +120,8 @@ def check_xlsx(data, want):
             fail(f"{name}: header {header}")
         if len(body) != len(recs):
             fail(f"{name}: {len(body)} rows, {len(recs)} records in the database")
-        for g, r in zip(body, recs):
+        names = {c["name"] for c in cols}
+        for g, r in zip(body, (flat(r, names) for r in recs)):
             for i, c in enumerate(cols):
                 v, e = g[i], r.get(c["name"])
                 if c["kind"] == "datetime" and e is not None:
