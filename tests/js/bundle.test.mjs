@@ -34,6 +34,10 @@ before(async () => {
       out.exported = { records: r.recordCount, bytes: r.byteSize, isBlob: r.blob instanceof Blob, sha: r.sha256,
         worker: r.stats.worker, storage: r.stats.storage };
       await r.release();
+      // Without dataTypes: every type the server offers.
+      const all = await exportData({ baseUrl, token, companyId: "company_123", format: "json", download: false });
+      out.allTypes = JSON.parse(await all.blob.text()).export.data_types;
+      await all.release();
       const w = await exportDataInWorker({ baseUrl, token, companyId: "company_123", format: "csv",
         dataTypes: ["payment_history"], download: false, onProgress: (p) => { out.lastWorkerProgress = p.percentage; } });
       out.worker = { records: w.recordCount, isBlob: w.blob instanceof Blob };
@@ -83,4 +87,5 @@ test("a bundled app imports handover and runs every entry point", async () => {
   assert.ok(out.worker.records > 100);
   assert.equal(out.lastWorkerProgress, 100);
   assert.deepEqual(out.optionError, [true, "INVALID_DATA_TYPE"]);
+  assert.deepEqual(out.allTypes, ["user_profile", "payment_history", "membership_data", "recovery_cases", "consent_data"]);
 });
