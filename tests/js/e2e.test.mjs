@@ -6,6 +6,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { request } from "node:http";
 import { mkdirSync, existsSync, copyFileSync } from "node:fs";
 import { join } from "node:path";
 import { launch } from "./support/chromium.mjs";
@@ -180,4 +181,23 @@ test("the rate limit is explained with the time of the next possible export", as
   await page.screenshot({ path: join(ARTIFACTS, "card-rate-limited.png") });
   // UPDATE_SCREENSHOTS=1 refreshes the README's picture.
   if (process.env.UPDATE_SCREENSHOTS) copyFileSync(join(ARTIFACTS, "card-during.png"), join(ROOT, "docs", "privacy-settings.png"));
+});
+
+test("a wrong method on any path answers in the API's error envelope", async () => {
+  // Sent as is (fetch would resolve the dots): the demo's file server owns this path.
+  const { status, type, body } = await new Promise((ok, fail) => {
+    const u = new URL(server.url);
+    const req = request({ host: u.hostname, port: u.port, method: "POST", path: "/api/data/export/../../etc/passwd" }, (res) => {
+      let text = "";
+      res.on("data", (c) => { text += c; });
+      res.on("end", () => ok({ status: res.statusCode, type: res.headers["content-type"], body: text }));
+    });
+    req.on("error", fail);
+    req.end();
+  });
+  assert.equal(status, 405);
+  assert.match(type, /^application\/json/);
+  const parsed = JSON.parse(body);
+  assert.equal(parsed.success, false);
+  assert.equal(parsed.error.code, "METHOD_NOT_ALLOWED");
 });
