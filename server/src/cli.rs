@@ -38,6 +38,10 @@ pub struct Cli {
     /// five types (in SQLite's or PostgreSQL's dialect, by DATABASE_URL).
     #[arg(long, global = true, env = "HANDOVER_DATA_TYPES")]
     data_types_config: Option<PathBuf>,
+    /// Append-only file that receives each new head of the audit chain
+    /// (`serve` default: DATA_DIR/audit.head); `audit verify` checks it.
+    #[arg(long, global = true, env = "HANDOVER_AUDIT_HEAD_FILE")]
+    audit_head_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -226,6 +230,40 @@ struct ServeArgs {
     test_hold_builds: bool,
 }
 
+/// The store for an operator command: the audit chain keyed when the
+/// master key is at hand (HANDOVER_MASTER_KEY, HANDOVER_MASTER_KEY_FILE, or
+/// DATA_DIR/master.key when it exists; never generated here). Writing to a
+/// keyed chain without the key is refused.
+async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
+    let mut store = Store::connect(&cli.database).await?;
+    let data_dir = std::env::var_os("HANDOVER_DATA_DIR")
+        .map_or_else(|| PathBuf::from("handover-data"), PathBuf::from);
+    let source = match (
+        std::env::var("HANDOVER_MASTER_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        std::env::var_os("HANDOVER_MASTER_KEY_FILE").map(PathBuf::from),
+    ) {
+        (Some(k), _) => Some(MasterKeySource::Hex(k)),
+        (None, Some(f)) => Some(MasterKeySource::File(f)),
+        (None, None) => {
+            let f = data_dir.join("master.key");
+            f.exists().then_some(MasterKeySource::File(f))
+        }
+    };
+    match source {
+        Some(src) => store = store.with_audit_key(&config::master_key(&src, None)?),
+        None => anyhow::ensure!(
+            !(writes && store.audit_is_keyed().await?),
+            "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE) so this change is logged in the chain"
+        ),
+    }
+    if let Some(f) = &cli.audit_head_file {
+        store = store.with_head_file(f.clone());
+    }
+    Ok(store)
+}
+
 fn master_source(hex: Option<&str>, file: Option<&Path>, data_dir: &Path) -> MasterKeySource {
     match (hex, file) {
         (Some(k), _) => MasterKeySource::Hex(k.to_string()),
@@ -257,6 +295,11 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             &a.data_dir,
         ),
         file_storage: a.file_storage.clone(),
+        audit_head_file: Some(
+            cli.audit_head_file
+                .clone()
+                .unwrap_or_else(|| a.data_dir.join("audit.head")),
+        ),
         jwt: JwtSettings {
             hs256_secret: a.jwt_hs256_secret.clone(),
             rs256_public_key: a.jwt_rs256_public_key.clone(),
@@ -300,6 +343,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         jwt: JwtSettings::default(),
         dev_no_auth: false,
         settings: Settings::default(),
+        audit_head_file: cli.audit_head_file.clone(),
     })
     .await?;
     let data_types: Vec<String> = if a.types.is_empty() {
@@ -424,7 +468,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             companies,
             permissions,
         }) => {
-            let store = Store::connect(&cli.database).await?;
+            let store = operator_store(&cli, true).await?;
             let perms = if permissions.is_empty() {
                 vec![PERM_EXPORT.to_string()]
             } else {
@@ -440,7 +484,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{token}");
         }
         Command::Token(TokenCommand::Revoke { token_id }) => {
-            let store = Store::connect(&cli.database).await?;
+            let store = operator_store(&cli, true).await?;
             if !auth::revoke_token(&store, token_id, &operator()).await? {
                 eprintln!("no active token {token_id}");
                 return Ok(ExitCode::from(1));
@@ -460,7 +504,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => crate::webhooks::new_secret(),
             };
-            let store = Store::connect(&cli.database).await?;
+            let store = operator_store(&cli, true).await?;
             store
                 .set_webhook(
                     &crate::store::webhooks::Endpoint {
@@ -477,7 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{secret}");
         }
         Command::Webhook(WebhookCommand::Remove { company }) => {
-            let store = Store::connect(&cli.database).await?;
+            let store = operator_store(&cli, true).await?;
             if !store.remove_webhook(company, &operator()).await? {
                 eprintln!("{company} has no webhook");
                 return Ok(ExitCode::from(1));
@@ -485,8 +529,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("removed {company}'s webhook");
         }
         Command::Audit(AuditCommand::Verify) => {
-            let store = Store::connect(&cli.database).await?;
-            match store.verify_audit().await? {
+            let store = operator_store(&cli, false).await?;
+            let head = match &cli.audit_head_file {
+                Some(f) => crate::store::audit::last_head(f)?,
+                None => None,
+            };
+            match store.verify_audit(head).await? {
                 Verification::Intact { rows } => println!("audit log intact: {rows} rows"),
                 Verification::Broken { seq, reason } => {
                     println!("audit log BROKEN at row {seq}: {reason}");

@@ -32,6 +32,27 @@ pub struct StateOptions {
     pub jwt: JwtSettings,
     pub dev_no_auth: bool,
     pub settings: Settings,
+    /// `HANDOVER_AUDIT_HEAD_FILE`: each new audit head is appended there.
+    pub audit_head_file: Option<PathBuf>,
+}
+
+/// The store, with the audit chain keyed by the master key and its heads
+/// written to the head file.
+async fn keyed_store(
+    o: &StateOptions,
+    master: &handover::crypto::DataKey,
+) -> anyhow::Result<Store> {
+    let mut store = Store::connect(&o.database_url)
+        .await?
+        .with_audit_key(master);
+    if let Some(f) = &o.audit_head_file {
+        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("HANDOVER_AUDIT_HEAD_FILE: creating {}", dir.display()))?;
+        }
+        store = store.with_head_file(f.clone());
+    }
+    Ok(store)
 }
 
 /// Opens everything and returns the state the handlers and workers share.
@@ -41,10 +62,10 @@ pub struct StateOptions {
 /// Any setting that does not check out (each error names its variable),
 /// or a database that cannot be opened or migrated.
 pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
-    let store = Store::connect(&o.database_url).await?;
-    let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
     let exports_dir = o.data_dir.join("exports");
     let master = config::master_key(&o.master_key, Some(&exports_dir))?;
+    let store = keyed_store(&o, &master).await?;
+    let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
     let storage = config::file_storage(o.file_storage.as_deref(), store.engine())?;
     let files = FileStore::new(exports_dir, master.clone(), storage, store.clone())?;
     let source = Source::open(&o.database_url, &registry)?;
@@ -98,7 +119,8 @@ pub async fn serve(
     }
     let demo_token = if let Some(d) = demo_opts {
         // Loaded before the state exists, so the first request sees it.
-        let store = Store::connect(&o.database_url).await?;
+        let master = config::master_key(&o.master_key, None)?;
+        let store = keyed_store(&o, &master).await?;
         let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
         if !demo::has_data(&store, &registry).await {
             let loaded =

@@ -5,12 +5,60 @@
 //! finds the first altered, removed or reordered row.
 
 use anyhow::Context as _;
+use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 
 use super::{int, lock, now, opt_int, opt_text, text, Store, Tx};
+
+/// The prefix of keyed (HMAC-SHA256) row hashes.
+pub const KEYED: &str = "hmac:";
+
+/// The audit chain's key, derived from the master key.
+pub fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes()).expect("HMAC takes any key size");
+    mac.update(b"handover audit chain v1");
+    mac.finalize().into_bytes().into()
+}
+
+/// Appends `seq hash` as a line to the head file.
+///
+/// # Errors
+///
+/// The file cannot be opened or written.
+pub fn append_head(path: &std::path::Path, seq: i64, hash: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{seq} {hash}")
+}
+
+/// The last head recorded in a head file.
+///
+/// # Errors
+///
+/// The file cannot be read, or its last line is not `seq hash`.
+pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the audit head file {}", path.display()))?;
+    let Some(line) = text.lines().rev().find(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let (seq, hash) = line
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("{}: the last line is not `seq hash`", path.display()))?;
+    Ok(Some((
+        seq.parse()
+            .with_context(|| format!("{}: bad sequence number {seq:?}", path.display()))?,
+        hash.to_string(),
+    )))
+}
 
 /// The previous-hash of the first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -73,7 +121,7 @@ pub struct AuditRow {
 }
 
 impl AuditRow {
-    fn compute_hash(&self) -> String {
+    fn compute_hash(&self, key: Option<&[u8; 32]>) -> String {
         // A JSON array is an unambiguous encoding of the fields, in order.
         let canonical = json!([
             self.seq,
@@ -90,7 +138,15 @@ impl AuditRow {
             self.details,
             self.prev_hash
         ]);
-        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+        match key {
+            Some(k) => {
+                let mut mac =
+                    <Hmac<Sha256> as Mac>::new_from_slice(k).expect("HMAC takes any key size");
+                mac.update(canonical.to_string().as_bytes());
+                format!("{KEYED}{}", hex::encode(mac.finalize().into_bytes()))
+            }
+            None => hex::encode(Sha256::digest(canonical.to_string().as_bytes())),
+        }
     }
 
     fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
@@ -166,7 +222,8 @@ impl Store {
             prev_hash,
             hash: String::new(),
         };
-        row.hash = row.compute_hash();
+        row.hash = row.compute_hash(self.audit_key.as_ref());
+        tx.head = Some((row.seq, row.hash.clone()));
         sqlx::query(
             "INSERT INTO audit_log (seq, at, request_id, actor, company_id, action, resource, outcome, status, ip, \
              user_agent, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
@@ -201,17 +258,23 @@ impl Store {
         tx.commit().await
     }
 
-    /// Walks the whole chain in order and reports the first bad row.
+    /// Walks the whole chain in order and reports the first bad row. With
+    /// the audit key (the store's), every row must carry its keyed hash;
+    /// with `head` (the last head written outside the database), the chain
+    /// must still hold that row, so removing the newest rows shows too.
     ///
     /// # Errors
     ///
-    /// Database errors only; a broken chain is a [`Verification::Broken`].
-    pub async fn verify_audit(&self) -> anyhow::Result<Verification> {
+    /// Database errors, or a keyed chain checked without the key; a broken
+    /// chain is a [`Verification::Broken`].
+    pub async fn verify_audit(&self, head: Option<(i64, String)>) -> anyhow::Result<Verification> {
         use futures_util::StreamExt as _;
+        let key = self.audit_key.as_ref();
         let mut rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq").fetch(self.pool());
         let mut expected_seq = 1;
         let mut prev = GENESIS.to_string();
         let mut count = 0;
+        let mut head_seen = false;
         while let Some(r) = rows.next().await {
             let row = AuditRow::from_row(&r.context("reading the audit log")?)?;
             if row.seq != expected_seq {
@@ -230,7 +293,21 @@ impl Store {
                     ),
                 });
             }
-            if row.compute_hash() != row.hash {
+            let keyed = row.hash.starts_with(KEYED);
+            anyhow::ensure!(
+                !keyed || key.is_some(),
+                "the audit chain is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE) to verify it"
+            );
+            if key.is_some() && !keyed {
+                return Ok(Verification::Broken {
+                    seq: row.seq,
+                    reason: format!(
+                        "row {} carries no keyed hash: it was written without the master key, or re-chained",
+                        row.seq
+                    ),
+                });
+            }
+            if row.compute_hash(key) != row.hash {
                 return Ok(Verification::Broken {
                     seq: row.seq,
                     reason: format!(
@@ -239,11 +316,49 @@ impl Store {
                     ),
                 });
             }
+            if let Some((seq, hash)) = &head {
+                if row.seq == *seq {
+                    if &row.hash != hash {
+                        return Ok(Verification::Broken {
+                            seq: row.seq,
+                            reason: format!(
+                                "row {} is not the row the head file recorded: the log was rewritten from there on",
+                                row.seq
+                            ),
+                        });
+                    }
+                    head_seen = true;
+                }
+            }
             prev = row.hash;
             expected_seq += 1;
             count += 1;
         }
+        if let Some((seq, _)) = &head {
+            if !head_seen {
+                return Ok(Verification::Broken {
+                    seq: *seq,
+                    reason: format!(
+                        "the head file records row {seq}, but the log ends at row {}: its newest rows were removed",
+                        expected_seq - 1
+                    ),
+                });
+            }
+        }
         Ok(Verification::Intact { rows: count })
+    }
+
+    /// Whether the newest audit row carries a keyed hash.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn audit_is_keyed(&self) -> anyhow::Result<bool> {
+        let hash: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(hash.is_some_and(|h| h.starts_with(KEYED)))
     }
 
     /// A page of a company's audit rows, newest first, and the total.

@@ -63,12 +63,23 @@ pub struct Store {
     /// here instead of spinning on the file lock (other processes, such as
     /// the CLI, still meet the lock and its busy timeout).
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Keys the audit chain (HMAC-SHA256): derived from the master key,
+    /// never stored in the database, so rows cannot be re-chained by
+    /// someone who can only write the database.
+    audit_key: Option<[u8; 32]>,
+    /// An append-only file outside the database that receives each new
+    /// head of the audit chain, so that removing the newest rows shows.
+    head_file: Option<std::sync::Arc<std::path::PathBuf>>,
 }
 
 /// A write transaction; on SQLite it also holds the process's writer turn.
 pub struct Tx<'s> {
     pub(crate) tx: Transaction<'static, Any>,
     _turn: Option<tokio::sync::MutexGuard<'s, ()>>,
+    /// The audit head this transaction appended, written to the head file
+    /// once it commits.
+    pub(crate) head: Option<(i64, String)>,
+    head_file: Option<std::sync::Arc<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for Tx<'_> {
@@ -85,6 +96,14 @@ impl Tx<'_> {
     /// Database errors.
     pub async fn commit(self) -> anyhow::Result<()> {
         self.tx.commit().await?;
+        if let (Some((seq, hash)), Some(file)) = (&self.head, &self.head_file) {
+            // After the commit: the head file never names a row that was
+            // rolled back. Failing to write it is logged, not fatal: the
+            // change is already stored.
+            if let Err(e) = audit::append_head(file, *seq, hash) {
+                tracing::error!(file = %file.display(), error = %e, "writing the audit head failed");
+            }
+        }
         Ok(())
     }
 }
@@ -146,7 +165,23 @@ impl Store {
             pool,
             engine,
             writer: Default::default(),
+            audit_key: None,
+            head_file: None,
         })
+    }
+
+    /// Keys the audit chain with a key derived from the master key.
+    #[must_use]
+    pub fn with_audit_key(mut self, master: &handover::crypto::DataKey) -> Self {
+        self.audit_key = Some(audit::derive_key(master));
+        self
+    }
+
+    /// Appends each new audit head to `path` (created when missing).
+    #[must_use]
+    pub fn with_head_file(mut self, path: std::path::PathBuf) -> Self {
+        self.head_file = Some(std::sync::Arc::new(path));
+        self
     }
 
     /// The engine.
@@ -173,11 +208,15 @@ impl Store {
                 Ok(Tx {
                     tx,
                     _turn: Some(turn),
+                    head: None,
+                    head_file: self.head_file.clone(),
                 })
             }
             Engine::Postgres => Ok(Tx {
                 tx: self.pool.begin().await?,
                 _turn: None,
+                head: None,
+                head_file: self.head_file.clone(),
             }),
         }
     }

@@ -162,7 +162,7 @@ async fn every_request_is_audited_and_the_chain_verifies() {
         "no token in the audit log"
     );
     assert!(matches!(
-        app.state.store.verify_audit().await.unwrap(),
+        app.state.store.verify_audit(None).await.unwrap(),
         Verification::Intact { .. }
     ));
 
@@ -219,6 +219,7 @@ async fn verify_cli(db: &TestDb) -> (bool, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["audit", "verify"])
         .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .output()
         .await
         .unwrap();
@@ -268,7 +269,7 @@ async fn tampering_with_the_audit_log_is_detected_by_verify() {
         .execute(app.pool())
         .await
         .unwrap();
-    match app.state.store.verify_audit().await.unwrap() {
+    match app.state.store.verify_audit(None).await.unwrap() {
         Verification::Broken { seq, reason } => {
             assert_eq!(seq, last - 1);
             assert!(reason.contains("missing"), "{reason}");
@@ -297,7 +298,7 @@ async fn tampering_with_the_audit_log_is_detected_by_verify() {
     .execute(app.pool())
     .await
     .unwrap();
-    match app.state.store.verify_audit().await.unwrap() {
+    match app.state.store.verify_audit(None).await.unwrap() {
         Verification::Broken { seq, .. } => assert_eq!(seq, a),
         v => panic!("{v:?}"),
     }
@@ -413,4 +414,107 @@ async fn an_unauthenticated_flood_is_throttled_counted_not_logged_row_by_row() {
         })
         .sum();
     assert_eq!(total, 60);
+}
+
+#[tokio::test]
+async fn re_chained_or_truncated_logs_fail_verification() {
+    let app = spawn_app().await;
+    for _ in 0..6 {
+        app.call(Method::GET, "/api/data/summary", None).await;
+    }
+    let head_file = app.db.dir.path().join("audit.head");
+    let head = handover_server::store::audit::last_head(&head_file)
+        .unwrap()
+        .expect("each append wrote the head");
+    let last = app.count("SELECT MAX(seq) FROM audit_log").await;
+    assert_eq!(head.0, last, "the head file follows the log");
+    assert!(matches!(
+        app.state
+            .store
+            .verify_audit(Some(head.clone()))
+            .await
+            .unwrap(),
+        Verification::Intact { .. }
+    ));
+
+    // Re-chaining: rewrite row 3 and recompute every hash from there on,
+    // as someone with write access to the database (but not the key) can.
+    sqlx::query("UPDATE audit_log SET actor = 'someone_else' WHERE seq = 3")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let rows = sqlx::query("SELECT * FROM audit_log WHERE seq >= 3 ORDER BY seq")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
+    let mut prev: String = sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = 2")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    for r in rows {
+        let seq: i64 = r.get("seq");
+        let canonical = json!([
+            seq,
+            r.get::<String, _>("at"),
+            r.get::<Option<String>, _>("request_id"),
+            r.get::<Option<String>, _>("actor"),
+            r.get::<Option<String>, _>("company_id"),
+            r.get::<String, _>("action"),
+            r.get::<Option<String>, _>("resource"),
+            r.get::<String, _>("outcome"),
+            r.get::<Option<i64>, _>("status"),
+            r.get::<Option<String>, _>("ip"),
+            r.get::<Option<String>, _>("user_agent"),
+            serde_json::from_str::<serde_json::Value>(&r.get::<String, _>("details")).unwrap(),
+            prev
+        ]);
+        let forged = format!("hmac:{}", sha256_hex(canonical.to_string().as_bytes()));
+        sqlx::query("UPDATE audit_log SET prev_hash = $1, hash = $2 WHERE seq = $3")
+            .bind(&prev)
+            .bind(&forged)
+            .bind(seq)
+            .execute(app.pool())
+            .await
+            .unwrap();
+        prev = forged;
+    }
+    match app.state.store.verify_audit(None).await.unwrap() {
+        Verification::Broken { seq, .. } => assert_eq!(seq, 3),
+        v => panic!("a re-chained log verified: {v:?}"),
+    }
+
+    // Truncation: the newest rows removed. The chain that is left is
+    // whole, but the head kept outside the database names a row it lacks.
+    sqlx::query("DELETE FROM audit_log WHERE seq >= 3")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    assert!(matches!(
+        app.state.store.verify_audit(None).await.unwrap(),
+        Verification::Intact { .. }
+    ));
+    match app.state.store.verify_audit(Some(head)).await.unwrap() {
+        Verification::Broken { reason, .. } => assert!(reason.contains("removed"), "{reason}"),
+        v => panic!("a truncated log verified against its head: {v:?}"),
+    }
+    // And from the CLI, with the head file.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_AUDIT_HEAD_FILE", &head_file)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
+    // Without the key, a keyed log cannot be vouched for.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HANDOVER_MASTER_KEY"));
 }

@@ -46,6 +46,7 @@ async fn api_tokens_from_the_cli_work_until_revoked() {
             "company_123",
         ])
         .env("DATABASE_URL", &url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .output()
         .await
         .unwrap();
@@ -90,6 +91,7 @@ async fn api_tokens_from_the_cli_work_until_revoked() {
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["token", "revoke", id])
         .env("DATABASE_URL", &url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .status()
         .await
         .unwrap();
@@ -284,6 +286,7 @@ async fn dev_no_auth_refuses_to_start_on_a_public_address() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .arg("serve")
         .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .env("HANDOVER_BIND", "0.0.0.0:0")
         .env("HANDOVER_DATA_DIR", db.dir.path().join("data"))
         .env("HANDOVER_MASTER_KEY", MASTER_HEX)

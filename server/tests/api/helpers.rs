@@ -153,7 +153,11 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
         Some(db) => db,
         None => TestDb::new().await,
     };
-    let store = Store::connect(&db.url).await.unwrap();
+    let store = Store::connect(&db.url)
+        .await
+        .unwrap()
+        .with_audit_key(&DataKey::from_bytes([7; 32]))
+        .with_head_file(db.dir.path().join("audit.head"));
     let registry = match &opts.config {
         Some(text) => Registry::parse(text).unwrap(),
         None => Registry::load_for(None, store.engine()).unwrap(),

@@ -203,6 +203,7 @@ async fn the_binary_serves_demo_mode_from_the_environment() {
         .env("HANDOVER_DEMO", "1")
         .env("HANDOVER_BIND", "127.0.0.1:0")
         .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .env("HANDOVER_DATA_DIR", db.dir.path().join("data"))
         .env(
             "HANDOVER_WWW_DIR",

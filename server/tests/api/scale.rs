@@ -27,6 +27,7 @@ impl Instance {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"));
         cmd.arg("serve")
             .env("DATABASE_URL", &db.url)
+            .env("HANDOVER_MASTER_KEY", MASTER_HEX)
             .env("HANDOVER_BIND", "127.0.0.1:0")
             .env("HANDOVER_DATA_DIR", db.dir.path().join("shared"))
             .env("HANDOVER_MASTER_KEY", MASTER_HEX)
@@ -113,7 +114,10 @@ impl Instance {
 /// for instances to share.
 async fn shared_db() -> (Arc<TestDb>, Store, Vec<String>) {
     let db = TestDb::new().await;
-    let store = Store::connect(&db.url).await.unwrap();
+    let store = Store::connect(&db.url)
+        .await
+        .unwrap()
+        .with_audit_key(&handover::crypto::DataKey::from_bytes([7; 32]));
     let registry = Registry::load_for(None, store.engine()).unwrap();
     handover_server::demo::load(&store, &db.url, &registry, 9, 40, 42)
         .await
@@ -139,6 +143,7 @@ async fn audit_verifies(db: &TestDb) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["audit", "verify"])
         .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .output()
         .await
         .unwrap();
