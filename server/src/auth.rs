@@ -1,6 +1,7 @@
 //! Bearer authentication (opaque API tokens and JWTs), permissions, and the
 //! tenant scope from `X-Company-ID`.
 
+use crate::store::tokens::TokenLimits;
 use crate::store::Store;
 use anyhow::Context as _;
 use axum::http::HeaderMap;
@@ -174,6 +175,18 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
         if grant.revoked {
             return Err(ApiError::Unauthorized("revoked API token".into()));
         }
+        if grant
+            .expires_at
+            .as_deref()
+            .is_some_and(|at| at <= crate::store::now().as_str())
+        {
+            return Err(ApiError::Unauthorized("expired API token".into()));
+        }
+        if grant.demo && state.settings.demo_token.is_none() {
+            return Err(ApiError::Unauthorized(
+                "a demo token only works while the server runs in demo mode".into(),
+            ));
+        }
         return Ok(Principal {
             user_id: grant.user_id,
             companies: grant.companies,
@@ -284,6 +297,25 @@ pub async fn create_token(
     permissions: &[String],
     by: &str,
 ) -> anyhow::Result<(String, String)> {
+    mint_token(
+        store,
+        user,
+        companies,
+        permissions,
+        by,
+        &TokenLimits::default(),
+    )
+    .await
+}
+
+async fn mint_token(
+    store: &Store,
+    user: &str,
+    companies: &[String],
+    permissions: &[String],
+    by: &str,
+    limits: &TokenLimits,
+) -> anyhow::Result<(String, String)> {
     for p in permissions {
         anyhow::ensure!(
             PERMISSIONS.contains(&p.as_str()),
@@ -299,9 +331,45 @@ pub async fn create_token(
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
     let token = format!("{TOKEN_PREFIX}{id}_{secret}");
     store
-        .insert_token(&id, &sha256_hex(&token), user, companies, permissions, by)
+        .insert_token(
+            &id,
+            &sha256_hex(&token),
+            user,
+            companies,
+            permissions,
+            by,
+            limits,
+        )
         .await?;
     Ok((id, token))
+}
+
+/// How long a demo token works.
+pub const DEMO_TOKEN_LIFETIME: time::Duration = time::Duration::hours(8);
+
+/// The demo page's token: user_456 in the demo companies, expiring after
+/// [`DEMO_TOKEN_LIFETIME`], and refused once the server runs without demo
+/// mode (see [`authenticate`]).
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn create_demo_token(store: &Store) -> anyhow::Result<(String, String)> {
+    let limits = TokenLimits {
+        expires_at: Some(handover::model::format_timestamp(
+            time::OffsetDateTime::now_utc() + DEMO_TOKEN_LIFETIME,
+        )),
+        demo: true,
+    };
+    mint_token(
+        store,
+        "user_456",
+        &["company_123".to_string(), "company_456".to_string()],
+        &[PERM_EXPORT.to_string(), PERM_AUDIT.to_string()],
+        "demo",
+        &limits,
+    )
+    .await
 }
 
 /// Revokes a token given its id or the token itself (audited as done

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::auth::{self, AuthConfig, PERM_AUDIT, PERM_EXPORT};
+use crate::auth::{self, AuthConfig};
 use crate::config::{self, JwtSettings, MasterKeySource};
 use crate::cursor::CursorKey;
 use crate::datatypes::Registry;
@@ -131,14 +131,7 @@ pub async fn serve(
                 "loaded demo data"
             );
         }
-        let (_, token) = auth::create_token(
-            &store,
-            "user_456",
-            &["company_123".to_string(), "company_456".to_string()],
-            &[PERM_EXPORT.to_string(), PERM_AUDIT.to_string()],
-            "demo",
-        )
-        .await?;
+        let (_, token) = auth::create_demo_token(&store).await?;
         store.close().await;
         Some(token)
     } else {

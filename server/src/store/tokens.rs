@@ -16,6 +16,17 @@ pub struct TokenGrant {
     pub companies: Vec<String>,
     pub permissions: Vec<String>,
     pub revoked: bool,
+    /// After this (the API's timestamp format), the token no longer works.
+    pub expires_at: Option<String>,
+    /// Minted by demo mode: works only while the server runs in it.
+    pub demo: bool,
+}
+
+/// How a new token is limited.
+#[derive(Debug, Clone, Default)]
+pub struct TokenLimits {
+    pub expires_at: Option<String>,
+    pub demo: bool,
 }
 
 impl Store {
@@ -33,10 +44,12 @@ impl Store {
         companies: &[String],
         permissions: &[String],
         by: &str,
+        limits: &TokenLimits,
     ) -> anyhow::Result<()> {
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO api_tokens (id, token_hash, user_id, companies, permissions, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_tokens (id, token_hash, user_id, companies, permissions, created_at, expires_at, demo) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id)
         .bind(hash)
@@ -44,11 +57,13 @@ impl Store {
         .bind(serde_json::to_string(companies)?)
         .bind(serde_json::to_string(permissions)?)
         .bind(now())
+        .bind(&limits.expires_at)
+        .bind(i64::from(limits.demo))
         .execute(&mut *tx.tx)
         .await?;
         for company in companies {
-            let details =
-                json!({ "token_id": id, "user_id": user, "permissions": permissions, "by": by });
+            let details = json!({ "token_id": id, "user_id": user, "permissions": permissions, "by": by,
+                "expires_at": limits.expires_at, "demo": limits.demo });
             self.append_audit(
                 &mut tx,
                 AuditEntry::event(
@@ -70,7 +85,7 @@ impl Store {
     ///
     /// Database errors.
     pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<TokenGrant>> {
-        let row = sqlx::query("SELECT id, user_id, companies, permissions, revoked_at FROM api_tokens WHERE token_hash = $1")
+        let row = sqlx::query("SELECT id, user_id, companies, permissions, revoked_at, expires_at, demo FROM api_tokens WHERE token_hash = $1")
             .bind(hash)
             .fetch_optional(self.pool())
             .await?;
@@ -81,6 +96,8 @@ impl Store {
             companies: serde_json::from_str(&r.try_get::<String, _>("companies")?)?,
             permissions: serde_json::from_str(&r.try_get::<String, _>("permissions")?)?,
             revoked: r.try_get::<Option<String>, _>("revoked_at")?.is_some(),
+            expires_at: r.try_get("expires_at")?,
+            demo: r.try_get::<i64, _>("demo")? != 0,
         }))
     }
 

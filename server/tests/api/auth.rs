@@ -393,3 +393,74 @@ async fn jwts_not_yet_valid_or_meant_to_live_too_long_are_refused() {
         assert_eq!(r.status, status, "{what}: {}", r.body);
     }
 }
+
+#[tokio::test]
+async fn demo_tokens_expire_and_die_with_demo_mode() {
+    let demo = spawn_with(
+        Opts {
+            demo_mode: true,
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let (id, token) = handover_server::auth::create_demo_token(&demo.state.store)
+        .await
+        .unwrap();
+    let r = demo
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&token),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same database served without demo mode: the demo token is dead.
+    let db = demo.stop().await;
+    let app = spawn_with(Opts::default(), Some(db)).await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&token),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (401, "UNAUTHORIZED"),
+        "the same token, the same database: only demo mode is off"
+    );
+    let db = app.stop().await;
+    // Back in demo mode, but past its lifetime: expired.
+    let demo = spawn_with(
+        Opts {
+            demo_mode: true,
+            ..Opts::default()
+        },
+        Some(db),
+    )
+    .await;
+    demo.exec(
+        "UPDATE api_tokens SET expires_at = '2020-01-01T00:00:00.000Z' WHERE id = $1",
+        &id,
+    )
+    .await;
+    let r = demo
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&token),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (401, "UNAUTHORIZED"),
+        "past its lifetime"
+    );
+}

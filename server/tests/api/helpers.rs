@@ -38,6 +38,8 @@ pub struct Opts {
     pub jwt_max_lifetime_secs: Option<u64>,
     pub webhook_backoff: Option<std::time::Duration>,
     pub unauth_per_minute: Option<u64>,
+    /// Run as in demo mode (demo tokens work).
+    pub demo_mode: bool,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -216,6 +218,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
             stale_after: opts.stale_after.unwrap_or(defaults.stale_after),
             webhook_backoff: opts.webhook_backoff.unwrap_or(defaults.webhook_backoff),
             unauth_per_minute: opts.unauth_per_minute.unwrap_or(defaults.unauth_per_minute),
+            demo_token: opts.demo_mode.then(|| "demo".to_string()),
             ..Settings::default()
         },
         jobs: Default::default(),
