@@ -156,3 +156,43 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> CursorKey {
+        CursorKey::derive(&handover::crypto::DataKey::from_bytes([9; 32]))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn every_cursor_round_trips(text in ".{0,40}", int in any::<i64>(), offset in any::<u64>(), is_text in any::<bool>()) {
+            let after = if is_text { SortKey::Text(text) } else { SortKey::Int(int) };
+            let c = Cursor { after, offset };
+            let k = key();
+            let encoded = k.encode("export_1", "t", &c);
+            prop_assert_eq!(k.decode("export_1", "t", &encoded), Ok(c));
+        }
+
+        #[test]
+        fn anything_else_is_refused_without_panicking(s in ".{0,120}") {
+            // Only the server's own encodings decode; random text never does.
+            prop_assert_eq!(key().decode("export_1", "t", &s), Err(BadCursor));
+        }
+
+        #[test]
+        fn any_change_to_a_real_cursor_is_refused(offset in any::<u64>(), at in any::<prop::sample::Index>(), with in "[A-Za-z0-9_.= -]") {
+            let k = key();
+            let encoded = k.encode("export_1", "t", &Cursor { after: SortKey::Int(7), offset });
+            let i = at.index(encoded.len());
+            let mut changed = encoded.clone();
+            changed.replace_range(i..=i, &with);
+            prop_assume!(changed != encoded);
+            prop_assert_eq!(k.decode("export_1", "t", &changed), Err(BadCursor));
+        }
+    }
+}

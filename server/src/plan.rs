@@ -319,3 +319,69 @@ pub async fn check_quota(state: &AppState, scope: &Scope, more: u64) -> ApiResul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,16}".prop_map(Value::from),
+            prop_oneof![
+                Just("json"),
+                Just("csv"),
+                Just("xlsx"),
+                Just("user_profile"),
+                Just("2025-01-01T00:00:00Z")
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn field() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("export_format".to_string()),
+            Just("data_types".to_string()),
+            Just("date_range_start".to_string()),
+            Just("date_range_end".to_string()),
+            Just("metadata".to_string()),
+            Just("delivery".to_string()),
+            ".{0,10}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_create_body_is_accepted_or_refused_with_a_named_field(body in proptest::collection::btree_map(field(), json_value(), 0..7)) {
+            let registry = Registry::load_for(None, crate::store::Engine::Sqlite).unwrap();
+            let body: Map<String, Value> = body.into_iter().collect();
+            match validate_create(&registry, &body) {
+                Ok(req) => {
+                    prop_assert!(!req.data_types.is_empty());
+                    prop_assert!(req.data_types.iter().all(|t| registry.get(t).is_some()));
+                }
+                Err(ApiError::Validation { code, field, .. }) => {
+                    prop_assert!(!code.is_empty());
+                    // The field is named (an unknown key is named as sent, even "").
+                    prop_assert!(!field.is_empty() || code == "UNKNOWN_FIELD");
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e:?}"),
+            }
+        }
+    }
+}
