@@ -39,6 +39,9 @@ pub enum ApiError {
     /// Route exists, method does not.
     #[error("method not allowed for this path")]
     MethodNotAllowed,
+    /// The body did not arrive in time.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// A body that is not declared as JSON.
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
@@ -118,6 +121,7 @@ impl ApiError {
                 "validation",
                 "low",
             ),
+            Self::RequestTimeout => (S::REQUEST_TIMEOUT, "REQUEST_TIMEOUT", "validation", "low"),
             Self::UnsupportedMediaType => (
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "UNSUPPORTED_MEDIA_TYPE",

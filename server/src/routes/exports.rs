@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use handover::format::ExportFormat;
 use serde_json::{json, Map, Value};
 
-use super::{JsonObject, QueryMap};
+use super::{QueryMap, UnreadBody};
 use crate::auth::{self, Scope, PERM_EXPORT};
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -39,14 +39,14 @@ async fn report(
     ctx: &Ctx,
     headers: &HeaderMap,
     id: Result<Path<String>, PathRejection>,
-    body: Result<JsonObject, ApiError>,
+    body: UnreadBody,
     action: &'static str,
 ) -> ApiResult<(Scope, ExportRow, Map<String, Value>)> {
     ctx.set_action(action, None);
     let scope = enter(state, ctx, headers, ratelimit::REPORT).await?;
     let row = owned(state, &scope, id).await?;
     ctx.set_action(action, Some(&row.id));
-    let JsonObject(body) = body?;
+    let body = body.object().await?;
     Ok((scope, row, body))
 }
 
@@ -76,12 +76,12 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
     headers: HeaderMap,
-    body: Result<JsonObject, ApiError>,
+    body: UnreadBody,
 ) -> ApiResult<Response> {
     ctx.set_action("export.create", None);
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
     let key = idempotency_key(&headers)?;
-    let JsonObject(body) = body?;
+    let body = body.object().await?;
     let req = plan::validate_create(&state.registry, &body)?;
     let key = key.map(|key| IdempotencyKey {
         key,
@@ -441,7 +441,7 @@ pub(crate) async fn complete(
     ctx: Ctx,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
-    body: Result<JsonObject, ApiError>,
+    body: UnreadBody,
 ) -> ApiResult<Json<Value>> {
     let (scope, row, body) = report(&state, &ctx, &headers, id, body, "export.complete").await?;
     if row.delivery != Delivery::Client || !row.is_open() {
@@ -551,7 +551,7 @@ pub(crate) async fn fail(
     ctx: Ctx,
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
-    body: Result<JsonObject, ApiError>,
+    body: UnreadBody,
 ) -> ApiResult<Json<Value>> {
     let (scope, row, body) = report(&state, &ctx, &headers, id, body, "export.fail").await?;
     let reason = body

@@ -100,19 +100,67 @@ impl<S: Send + Sync> FromRequest<S> for OptionalJsonObject {
     }
 }
 
+/// How long a client may take to send a request body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
         if !ct.to_str().is_ok_and(is_json) {
             return Err(ApiError::UnsupportedMediaType);
         }
     }
-    Bytes::from_request(req, state).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?;
+    read.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(MAX_BODY_BYTES)
         } else {
             ApiError::InvalidRequest("the request body could not be read".into())
         }
     })
+}
+
+/// A request body not read yet: handlers authenticate first, so an
+/// unauthenticated client cannot make the server wait for (or hold) a body.
+#[derive(Debug)]
+pub struct UnreadBody(Request);
+
+impl<S: Send + Sync> FromRequest<S> for UnreadBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(req))
+    }
+}
+
+impl UnreadBody {
+    /// Reads a JSON object body (see [`JsonObject`]).
+    ///
+    /// # Errors
+    ///
+    /// 415, 400, 413, or 408 when it does not arrive within [`BODY_TIMEOUT`].
+    pub async fn object(self) -> Result<Map<String, Value>, ApiError> {
+        let bytes = read_body(self.0, &()).await?;
+        parse_object(&bytes)
+    }
+
+    /// Reads an optional JSON object body (see [`OptionalJsonObject`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`UnreadBody::object`].
+    pub async fn optional_object(self) -> Result<Option<Map<String, Value>>, ApiError> {
+        let declared = self
+            .0
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE);
+        let bytes = read_body(self.0, &()).await?;
+        if !declared && bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        parse_object(&bytes).map(Some)
+    }
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {

@@ -15,7 +15,7 @@ use handover::format::ExportFormat;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::OptionalJsonObject;
+use super::UnreadBody;
 use crate::auth::{self, PERM_EXPORT};
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -97,11 +97,11 @@ pub(crate) async fn export(
     State(state): State<AppState>,
     ctx: Ctx,
     headers: HeaderMap,
-    body: Result<OptionalJsonObject, ApiError>,
+    body: UnreadBody,
 ) -> ApiResult<Response> {
     ctx.set_action("privacy.export", None);
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
-    let OptionalJsonObject(body) = body?;
+    let body = body.optional_object().await?;
     let req = create_body(&state, body)?;
     let (manifest, estimated_bytes) = plan::plan(&state, &scope, &req.data_types, &req.range, None)
         .await

@@ -395,3 +395,25 @@ async fn file_too_large_and_quota_exceeded_are_reachable() {
         .await;
     assert_eq!(r.status, 201, "what still fits the quota is allowed");
 }
+
+#[tokio::test]
+async fn an_unauthenticated_body_is_never_waited_for() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // A body of 60,000 bytes is announced; only 10 are sent, and never the rest.
+    s.write_all(
+        b"POST /api/data/export HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Company-ID: company_123\r\nContent-Length: 60000\r\n\r\n{\"export_f",
+    )
+    .await
+    .unwrap();
+    // The answer comes without the body: authentication came first.
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("the server answered without waiting for the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+}
