@@ -195,6 +195,12 @@ struct ServeArgs {
     /// requests are answered 429 before authentication (0: never).
     #[arg(long, env = "HANDOVER_UNAUTH_PER_MINUTE", default_value_t = 120)]
     unauth_per_minute: u64,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "HANDOVER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Connections open at once; more wait to be accepted.
+    #[arg(long, env = "HANDOVER_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// TESTS ONLY: share (0–1) of record page requests that fail with a 500 or a dropped connection.
     #[arg(long, env = "HANDOVER_FAULT_PAGES", hide = true)]
     fault_pages: Option<f64>,
@@ -285,6 +291,8 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     config::timing(&mut settings, a.stale_after_secs, a.sweep_secs);
     settings.webhook_backoff = std::time::Duration::from_millis(a.webhook_backoff_ms.max(1));
     settings.unauth_per_minute = a.unauth_per_minute;
+    settings.header_timeout = std::time::Duration::from_secs(a.header_timeout_secs.max(1));
+    settings.max_connections = a.max_connections.max(1);
     let options = StateOptions {
         database_url: cli.database.clone(),
         data_types: cli.data_types_config.clone(),

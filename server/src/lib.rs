@@ -17,6 +17,7 @@ pub mod exports;
 pub mod files;
 pub mod guard;
 pub mod jobs;
+pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod plan;
@@ -144,6 +145,10 @@ pub struct Settings {
     /// Failed authentications per client IP and minute before its requests
     /// are answered 429 before authentication (0: never).
     pub unauth_per_minute: u64,
+    /// A request's headers must arrive within this (slow clients).
+    pub header_timeout: Duration,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 /// Tests only: holds server builds just before they complete, so a test
@@ -201,6 +206,8 @@ impl Default for Settings {
             hold_builds: false,
             webhook_backoff: Duration::from_secs(5),
             unauth_per_minute: 120,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }

@@ -150,12 +150,11 @@ pub async fn serve(
             "\n  handover demo: http://{addr}/\n  demo token (user_456, company_123): {token}\n"
         );
     }
-    axum::serve(
-        listener,
-        crate::app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
+    let limits = crate::listen::Limits {
+        header_timeout: state.settings.header_timeout,
+        max_connections: state.settings.max_connections,
+    };
+    crate::listen::serve(listener, crate::app(state), limits, shutdown()).await?;
     tracing::info!("stopped");
     Ok(())
 }

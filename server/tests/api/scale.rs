@@ -478,3 +478,61 @@ async fn a_delete_racing_expiry_leaves_nothing_and_the_sweeper_collects_crash_le
         "the sweeper removes unowned bytes"
     );
 }
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (db, store, _tokens) = shared_db().await;
+    store.close().await;
+    let server = Instance::start(
+        &db,
+        &[
+            ("HANDOVER_HEADER_TIMEOUT_SECS", "1"),
+            ("HANDOVER_MAX_CONNECTIONS", "1"),
+        ],
+    )
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // A: headers trickle in and never end; it holds the only connection.
+    let mut a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    a.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // B: a whole request, which must wait for a free connection.
+    let mut b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    b.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut abuf = vec![0u8; 1024];
+    let mut bbuf = vec![0u8; 4096];
+    let bound = Duration::from_secs(30);
+    // A is cut off by the header timeout before B is served at all.
+    let first = tokio::time::timeout(bound, async {
+        tokio::select! {
+            biased;
+            r = a.read(&mut abuf) => ("a", r.map(|n| n).unwrap_or(0)),
+            r = b.read(&mut bbuf) => ("b", r.unwrap_or(0)),
+        }
+    })
+    .await
+    .expect("something happened within the bound");
+    assert_eq!(
+        first.0, "a",
+        "B was served while A held the only connection"
+    );
+    let a_text = String::from_utf8_lossy(&abuf[..first.1]).to_string();
+    assert!(
+        first.1 == 0 || a_text.starts_with("HTTP/1.1 408"),
+        "A was closed (or told 408): {a_text:?}"
+    );
+    let n = tokio::time::timeout(bound, b.read(&mut bbuf))
+        .await
+        .expect("B is served once A is gone")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&bbuf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&bbuf[..n])
+    );
+    drop(server);
+}
