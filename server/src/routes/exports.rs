@@ -134,7 +134,7 @@ pub(crate) async fn create(
         }
         Created::New(row, a) => {
             ctx.set_rate(ratelimit::decide(ratelimit::CREATE, a)?);
-            row
+            *row
         }
     };
     state.metrics.export_created();

@@ -132,7 +132,7 @@ pub(crate) async fn export(
     let row = match created {
         Created::New(row, a) => {
             ctx.set_rate(ratelimit::decide(ratelimit::CREATE, a)?);
-            row
+            *row
         }
         Created::Limited(a) => {
             ratelimit::decide(ratelimit::CREATE, a)?;

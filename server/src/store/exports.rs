@@ -147,7 +147,7 @@ pub struct IdempotentExport {
 #[derive(Debug)]
 pub enum Created {
     /// Stored, admitted as the window's `used`-th create.
-    New(ExportRow, crate::store::limits::Admission),
+    New(Box<ExportRow>, crate::store::limits::Admission),
     /// Refused by the limit: nothing stored.
     Limited(crate::store::limits::Admission),
     /// A create with the same key got there first: nothing stored, no slot.
@@ -505,7 +505,7 @@ impl Store {
         }
         let row = self.create_with_id(&mut tx, id, &new, request_id).await?;
         tx.commit().await?;
-        Ok(Created::New(row, admission))
+        Ok(Created::New(Box::new(row), admission))
     }
 
     /// The export a live idempotency key of this user and company created.

@@ -36,6 +36,7 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
+    #[allow(clippy::too_many_arguments)] // the token's columns, one each
     pub async fn insert_token(
         &self,
         id: &str,

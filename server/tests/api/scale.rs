@@ -510,7 +510,7 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     let first = tokio::time::timeout(bound, async {
         tokio::select! {
             biased;
-            r = a.read(&mut abuf) => ("a", r.map(|n| n).unwrap_or(0)),
+            r = a.read(&mut abuf) => ("a", r.unwrap_or(0)),
             r = b.read(&mut bbuf) => ("b", r.unwrap_or(0)),
         }
     })
