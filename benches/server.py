@@ -90,85 +90,97 @@ def bench_http(*args):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+SECTIONS = set(os.environ.get("BENCH_SERVER_SECTIONS", "export,load").split(","))
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="handover-bench-")
     try:
-        db = os.path.join(tmp, "bench.db")
-        env = {"DATABASE_URL": f"sqlite://{db}", "HANDOVER_DATA_DIR": os.path.join(tmp, "data"),
-               "HANDOVER_MASTER_KEY": MASTER}
-        load_s, _, _ = run([BIN, "demo-data", "--users", "0", "--records", str(RECORDS)], env)
-        n = subprocess.run(["sqlite3", db, "SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-        print(f"One user with {int(n):,} payments ({RECORDS:,} demo records loaded in {load_s:.1f} s); "
-              f"median of {REPEAT} runs each.\n")
-
-        anchor_s, _, _ = median_run(["sqlite3", "-csv", "-header", db, QUERY])
-        xs = [subprocess.run([os.path.join(EXAMPLES, "anchor_xlsx"), db, "user_456", "company_123",
-                              os.path.join(tmp, "anchor.xlsx")], capture_output=True, text=True, check=True).stdout.split()
-              for _ in range(REPEAT)]
-        xlsx_anchor = statistics.median(float(x[0]) for x in xs)
-
-        print("| path | s | × `sqlite3 -csv` | × rust_xlsxwriter constant-memory | peak RSS MB | MB out |")
-        print("|---|--:|--:|--:|--:|--:|")
-        print(f"| `sqlite3 -csv` of the same query (anchor) | {anchor_s:.2f} | 1.00 | | | |")
-        print(f"| rust_xlsxwriter alone, constant memory, default level (anchor) | {xlsx_anchor:.2f} | "
-              f"{xlsx_anchor / anchor_s:.2f} | 1.00 | | {os.path.getsize(os.path.join(tmp, 'anchor.xlsx')) / 2**20:.1f} |")
-        for fmt in ("csv", "json", "xlsx"):
-            out = os.path.join(tmp, f"out.{fmt}")
-            s, rss, _ = median_run([BIN, "export", "--user", "user_456", "--company", "company_123",
-                                    "--format", fmt, "--data-types", "payment_history", "--out", out], env)
-            x = f"{s / xlsx_anchor:.2f}" if fmt == "xlsx" else ""
-            print(f"| CLI export {fmt} | {s:.2f} | {s / anchor_s:.2f} | {x} | {rss:.0f} | {os.path.getsize(out) / 2**20:.1f} |")
-
-        server = Server(env)
-        try:
-            t = token(env, "user_456", "company_123")
-            print()
-            print("All the user's payments through the HTTP API (no browser): one create, then the "
-                  "records as one stream per data type, or as pages of 5000.\n")
-            print("| path | Accept-Encoding | records | s | × `sqlite3 -csv` | MB on the wire | MB decoded |")
-            print("|---|---|--:|--:|--:|--:|--:|")
-            for mode, enc in (("stream", "zstd"), ("stream", "gzip"), ("stream", "identity"), ("pages", "zstd")):
-                rows = [bench_http(mode, server.url, t, "company_123", enc, "payment_history") for _ in range(REPEAT)]
-                cells = [r.strip("|").split("|") for r in rows]
-                s = statistics.median(float(c[3]) for c in cells)
-                c = cells[-1]
-                print(f"| {c[0].strip()} | {enc} | {c[2].strip()} | {s:.2f} | {s / anchor_s:.2f} | {c[5].strip()} | {c[6].strip()} |")
-            metrics = subprocess.run(["curl", "-s", f"{server.url}/metrics"], capture_output=True, text=True).stdout
-            bk = dict(re.findall(r"^handover_page_bookkeeping_seconds_(sum|count) ([\d.e+-]+)$", metrics, re.M))
-            if bk and float(bk.get("count", 0)) > 0:
-                print(f"\nPer-page bookkeeping (progress row): {float(bk['sum']) / float(bk['count']) * 1000:.2f} ms "
-                      f"a page over {int(float(bk['count']))} pages and frames.")
-            print()
-            print("| conversion | build s | download s | MB | server RSS before MB | RSS growth during the download MB |")
-            print("|---|--:|--:|--:|--:|--:|")
-            print(bench_http("convert", server.url, t, "company_123", str(server.proc.pid)))
-        finally:
-            server.stop()
-
-        # Many users at once, each with about 20,000 records.
-        ldb = os.path.join(tmp, "load.db")
-        lenv = {"DATABASE_URL": f"sqlite://{ldb}", "HANDOVER_DATA_DIR": os.path.join(tmp, "data2"),
-                "HANDOVER_MASTER_KEY": MASTER}
-        run([BIN, "demo-data", "--users", str(LOAD_USERS), "--records", "20000"], lenv)
-        companies = ["company_123", "company_456", "company_789"]
-        tokens = os.path.join(tmp, "tokens.txt")
-        with open(tokens, "w") as f:
-            for i in range(1, LOAD_USERS + 1):
-                c = companies[i % 3]
-                f.write(f"{token(lenv, f'user_{i:04d}', c)} {c}\n")
-        server = Server(lenv)
-        try:
-            print()
-            print("| load | page requests | records | s | records/s | p50 ms | p99 ms | errors |")
-            print("|---|--:|--:|--:|--:|--:|--:|--:|")
-            print(bench_http("load", server.url, tokens, "1", "SQLite, 1 instance: "))
-            print(bench_http("load", server.url, tokens, str(LOAD_USERS), "SQLite, 1 instance: "))
-        finally:
-            server.stop()
-        load_postgres(tmp, companies)
+        if "export" in SECTIONS:
+            export_section(tmp)
+        if "load" in SECTIONS:
+            load_section(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_section(tmp):
+    db = os.path.join(tmp, "bench.db")
+    env = {"DATABASE_URL": f"sqlite://{db}", "HANDOVER_DATA_DIR": os.path.join(tmp, "data"),
+           "HANDOVER_MASTER_KEY": MASTER}
+    load_s, _, _ = run([BIN, "demo-data", "--users", "0", "--records", str(RECORDS)], env)
+    n = subprocess.run(["sqlite3", db, "SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+    print(f"One user with {int(n):,} payments ({RECORDS:,} demo records loaded in {load_s:.1f} s); "
+          f"median of {REPEAT} runs each.\n")
+
+    anchor_s, _, _ = median_run(["sqlite3", "-csv", "-header", db, QUERY])
+    xs = [subprocess.run([os.path.join(EXAMPLES, "anchor_xlsx"), db, "user_456", "company_123",
+                          os.path.join(tmp, "anchor.xlsx")], capture_output=True, text=True, check=True).stdout.split()
+          for _ in range(REPEAT)]
+    xlsx_anchor = statistics.median(float(x[0]) for x in xs)
+
+    print("| path | s | × `sqlite3 -csv` | × rust_xlsxwriter constant-memory | peak RSS MB | MB out |")
+    print("|---|--:|--:|--:|--:|--:|")
+    print(f"| `sqlite3 -csv` of the same query (anchor) | {anchor_s:.2f} | 1.00 | | | |")
+    print(f"| rust_xlsxwriter alone, constant memory, default level (anchor) | {xlsx_anchor:.2f} | "
+          f"{xlsx_anchor / anchor_s:.2f} | 1.00 | | {os.path.getsize(os.path.join(tmp, 'anchor.xlsx')) / 2**20:.1f} |")
+    for fmt in ("csv", "json", "xlsx"):
+        out = os.path.join(tmp, f"out.{fmt}")
+        s, rss, _ = median_run([BIN, "export", "--user", "user_456", "--company", "company_123",
+                                "--format", fmt, "--data-types", "payment_history", "--out", out], env)
+        x = f"{s / xlsx_anchor:.2f}" if fmt == "xlsx" else ""
+        print(f"| CLI export {fmt} | {s:.2f} | {s / anchor_s:.2f} | {x} | {rss:.0f} | {os.path.getsize(out) / 2**20:.1f} |")
+
+    server = Server(env)
+    try:
+        t = token(env, "user_456", "company_123")
+        print()
+        print("All the user's payments through the HTTP API (no browser): one create, then the "
+              "records as one stream per data type, or as pages of 5000.\n")
+        print("| path | Accept-Encoding | records | s | × `sqlite3 -csv` | MB on the wire | MB decoded |")
+        print("|---|---|--:|--:|--:|--:|--:|")
+        for mode, enc in (("stream", "zstd"), ("stream", "gzip"), ("stream", "identity"), ("pages", "zstd")):
+            rows = [bench_http(mode, server.url, t, "company_123", enc, "payment_history") for _ in range(REPEAT)]
+            cells = [r.strip("|").split("|") for r in rows]
+            s = statistics.median(float(c[3]) for c in cells)
+            c = cells[-1]
+            print(f"| {c[0].strip()} | {enc} | {c[2].strip()} | {s:.2f} | {s / anchor_s:.2f} | {c[5].strip()} | {c[6].strip()} |")
+        metrics = subprocess.run(["curl", "-s", f"{server.url}/metrics"], capture_output=True, text=True).stdout
+        bk = dict(re.findall(r"^handover_page_bookkeeping_seconds_(sum|count) ([\d.e+-]+)$", metrics, re.M))
+        if bk and float(bk.get("count", 0)) > 0:
+            print(f"\nPer-page bookkeeping (progress row): {float(bk['sum']) / float(bk['count']) * 1000:.2f} ms "
+                  f"a page over {int(float(bk['count']))} pages and frames.")
+        print()
+        print("| conversion | build s | download s | MB | server RSS before MB | RSS growth during the download MB |")
+        print("|---|--:|--:|--:|--:|--:|")
+        print(bench_http("convert", server.url, t, "company_123", str(server.proc.pid)))
+    finally:
+        server.stop()
+
+
+def load_section(tmp):
+    # Many users at once, each with about 20,000 records.
+    ldb = os.path.join(tmp, "load.db")
+    lenv = {"DATABASE_URL": f"sqlite://{ldb}", "HANDOVER_DATA_DIR": os.path.join(tmp, "data2"),
+            "HANDOVER_MASTER_KEY": MASTER}
+    run([BIN, "demo-data", "--users", str(LOAD_USERS), "--records", "20000"], lenv)
+    companies = ["company_123", "company_456", "company_789"]
+    tokens = os.path.join(tmp, "tokens.txt")
+    with open(tokens, "w") as f:
+        for i in range(1, LOAD_USERS + 1):
+            c = companies[i % 3]
+            f.write(f"{token(lenv, f'user_{i:04d}', c)} {c}\n")
+    server = Server(lenv)
+    try:
+        print()
+        print("| load | page requests | records | s | records/s | p50 ms | p99 ms | errors |")
+        print("|---|--:|--:|--:|--:|--:|--:|--:|")
+        print(bench_http("load", server.url, tokens, "1", "SQLite, 1 instance: "))
+        print(bench_http("load", server.url, tokens, str(LOAD_USERS), "SQLite, 1 instance: "))
+    finally:
+        server.stop()
+    load_postgres(tmp, companies)
 
 
 def load_postgres(tmp, companies):
