@@ -68,4 +68,8 @@ if ! python3 -c 'import openpyxl' 2>/dev/null; then
   say "installing Python openpyxl (reads exported XLSX in the end-to-end tests)"
   python3 -m pip install --quiet openpyxl || die "pip install openpyxl failed"
 fi
+if ! command -v st >/dev/null || ! st --version 2>/dev/null | grep -q '^st, version 4\.'; then
+  say "installing Python schemathesis 4 (fuzzes the API from its OpenAPI document in the tests)"
+  python3 -m pip install --quiet 'schemathesis>=4,<5' || die "pip install schemathesis failed"
+fi
 say "toolchain ready"

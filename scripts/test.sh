@@ -41,6 +41,9 @@ step "wasm tests of exportData in headless Chromium against real servers (one in
 test -x target/debug/handover-server || { echo "target/debug/handover-server was not built by cargo test" >&2; exit 1; }
 node tests/js/support/run-wasm-tests.mjs
 
+step "schemathesis against /api/openapi.json (0 server errors, 0 responses off the document)"
+scripts/schemathesis.sh target/debug/handover-server
+
 step "release package (pkg/)"
 scripts/build-pkg.sh
 

@@ -139,8 +139,70 @@ pub struct ErrorBody {
     /// For 422: the offending field.
     field: Option<String>,
     /// For 422: `{ code, field }` with the specific code (`INVALID_FORMAT`, …).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     details: Option<Value>,
+    /// For 429: seconds until a retry can succeed (also `Retry-After`).
+    retry_after: Option<u64>,
+}
+
+/// Every API operation can answer with these, in the error envelope:
+/// documented once here rather than on each operation.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let common = [
+            (
+                "400",
+                "INVALID_REQUEST (malformed body or header) or MISSING_COMPANY_ID",
+            ),
+            ("401", "UNAUTHORIZED: no valid token"),
+            ("403", "INSUFFICIENT_PERMISSIONS or COMPANY_ACCESS_DENIED"),
+            ("404", "EXPORT_NOT_FOUND or NOT_FOUND"),
+            ("405", "METHOD_NOT_ALLOWED"),
+            ("408", "REQUEST_TIMEOUT: the body did not arrive in time"),
+            ("413", "PAYLOAD_TOO_LARGE"),
+            ("415", "UNSUPPORTED_MEDIA_TYPE: a body that is not JSON"),
+            ("422", "VALIDATION_ERROR with `field` and `details.code`"),
+            ("429", "RATE_LIMIT_EXCEEDED or QUOTA_EXCEEDED (Retry-After)"),
+            ("500", "INTERNAL_ERROR or CREATION_FAILED (no detail)"),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/") || path == "/api/openapi.json" {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for (code, description) in common {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(description)
+                                    .content(
+                                        "application/json",
+                                        ContentBuilder::new()
+                                            .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
+    }
 }
 
 struct BearerAuth;
@@ -173,7 +235,7 @@ impl Modify for BearerAuth {
         routes::privacy::export, routes::exports::retry, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
     ),
     components(schemas(CreateExport, PrivacyExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     security(("bearer" = [])),
 )]
 struct ApiDoc;

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use futures_util::StreamExt as _;
 use handover::format::ExportFormat;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -92,7 +93,7 @@ impl ChunkSink for Stream {
     }
 }
 
-#[utoipa::path(post, path = "/api/privacy/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body(content = Option<crate::openapi::PrivacyExport>, description = "Optional: narrows the export (default: every data type, as JSON)"), responses((status = 200, description = "The whole export as an attachment, streamed (X-Export-Id names its audited export request)", content_type = "application/octet-stream"), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 415, description = "A body that is not JSON (UNSUPPORTED_MEDIA_TYPE)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: UNKNOWN_FIELD, INVALID_FORMAT, INVALID_DATA_TYPE, FILE_TOO_LARGE", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED (the create limit) or QUOTA_EXCEEDED", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
+#[utoipa::path(post, path = "/api/privacy/export", tag = "exports", params(("X-Company-ID" = String, Header, description = "One of the caller's companies")), request_body(content = Option<crate::openapi::PrivacyExport>, description = "Optional: narrows the export (default: every data type, as JSON)"), responses((status = 200, description = "The whole export as an attachment, streamed (X-Export-Id names its audited export request)", content(("application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))), (status = 400, description = "Malformed JSON (INVALID_REQUEST) or no X-Company-ID", body = crate::openapi::ErrorEnvelope), (status = 415, description = "A body that is not JSON (UNSUPPORTED_MEDIA_TYPE)", body = crate::openapi::ErrorEnvelope), (status = 422, description = "VALIDATION_ERROR: UNKNOWN_FIELD, INVALID_FORMAT, INVALID_DATA_TYPE, FILE_TOO_LARGE", body = crate::openapi::ErrorEnvelope), (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope), (status = 403, description = "Missing permission or foreign company", body = crate::openapi::ErrorEnvelope), (status = 429, description = "RATE_LIMIT_EXCEEDED (the create limit) or QUOTA_EXCEEDED", body = crate::openapi::ErrorEnvelope), (status = 500, description = "CREATION_FAILED", body = crate::openapi::ErrorEnvelope)))]
 pub(crate) async fn export(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -164,9 +165,11 @@ pub(crate) async fn export(
     ));
 
     let filename = format!("export-{}.{}", row.id, format.extension());
+    // Fused: the body may be polled again after it ended.
     let body = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
         rx.recv().await.map(|item| (item, rx))
-    });
+    })
+    .fuse();
     let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
     let h = response.headers_mut();
     h.insert(

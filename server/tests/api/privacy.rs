@@ -338,3 +338,44 @@ async fn refused_creates_take_no_slot() {
         0
     );
 }
+
+#[tokio::test]
+async fn the_one_call_export_streams_compressed_to_the_end() {
+    use std::io::Read as _;
+    let app = spawn_app().await;
+    for format in ["json", "csv", "xlsx"] {
+        let r = app
+            .client
+            .post(format!("{}/api/privacy/export", app.base))
+            .bearer_auth(&app.token)
+            .header("x-company-id", "company_123")
+            .header("accept-encoding", "gzip")
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"format":"{format}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let gz = r
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = r.bytes().await.expect("the whole body arrives").to_vec();
+        let plain = if gz.as_deref() == Some("gzip") {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        } else {
+            bytes
+        };
+        match format {
+            "json" => {
+                serde_json::from_slice::<Value>(&plain).unwrap();
+            }
+            "csv" => assert!(plain.starts_with(b"data_type,")),
+            _ => assert!(plain.starts_with(b"PK")),
+        }
+    }
+}
