@@ -90,7 +90,7 @@ def bench_http(*args):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-SECTIONS = set(os.environ.get("BENCH_SERVER_SECTIONS", "export,load").split(","))
+SECTIONS = set(os.environ.get("BENCH_SERVER_SECTIONS", "export,load,flood").split(","))
 
 
 def main():
@@ -100,6 +100,8 @@ def main():
             export_section(tmp)
         if "load" in SECTIONS:
             load_section(tmp)
+        if "flood" in SECTIONS:
+            flood_section(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -181,6 +183,26 @@ def load_section(tmp):
     finally:
         server.stop()
     load_postgres(tmp, companies)
+
+
+def flood_section(tmp):
+    """An authenticated call's p99 alone and during an unauthenticated flood."""
+    fdb = os.path.join(tmp, "flood.db")
+    fenv = {"DATABASE_URL": f"sqlite://{fdb}", "HANDOVER_DATA_DIR": os.path.join(tmp, "data4"),
+            "HANDOVER_MASTER_KEY": MASTER}
+    run([BIN, "demo-data", "--users", "2", "--records", "200"], fenv)
+    server = Server(fenv)
+    try:
+        t = token(fenv, "user_456", "company_123")
+        t2 = token(fenv, "user_0001", "company_456")
+        print()
+        print("An authenticated call (`GET /api/data/summary`) while 32 clients flood the API with "
+              "unauthenticated requests with 30 KB paths, from the same address:\n")
+        print("| authenticated calls | n | flood requests | p50 ms | p99 ms | p99 × alone | errors |")
+        print("|---|--:|--:|--:|--:|--:|--:|")
+        print(bench_http("flood", server.url, t, "company_123", t2, "company_456"))
+    finally:
+        server.stop()
 
 
 def load_postgres(tmp, companies):

@@ -7,6 +7,10 @@
 //! bench_http load   BASES TOKENS_FILE USERS [LABEL]     USERS users paging at once, spread
 //!                                                        over the comma-separated BASES
 //! bench_http convert BASE TOKEN COMPANY PID             server JSON build, then a CSV download
+//! bench_http flood  BASE TOKEN COMPANY TOKEN2 COMPANY2  an authenticated call's latency alone (as
+//!                                                        one user), then during a flood of
+//!                                                        unauthenticated requests (as another,
+//!                                                        so the per-user read limit holds)
 //! ```
 //!
 //! ENCODING is what `Accept-Encoding` asks for (`zstd`, `gzip`, `identity`);
@@ -363,6 +367,69 @@ async fn convert(api: &Api, pid: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// p50 and p99 of `n` authenticated list calls, in milliseconds.
+async fn authenticated_latency(api: &Api, n: usize) -> Result<(f64, f64, u64), Error> {
+    let mut ms = Vec::with_capacity(n);
+    let mut errors = 0;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let r = api.get("/api/data/summary", "identity").send().await?;
+        if !r.status().is_success() {
+            errors += 1;
+        }
+        let _ = r.bytes().await?;
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    Ok((at(0.5), at(0.99), errors))
+}
+
+/// An authenticated call's latency alone, then while 32 clients flood the
+/// API with unauthenticated requests with 30 KB paths (bounded: they stop
+/// when the measurement ends).
+async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
+    // Under the per-user limit of 120 reads a minute.
+    const CALLS: usize = 100;
+    let (p50, p99, e) = authenticated_latency(api, CALLS).await?;
+    // The second user signs in before the flood starts, as a user who is
+    // already working would have.
+    let _ = during.get("/api/data/summary", "identity").send().await?.bytes().await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut flooders = Vec::new();
+    for _ in 0..32 {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let base = api.base.clone();
+        flooders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let path = format!("{base}/api/data/export/{}", "a".repeat(30_000));
+            // Bounded: at most 100,000 requests per flooder.
+            for _ in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(r) = client.get(&path).bearer_auth("hov_not_a_token").send().await {
+                    let _ = r.bytes().await;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    let (f50, f99, fe) = authenticated_latency(during, CALLS).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flooders {
+        let _ = f.await;
+    }
+    println!("| alone | {CALLS} | 0 | {p50:.1} | {p99:.1} | 1.00 | {e} |");
+    println!(
+        "| during the flood | {CALLS} | {} | {f50:.1} | {f99:.1} | {:.2} | {fe} |",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        f99 / p99
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -372,6 +439,13 @@ async fn main() -> Result<(), Error> {
         "pages" => pages(&Api::new(&arg(1), &arg(2), &arg(3)), &arg(4), &args[5..]).await,
         "load" => load(&arg(1), &arg(2), arg(3).parse()?, &arg(4)).await,
         "convert" => convert(&Api::new(&arg(1), &arg(2), &arg(3)), arg(4).parse()?).await,
-        other => Err(format!("unknown mode {other:?}: stream, pages, load or convert").into()),
+        "flood" => {
+            flood(
+                &Api::new(&arg(1), &arg(2), &arg(3)),
+                &Api::new(&arg(1), &arg(4), &arg(5)),
+            )
+            .await
+        }
+        other => Err(format!("unknown mode {other:?}: stream, pages, load, convert or flood").into()),
     }
 }
