@@ -394,7 +394,12 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
     let (p50, p99, e) = authenticated_latency(api, CALLS).await?;
     // The second user signs in before the flood starts, as a user who is
     // already working would have.
-    let _ = during.get("/api/data/summary", "identity").send().await?.bytes().await?;
+    let _ = during
+        .get("/api/data/summary", "identity")
+        .send()
+        .await?
+        .bytes()
+        .await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut flooders = Vec::new();
@@ -409,7 +414,12 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                if let Ok(r) = client.get(&path).bearer_auth("hov_not_a_token").send().await {
+                if let Ok(r) = client
+                    .get(&path)
+                    .bearer_auth("hov_not_a_token")
+                    .send()
+                    .await
+                {
                     let _ = r.bytes().await;
                 }
                 sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -446,6 +456,8 @@ async fn main() -> Result<(), Error> {
             )
             .await
         }
-        other => Err(format!("unknown mode {other:?}: stream, pages, load, convert or flood").into()),
+        other => {
+            Err(format!("unknown mode {other:?}: stream, pages, load, convert or flood").into())
+        }
     }
 }

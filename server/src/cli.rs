@@ -238,8 +238,8 @@ struct ServeArgs {
 
 /// The store for an operator command: the audit chain keyed when the
 /// master key is at hand (HANDOVER_MASTER_KEY, HANDOVER_MASTER_KEY_FILE, or
-/// DATA_DIR/master.key when it exists; never generated here). Writing to a
-/// keyed chain without the key is refused.
+/// DATA_DIR/master.key when it exists; never generated here). Commands
+/// that write to the log are refused without it.
 async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     let mut store = Store::connect(&cli.database).await?;
     let data_dir = std::env::var_os("HANDOVER_DATA_DIR")
@@ -259,9 +259,10 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     };
     match source {
         Some(src) => store = store.with_audit_key(&config::master_key(&src, None)?),
+        // An unkeyed row would break the keyed chain the server writes.
         None => anyhow::ensure!(
-            !(writes && store.audit_is_keyed().await?),
-            "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE) so this change is logged in the chain"
+            !writes,
+            "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or run where DATA_DIR/master.key is) so this change is logged in the chain"
         ),
     }
     if let Some(f) = &cli.audit_head_file {

@@ -348,19 +348,6 @@ impl Store {
         Ok(Verification::Intact { rows: count })
     }
 
-    /// Whether the newest audit row carries a keyed hash.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    pub async fn audit_is_keyed(&self) -> anyhow::Result<bool> {
-        let hash: Option<String> =
-            sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(hash.is_some_and(|h| h.starts_with(KEYED)))
-    }
-
     /// A page of a company's audit rows, newest first, and the total.
     ///
     /// # Errors
