@@ -204,6 +204,7 @@ pub fn fault_injection(rate: Option<f64>, kind: &str) -> anyhow::Result<Option<F
                 "HANDOVER_FAULT_PAGES: injecting faults into record pages (tests only)"
             );
             Ok(Some(FaultInjection {
+                rolls: Default::default(),
                 rate: r,
                 stall: kind == "stall",
             }))

@@ -52,6 +52,9 @@ pub struct FaultInjection {
     pub rate: f64,
     /// Instead of failing, answer the headers and then never finish the body.
     pub stall: bool,
+    /// Rolls so far: every fourth one fails with an error status for sure,
+    /// so that a short test run always meets some (the rest is random).
+    pub rolls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One injected fault.
@@ -68,13 +71,23 @@ pub enum Fault {
 impl FaultInjection {
     /// Decides whether this request (or stream frame) fails, and how.
     pub fn roll(&self) -> Option<Fault> {
-        if rand::random::<f64>() >= self.rate {
+        let n = self
+            .rolls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let forced = self.rate > 0.0 && n % 4 == 0;
+        if !forced && rand::random::<f64>() >= self.rate {
             return None;
         }
         if self.stall {
             return Some(Fault::Stall);
         }
-        Some(match rand::random_range(0..3) {
+        // A forced fault is an error answer (500 or 429, in turn).
+        let kind = if forced {
+            (n / 4 % 2) as u32
+        } else {
+            rand::random_range(0..3)
+        };
+        Some(match kind {
             0 => {
                 Fault::Status(ApiError::Internal(anyhow::anyhow!("injected fault")).into_response())
             }
