@@ -74,7 +74,7 @@ impl FaultInjection {
         let n = self
             .rolls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let forced = self.rate > 0.0 && n % 4 == 0;
+        let forced = self.rate > 0.0 && n.is_multiple_of(4);
         if !forced && rand::random::<f64>() >= self.rate {
             return None;
         }
