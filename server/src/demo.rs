@@ -337,6 +337,14 @@ async fn insert_postgres(url: &str, t: &Tables) -> anyhow::Result<()> {
         .with_context(|| format!("inserting into {table}"))?;
     }
     tx.commit().await?;
+    // Statistics now, not when autovacuum gets round to it: the first
+    // exports of a freshly loaded demo must not be planned blind.
+    for (table, _) in t.by_table() {
+        sqlx::raw_sql(&format!("ANALYZE {table}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("analysing {table}"))?;
+    }
     Ok(())
 }
 
