@@ -29,6 +29,23 @@ pub struct Tally {
     pub sample_path: String,
 }
 
+impl Tally {
+    fn new(ip: &str, minute: i64, path: &str) -> Self {
+        Self {
+            ip: ip.to_string(),
+            minute,
+            refused: 0,
+            throttled: 0,
+            sample_path: path.to_string(),
+        }
+    }
+
+    /// Whether it holds refusals that got no audit row of their own.
+    fn unlogged(&self) -> bool {
+        self.refused > LOGGED_PER_MINUTE || self.throttled > 0
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Guard {
     tallies: Mutex<HashMap<String, Tally>>,
@@ -97,25 +114,11 @@ impl Guard {
             return (true, Vec::new());
         };
         let mut done = Vec::new();
-        let t = tallies.entry(ip.to_string()).or_insert_with(|| Tally {
-            ip: ip.to_string(),
-            minute: now,
-            refused: 0,
-            throttled: 0,
-            sample_path: path.to_string(),
-        });
+        let t = tallies
+            .entry(ip.to_string())
+            .or_insert_with(|| Tally::new(ip, now, path));
         if t.minute != now {
-            let old = std::mem::replace(
-                t,
-                Tally {
-                    ip: ip.to_string(),
-                    minute: now,
-                    refused: 0,
-                    throttled: 0,
-                    sample_path: path.to_string(),
-                },
-            );
-            done.push(old);
+            done.push(std::mem::replace(t, Tally::new(ip, now, path)));
         }
         if throttled {
             t.throttled += 1;
@@ -123,7 +126,7 @@ impl Guard {
             t.refused += 1;
         }
         let own_row = !throttled && t.refused <= LOGGED_PER_MINUTE;
-        done.retain(|d| d.refused + d.throttled > LOGGED_PER_MINUTE || d.throttled > 0);
+        done.retain(Tally::unlogged);
         (own_row, done)
     }
 
@@ -141,7 +144,7 @@ impl Guard {
         finished
             .into_iter()
             .filter_map(|ip| tallies.remove(&ip))
-            .filter(|t| t.refused > LOGGED_PER_MINUTE || t.throttled > 0)
+            .filter(Tally::unlogged)
             .collect()
     }
 
@@ -153,7 +156,7 @@ impl Guard {
         tallies
             .drain()
             .map(|(_, t)| t)
-            .filter(|t| t.refused > LOGGED_PER_MINUTE || t.throttled > 0)
+            .filter(Tally::unlogged)
             .collect()
     }
 }

@@ -93,6 +93,16 @@ pub async fn admit(
     decide(limit, a)
 }
 
+/// The `429 RATE_LIMIT_EXCEEDED` of a refused admission, with the seconds
+/// until the oldest request in the window falls out.
+pub fn refusal(limit: Limit, a: Admission) -> ApiError {
+    ApiError::RateLimited {
+        limit: limit.max,
+        window_secs: limit.window_secs,
+        retry_after: a.reset_ms.div_ceil(1000).max(1),
+    }
+}
+
 /// What an admission means for the client: the `RateLimit-*` state, or the
 /// refusal.
 ///
@@ -100,14 +110,10 @@ pub async fn admit(
 ///
 /// [`ApiError::RateLimited`] when it was refused.
 pub fn decide(limit: Limit, a: Admission) -> Result<RateState, ApiError> {
-    let reset_secs = a.reset_ms.div_ceil(1000).max(u64::from(a.used > 0));
     if !a.admitted {
-        return Err(ApiError::RateLimited {
-            limit: limit.max,
-            window_secs: limit.window_secs,
-            retry_after: reset_secs.max(1),
-        });
+        return Err(refusal(limit, a));
     }
+    let reset_secs = a.reset_ms.div_ceil(1000).max(u64::from(a.used > 0));
     Ok(RateState {
         limit: limit.max,
         remaining: limit.max.saturating_sub(a.used),

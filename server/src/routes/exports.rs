@@ -96,12 +96,42 @@ pub(crate) async fn create(
             return replay(&state, &ctx, &scope, k, prev).await;
         }
     }
-    // Planning and the size and quota checks come before admission: a
-    // create that is refused, or fails, stores nothing and takes no slot.
-    let (manifest, estimated_bytes) = plan::plan(&state, &scope, &req.data_types, &req.range, None)
+    let row = match admit_create(&state, &ctx, &scope, req, key.as_ref()).await? {
+        Ok(row) => row,
+        Err(prev) => {
+            let k = key
+                .as_ref()
+                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("replay without a key")))?;
+            return replay(&state, &ctx, &scope, k, prev).await;
+        }
+    };
+    if row.delivery == Delivery::Server {
+        state.jobs.notify_one();
+    }
+    created_response(&state, &ctx, row, false)
+}
+
+/// Plans `req` for `scope`, checks its size and the daily quota, then
+/// stores it under the create limit (with `key`, when sent). Planning and
+/// the checks come before admission: a create that is refused, or fails,
+/// stores nothing and takes no slot. `Err` is the export an earlier create
+/// with the same key made.
+///
+/// # Errors
+///
+/// `FILE_TOO_LARGE`, `QUOTA_EXCEEDED`, `RATE_LIMIT_EXCEEDED`,
+/// `CREATION_FAILED`.
+pub(super) async fn admit_create(
+    state: &AppState,
+    ctx: &Ctx,
+    scope: &Scope,
+    req: plan::CreateRequest,
+    key: Option<&IdempotencyKey>,
+) -> ApiResult<Result<ExportRow, IdempotentExport>> {
+    let (manifest, estimated_bytes) = plan::plan(state, scope, &req.data_types, &req.range, None)
         .await
         .map_err(ApiError::CreationFailed)?;
-    plan::check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
+    plan::check_size_and_quota(state, scope, &manifest, estimated_bytes).await?;
     let new = NewExport {
         user_id: scope.user_id.clone(),
         company_id: scope.company_id.clone(),
@@ -116,32 +146,18 @@ pub(crate) async fn create(
     let limit = ratelimit::admit_limit(ratelimit::CREATE, &scope.user_id, &scope.company_id);
     let created = state
         .store
-        .create_admitted(new, Some(ctx.request_id()), &limit, key.as_ref())
+        .create_admitted(new, Some(ctx.request_id()), &limit, key)
         .await
         .map_err(ApiError::CreationFailed)?;
-    let row = match created {
-        Created::Limited(a) => {
-            ratelimit::decide(ratelimit::CREATE, a)?;
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "a refused admission was admitted"
-            )));
-        }
-        Created::Replay(prev) => {
-            let k = key
-                .as_ref()
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("replay without a key")))?;
-            return replay(&state, &ctx, &scope, k, prev).await;
-        }
+    match created {
         Created::New(row, a) => {
             ctx.set_rate(ratelimit::decide(ratelimit::CREATE, a)?);
-            *row
+            state.metrics.export_created();
+            Ok(Ok(*row))
         }
-    };
-    state.metrics.export_created();
-    if row.delivery == Delivery::Server {
-        state.jobs.notify_one();
+        Created::Limited(a) => Err(ratelimit::refusal(ratelimit::CREATE, a)),
+        Created::Replay(prev) => Ok(Err(prev)),
     }
-    created_response(&state, &ctx, row, false)
 }
 
 /// The `Idempotency-Key` header, when sent: 1–255 visible ASCII characters.

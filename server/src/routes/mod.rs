@@ -63,13 +63,6 @@ pub(crate) async fn enter(
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// A JSON object body. Declared as anything but JSON → 415; not JSON (or
-/// not an object) → 400 `INVALID_REQUEST`; over [`MAX_BODY_BYTES`] → 413.
-/// Handlers validate fields themselves so every 422 names its field and
-/// specific code.
-#[derive(Debug)]
-pub struct JsonObject(pub Map<String, Value>);
-
 /// Whether a Content-Type names JSON (`application/json`, `…+json`).
 fn is_json(content_type: &str) -> bool {
     let essence = content_type
@@ -82,34 +75,16 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// An optional JSON object body: absent (empty, without Content-Type) is
-/// `None`; anything sent is checked as [`JsonObject`].
-#[derive(Debug)]
-pub struct OptionalJsonObject(pub Option<Map<String, Value>>);
-
-impl<S: Send + Sync> FromRequest<S> for OptionalJsonObject {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let declared = req.headers().contains_key(axum::http::header::CONTENT_TYPE);
-        let bytes = read_body(req, state).await?;
-        if !declared && bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Self(None));
-        }
-        parse_object(&bytes).map(|m| Self(Some(m)))
-    }
-}
-
 /// How long a client may take to send a request body.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
         if !ct.to_str().is_ok_and(is_json) {
             return Err(ApiError::UnsupportedMediaType);
         }
     }
-    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state))
+    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, &()))
         .await
         .map_err(|_| ApiError::RequestTimeout)?;
     read.map_err(|e| {
@@ -123,6 +98,10 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Api
 
 /// A request body not read yet: handlers authenticate first, so an
 /// unauthenticated client cannot make the server wait for (or hold) a body.
+/// Read as a JSON object: declared as anything but JSON → 415; not JSON
+/// (or not an object) → 400 `INVALID_REQUEST`; over [`MAX_BODY_BYTES`] →
+/// 413; not in within [`BODY_TIMEOUT`] → 408. Handlers validate fields
+/// themselves so every 422 names its field and specific code.
 #[derive(Debug)]
 pub struct UnreadBody(Request);
 
@@ -135,17 +114,18 @@ impl<S: Send + Sync> FromRequest<S> for UnreadBody {
 }
 
 impl UnreadBody {
-    /// Reads a JSON object body (see [`JsonObject`]).
+    /// Reads a JSON object body.
     ///
     /// # Errors
     ///
     /// 415, 400, 413, or 408 when it does not arrive within [`BODY_TIMEOUT`].
     pub async fn object(self) -> Result<Map<String, Value>, ApiError> {
-        let bytes = read_body(self.0, &()).await?;
+        let bytes = read_body(self.0).await?;
         parse_object(&bytes)
     }
 
-    /// Reads an optional JSON object body (see [`OptionalJsonObject`]).
+    /// Reads an optional JSON object body: absent (empty, without
+    /// Content-Type) is `None`.
     ///
     /// # Errors
     ///
@@ -155,7 +135,7 @@ impl UnreadBody {
             .0
             .headers()
             .contains_key(axum::http::header::CONTENT_TYPE);
-        let bytes = read_body(self.0, &()).await?;
+        let bytes = read_body(self.0).await?;
         if !declared && bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
@@ -177,15 +157,6 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         Err(e) => Err(ApiError::InvalidRequest(format!(
             "malformed JSON body: {e}"
         ))),
-    }
-}
-
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = read_body(req, state).await?;
-        parse_object(&bytes).map(Self)
     }
 }
 

@@ -22,8 +22,7 @@ use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{self, ChunkSink};
 use crate::plan;
-use crate::ratelimit;
-use crate::store::exports::{Completion, Created, Delivery, ExportRow, NewExport};
+use crate::store::exports::{Completion, Delivery, ExportRow};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -104,50 +103,18 @@ pub(crate) async fn export(
     let scope = auth::scope(&state, &ctx, &headers, PERM_EXPORT).await?;
     let body = body.optional_object().await?;
     let req = create_body(&state, body)?;
-    let (manifest, estimated_bytes) = plan::plan(&state, &scope, &req.data_types, &req.range, None)
-        .await
-        .map_err(ApiError::CreationFailed)?;
-    plan::check_size_and_quota(&state, &scope, &manifest, estimated_bytes).await?;
     let format = req.format;
-    let limit = ratelimit::admit_limit(ratelimit::CREATE, &scope.user_id, &scope.company_id);
-    let created = state
-        .store
-        .create_admitted(
-            NewExport {
-                user_id: scope.user_id.clone(),
-                company_id: scope.company_id.clone(),
-                delivery: Delivery::Direct,
-                export_format: format.as_str().to_string(),
-                data_types: req.data_types,
-                range: req.range,
-                metadata: json!({ "endpoint": "/api/privacy/export" }),
-                manifest,
-                estimated_bytes,
-            },
-            Some(ctx.request_id()),
-            &limit,
-            None,
-        )
-        .await
-        .map_err(ApiError::CreationFailed)?;
-    let row = match created {
-        Created::New(row, a) => {
-            ctx.set_rate(ratelimit::decide(ratelimit::CREATE, a)?);
-            *row
-        }
-        Created::Limited(a) => {
-            ratelimit::decide(ratelimit::CREATE, a)?;
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "a refused admission was admitted"
-            )));
-        }
-        Created::Replay(_) => {
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "a replay without a key"
-            )));
-        }
+    let req = plan::CreateRequest {
+        delivery: Delivery::Direct,
+        metadata: json!({ "endpoint": "/api/privacy/export" }),
+        ..req
     };
-    state.metrics.export_created();
+    // Without a key there is nothing to replay.
+    let Ok(row) = super::exports::admit_create(&state, &ctx, &scope, req, None).await? else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "a replay without a key"
+        )));
+    };
     ctx.set_action("privacy.export", Some(&row.id));
     state
         .store

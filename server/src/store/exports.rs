@@ -421,19 +421,23 @@ impl Store {
         since: &str,
     ) -> anyhow::Result<Vec<(u64, String)>> {
         // What each export handed over: its records, or, when its pages were
-        // read more than once, every record read.
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT CASE WHEN COALESCE(p.reads, 0) > e.estimated_records THEN p.reads ELSE e.estimated_records END, e.created_at \
-             FROM export_requests e LEFT JOIN \
-             (SELECT export_id, CAST(SUM(reads) AS BIGINT) AS reads FROM export_progress GROUP BY export_id) p ON p.export_id = e.id \
-             WHERE e.user_id = $1 AND e.company_id = $2 AND e.created_at > $3 ORDER BY e.created_at",
+        // read more than once, every record read. Only this user's exports
+        // are summed: the query runs for every page.
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT e.estimated_records, CAST(COALESCE(SUM(p.reads), 0) AS BIGINT), e.created_at \
+             FROM export_requests e LEFT JOIN export_progress p ON p.export_id = e.id \
+             WHERE e.user_id = $1 AND e.company_id = $2 AND e.created_at > $3 \
+             GROUP BY e.id, e.estimated_records, e.created_at ORDER BY e.created_at",
         )
         .bind(&scope.user_id)
         .bind(&scope.company_id)
         .bind(since)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(|(n, at)| (n as u64, at)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(estimated, reads, at)| (estimated.max(reads) as u64, at))
+            .collect())
     }
 
     /// Stores a new request (`pending`) with its `export.created` event.
@@ -447,7 +451,9 @@ impl Store {
         request_id: Option<&str>,
     ) -> anyhow::Result<ExportRow> {
         let mut tx = self.write().await?;
-        let row = self.create_in(&mut tx, &new, request_id).await?;
+        let row = self
+            .create_with_id(&mut tx, new_id(), &new, request_id)
+            .await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -533,15 +539,6 @@ impl Store {
             fingerprint,
             export_id,
         }))
-    }
-
-    async fn create_in(
-        &self,
-        tx: &mut Tx<'_>,
-        new: &NewExport,
-        request_id: Option<&str>,
-    ) -> anyhow::Result<ExportRow> {
-        self.create_with_id(tx, new_id(), new, request_id).await
     }
 
     async fn create_with_id(
@@ -813,12 +810,6 @@ impl Store {
                 d.insert("failed_data_types".into(), json!(done.failed_types));
             }
         }
-        self.append_audit(
-            &mut tx,
-            row.event("export.completed", details)
-                .for_request(request_id),
-        )
-        .await?;
         let mut hook = row.webhook_data("completed");
         hook["record_count"] = json!(done.records);
         hook["byte_size"] = json!(done.byte_size);
@@ -833,10 +824,26 @@ impl Store {
             .iter()
             .map(|f| f.data_type.as_str())
             .collect::<Vec<_>>());
-        self.queue_webhook(&mut tx, &row.company_id, "export.completed", hook)
+        self.notified_event(&mut tx, row, "export.completed", details, request_id, hook)
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// A transition's audit event and the webhook that reports it (when the
+    /// company has one), in the transition's transaction.
+    async fn notified_event(
+        &self,
+        tx: &mut Tx<'_>,
+        row: &ExportRow,
+        action: &str,
+        details: Value,
+        request_id: Option<&str>,
+        hook: Value,
+    ) -> anyhow::Result<()> {
+        self.append_audit(tx, row.event(action, details).for_request(request_id))
+            .await?;
+        self.queue_webhook(tx, &row.company_id, action, hook).await
     }
 
     /// Fails an open export (with `export.failed`); false when it was no
@@ -865,16 +872,12 @@ impl Store {
         if r.rows_affected() == 0 {
             return Ok(false);
         }
-        self.append_audit(
+        self.notified_event(
             &mut tx,
-            row.event("export.failed", json!({ "reason": reason }))
-                .for_request(request_id),
-        )
-        .await?;
-        self.queue_webhook(
-            &mut tx,
-            &row.company_id,
+            row,
             "export.failed",
+            json!({ "reason": reason }),
+            request_id,
             row.webhook_data("failed"),
         )
         .await?;
@@ -933,15 +936,12 @@ impl Store {
             if r.rows_affected() == 0 {
                 return Ok(Retried::Gone);
             }
-            self.append_audit(
+            self.notified_event(
                 &mut tx,
-                current.event("export.failed", json!({ "reason": reason })),
-            )
-            .await?;
-            self.queue_webhook(
-                &mut tx,
-                &row.company_id,
+                &current,
                 "export.failed",
+                json!({ "reason": reason }),
+                None,
                 row.webhook_data("failed"),
             )
             .await?;
@@ -1015,15 +1015,12 @@ impl Store {
             return Ok(None);
         }
         let files = self.take_files(&mut tx, id).await?;
-        self.append_audit(
+        self.notified_event(
             &mut tx,
-            row.event("export.expired", json!({ "expires_at": row.expires_at })),
-        )
-        .await?;
-        self.queue_webhook(
-            &mut tx,
-            &row.company_id,
+            &row,
             "export.expired",
+            json!({ "expires_at": row.expires_at }),
+            None,
             row.webhook_data("expired"),
         )
         .await?;
