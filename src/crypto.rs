@@ -1,5 +1,6 @@
-//! Chunked AES-256-GCM encryption for export files at rest (and, later,
-//! end-to-end encrypted copies made in the browser).
+//! Chunked AES-256-GCM encryption: export files at rest on the server, and
+//! the end-to-end encrypted copies the browser keeps there (the key of those
+//! never leaves the user's side: it travels in a link's URL fragment).
 //!
 //! Layout: `HOV1` ‖ 7-byte random nonce prefix ‖ chunks. Each chunk is at
 //! most [`CHUNK_SIZE`] plaintext bytes sealed with nonce = prefix ‖ 32-bit
@@ -18,6 +19,7 @@
 //! ```
 
 use aes_gcm::aead::{Aead, Payload};
+use base64::Engine as _;
 use aes_gcm::{Aes256Gcm, KeyInit};
 
 /// Plaintext bytes per chunk.
@@ -45,6 +47,22 @@ pub enum CryptoError {
     BadWrappedKey,
     #[error("too many chunks for one file")]
     TooLong,
+    #[error("the key must be 43 characters of base64url (32 bytes)")]
+    BadKey,
+}
+
+/// The size of the encrypted file of `plain` plaintext bytes: the header,
+/// and a tag per chunk (an empty file still has its one, last chunk).
+///
+/// ```
+/// use handover::crypto::{ciphertext_len, DataKey, Encryptor, HEADER_SIZE};
+/// let key = DataKey::generate().unwrap();
+/// let sealed = Encryptor::new(&key).unwrap().finish(&[1; 100_000]).unwrap();
+/// assert_eq!(ciphertext_len(100_000), (HEADER_SIZE + sealed.len()) as u64);
+/// ```
+pub fn ciphertext_len(plain: u64) -> u64 {
+    let chunks = plain.div_ceil(CHUNK_SIZE as u64).max(1);
+    HEADER_SIZE as u64 + plain + chunks * TAG_SIZE as u64
 }
 
 /// A 256-bit key.
@@ -74,9 +92,57 @@ impl DataKey {
         Self(bytes)
     }
 
-    /// The key's bytes (e.g. for a URL fragment).
+    /// The key's bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The key as text for a link's URL fragment: base64url, no padding.
+    ///
+    /// ```
+    /// use handover::crypto::DataKey;
+    /// let key = DataKey::generate().unwrap();
+    /// let text = key.to_text();
+    /// assert_eq!(text.len(), 43);
+    /// assert_eq!(DataKey::from_text(&text).unwrap().as_bytes(), key.as_bytes());
+    /// ```
+    pub fn to_text(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.0)
+    }
+
+    /// A key from a link made by the browser (`…#copy=ID&key=KEY`) or from
+    /// the key's text alone.
+    ///
+    /// ```
+    /// use handover::crypto::DataKey;
+    /// let key = DataKey::generate().unwrap();
+    /// let link = format!("https://app.example/export#copy=export_1&key={}", key.to_text());
+    /// assert_eq!(DataKey::from_link(&link).unwrap().as_bytes(), key.as_bytes());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::BadKey`].
+    pub fn from_link(link: &str) -> Result<Self, CryptoError> {
+        let fragment = link.rsplit_once('#').map_or(link, |(_, f)| f);
+        let key = fragment
+            .split('&')
+            .find_map(|p| p.strip_prefix("key="))
+            .unwrap_or(fragment);
+        Self::from_text(key)
+    }
+
+    /// A key from [`DataKey::to_text`] (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::BadKey`] for anything but 32 bytes of base64url.
+    pub fn from_text(text: &str) -> Result<Self, CryptoError> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.trim())
+            .map_err(|_| CryptoError::BadKey)?;
+        let k: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::BadKey)?;
+        Ok(Self(k))
     }
 
     fn cipher(&self) -> Aes256Gcm {
@@ -418,6 +484,22 @@ mod tests {
         assert!(decrypt_all(&key, &longer).is_err());
         // Another key.
         assert!(decrypt_all(&DataKey::generate().unwrap(), &file).is_err());
+    }
+
+    #[test]
+    fn ciphertext_len_matches_the_encryptor() {
+        let key = DataKey::generate().unwrap();
+        for len in [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 5 * CHUNK_SIZE] {
+            let data = vec![1u8; len];
+            assert_eq!(encrypt(&key, &data, 777).len() as u64, ciphertext_len(len as u64), "len {len}");
+        }
+    }
+
+    #[test]
+    fn key_text_rejects_what_is_not_a_key() {
+        for bad in ["", "abc", &"A".repeat(44), &"+".repeat(43), &"A".repeat(42)] {
+            assert_eq!(DataKey::from_text(bad).unwrap_err(), CryptoError::BadKey, "{bad:?}");
+        }
     }
 
     #[test]

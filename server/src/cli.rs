@@ -70,6 +70,18 @@ enum Command {
     /// Completion notifications (signed webhooks) per company.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Decrypt a browser export's encrypted copy (downloaded from
+    /// `GET /api/data/export/{id}/download`) with the key from its link.
+    Decrypt {
+        /// The key (43 characters of base64url), or the whole link.
+        #[arg(long, env = "HANDOVER_COPY_KEY", hide_env_values = true)]
+        key: String,
+        /// Where the plaintext goes (created 0600; must not exist yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// The encrypted copy (`….hov`).
+        input: PathBuf,
+    },
     /// A privacy officer's export of one user (same writers, audited).
     Export {
         #[arg(long)]
@@ -551,6 +563,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Decrypt { key, out, input } => {
+            if let Err(e) = decrypt_copy(key, input, out) {
+                eprintln!("error: {e:#}");
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Export {
             user,
             company,
@@ -578,6 +596,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Decrypts an encrypted copy to `out` as it reads; on any failure the
+/// partial plaintext is removed (nothing unauthenticated is left behind).
+fn decrypt_copy(key: &str, input: &Path, out: &Path) -> anyhow::Result<()> {
+    use handover::crypto::{DataKey, Decryptor, HEADER_SIZE};
+    use std::io::{Read as _, Write as _};
+    let key = DataKey::from_link(key).context("--key")?;
+    let mut src = std::fs::File::open(input)
+        .with_context(|| format!("opening {}", input.display()))?;
+    let mut header = [0u8; HEADER_SIZE];
+    src.read_exact(&mut header)
+        .map_err(|_| anyhow::anyhow!("{} is not an encrypted copy (too short)", input.display()))?;
+    let mut dec = Decryptor::new(&key, &header)
+        .with_context(|| format!("{} is not an encrypted copy", input.display()))?;
+    let file = config::private_file(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    let mut dst = std::io::BufWriter::new(file);
+    let written = (|| -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            dst.write_all(&dec.push(&buf[..n]).map_err(wrong_key)?)?;
+        }
+        dst.write_all(&dec.finish().map_err(wrong_key)?)?;
+        dst.flush()?;
+        dst.get_ref().sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        drop(dst);
+        let _ = std::fs::remove_file(out);
+        return Err(e);
+    }
+    eprintln!("decrypted {} to {}", input.display(), out.display());
+    Ok(())
+}
+
+/// Says what a decryption failure most likely means.
+fn wrong_key(e: handover::crypto::CryptoError) -> anyhow::Error {
+    use handover::crypto::CryptoError;
+    match e {
+        CryptoError::Chunk(0) => anyhow::anyhow!(
+            "the copy could not be decrypted: wrong key (or the file's start was altered)"
+        ),
+        other => anyhow::anyhow!("the copy could not be decrypted: {other}"),
+    }
 }
 
 /// The binary's `main`: logging to stderr (`HANDOVER_LOG`), then the command.

@@ -42,9 +42,9 @@ pub enum ApiError {
     /// The body did not arrive in time.
     #[error("the request body did not arrive in time")]
     RequestTimeout,
-    /// A body that is not declared as JSON.
-    #[error("the request body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
+    /// A body declared as another type than the route takes (named here).
+    #[error("the request body must be {0}")]
+    UnsupportedMediaType(&'static str),
     /// Body over the limit.
     #[error("request body too large (limit {0} bytes)")]
     PayloadTooLarge(usize),
@@ -122,7 +122,7 @@ impl ApiError {
                 "low",
             ),
             Self::RequestTimeout => (S::REQUEST_TIMEOUT, "REQUEST_TIMEOUT", "validation", "low"),
-            Self::UnsupportedMediaType => (
+            Self::UnsupportedMediaType(_) => (
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "UNSUPPORTED_MEDIA_TYPE",
                 "validation",

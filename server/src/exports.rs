@@ -6,7 +6,7 @@ use handover::model::format_timestamp;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::store::exports::{Completion, Delivery, ExportRow, Status};
+use crate::store::exports::{Completion, CopyStage, Delivery, ExportRow, Status};
 use crate::AppState;
 
 impl ExportRow {
@@ -14,9 +14,23 @@ impl ExportRow {
         json!({ "start": self.date_start, "end": self.date_end })
     }
 
+    /// Where the file downloads: a server build's file, or the browser's
+    /// kept encrypted copy.
     fn download_url(&self) -> Option<String> {
-        (self.status == Status::Completed && self.delivery == Delivery::Server)
+        let kept = match self.delivery {
+            Delivery::Server => true,
+            Delivery::Client => self.copy.stage == CopyStage::Kept,
+            Delivery::Direct | Delivery::Cli => false,
+        };
+        (self.status == Status::Completed && kept)
             .then(|| format!("/api/data/export/{}/download", self.id))
+    }
+
+    /// `encrypted_copy` in the views: where the browser's copy stands.
+    fn add_copy(&self, v: &mut Value) {
+        if self.copy.stage != CopyStage::None {
+            v["encrypted_copy"] = self.copy_view();
+        }
     }
 
     fn mb(bytes: Option<i64>) -> Option<f64> {
@@ -60,6 +74,7 @@ impl ExportRow {
             v["failure_reason"] = json!(reason);
         }
         self.add_outcomes(&mut v);
+        self.add_copy(&mut v);
         v
     }
 
@@ -109,6 +124,7 @@ impl ExportRow {
             v["failure_reason"] = json!(reason);
         }
         self.add_outcomes(&mut v);
+        self.add_copy(&mut v);
         v
     }
 

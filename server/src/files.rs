@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use axum::body::Bytes;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
 use handover::crypto::{DataKey, Decryptor, Encryptor, CHUNK_SIZE, HEADER_SIZE, TAG_SIZE};
 use handover::format::{ExportFormat, ExportWriter, FormatOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -316,6 +316,25 @@ impl FileStore {
             converted_from: None,
             stream,
         }))
+    }
+
+    /// The browser's encrypted copy of `row`, its parts one after the
+    /// other: the ciphertext exactly as uploaded. Parts are opened as the
+    /// stream reaches them.
+    pub fn open_copy(&self, state: &AppState, row: &ExportRow) -> ByteStream {
+        let (state, id) = (state.clone(), row.id.clone());
+        let parts = futures_util::stream::iter(0..row.copy.parts).then(move |n| {
+            let (state, id) = (state.clone(), id.clone());
+            async move {
+                let kind = crate::store::copies::part_kind(n);
+                match state.files.open_stored(&id, &kind).await {
+                    Ok(Some(f)) => Ok(f.stream),
+                    Ok(None) => Err(std::io::Error::other(format!("{kind} of {id} is missing"))),
+                    Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+                }
+            }
+        });
+        Box::pin(parts.try_flatten())
     }
 
     /// The whole decrypted file (for tests).

@@ -328,6 +328,7 @@ fn compression(
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .merge(routes::exports::router())
+        .merge(routes::copies::router())
         .merge(routes::records::router())
         .merge(routes::privacy::router())
         .merge(routes::summary::router())

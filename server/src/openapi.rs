@@ -52,6 +52,15 @@ pub struct CompleteExport {
     sha256: String,
 }
 
+/// Body of `POST /api/data/export/{id}/copy/complete`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct CompleteCopy {
+    /// Lower-case hex SHA-256 of the whole ciphertext as uploaded.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
+    sha256: String,
+}
+
 /// Body of `POST /api/data/export/{id}/fail`.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
@@ -232,9 +241,9 @@ impl Modify for BearerAuth {
         routes::exports::create, routes::exports::list, routes::exports::details, routes::exports::delete,
         routes::exports::download, routes::exports::complete, routes::exports::fail,
         routes::records::page, routes::records::stream, routes::summary::summary, routes::audit::list,
-        routes::privacy::export, routes::exports::retry, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
+        routes::privacy::export, routes::exports::retry, routes::copies::status, routes::copies::upload, routes::copies::complete, routes::meta::healthz, routes::meta::metrics, routes::meta::openapi,
     ),
-    components(schemas(CreateExport, PrivacyExport, CompleteExport, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
+    components(schemas(CreateExport, PrivacyExport, CompleteExport, CompleteCopy, FailExport, Envelope, PageEnvelope, Frame, FrameColumn, Meta, ErrorEnvelope, ErrorBody)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearer" = [])),
 )]

@@ -52,6 +52,12 @@ pub const REPORT: Limit = Limit {
     max: 60,
     window_secs: 60,
 };
+/// Parts of encrypted copies: 1 GB in 16 MiB parts is 64.
+pub const UPLOAD: Limit = Limit {
+    name: "data_export_upload",
+    max: 600,
+    window_secs: 60,
+};
 /// Summary and audit reads.
 pub const OTHER_READ: Limit = Limit {
     name: "data_read",

@@ -51,12 +51,12 @@ async fn report(
 }
 
 /// Authenticates for `data:export` and admits under `limit`.
-async fn enter(state: &AppState, ctx: &Ctx, headers: &HeaderMap, limit: Limit) -> ApiResult<Scope> {
+pub(super) async fn enter(state: &AppState, ctx: &Ctx, headers: &HeaderMap, limit: Limit) -> ApiResult<Scope> {
     super::enter(state, ctx, headers, PERM_EXPORT, limit).await
 }
 
 /// The caller's export `id`, or 404 (also for other users' and companies' ids).
-async fn owned(
+pub(super) async fn owned(
     state: &AppState,
     scope: &Scope,
     id: Result<Path<String>, PathRejection>,
@@ -393,6 +393,16 @@ pub(crate) async fn download(
     let scope = enter(&state, &ctx, &headers, ratelimit::DOWNLOAD).await?;
     let row = owned(&state, &scope, id).await?;
     ctx.set_action("export.download", Some(&row.id));
+    if row.delivery == Delivery::Client && row.status == Status::Completed {
+        if !matches!(q.get("format"), None | Some("original" | "")) {
+            return Err(ApiError::validation(
+                "INVALID_FORMAT",
+                "format",
+                "a browser export's encrypted copy downloads as it was uploaded: use format=original",
+            ));
+        }
+        return super::copies::download(&state, &ctx, &row).await;
+    }
     let original: ExportFormat = row
         .export_format
         .parse()

@@ -3,6 +3,7 @@
 //! they share.
 
 pub mod audit;
+pub mod copies;
 pub mod exports;
 pub mod meta;
 pub mod privacy;
@@ -81,7 +82,7 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
         if !ct.to_str().is_ok_and(is_json) {
-            return Err(ApiError::UnsupportedMediaType);
+            return Err(ApiError::UnsupportedMediaType("JSON (Content-Type: application/json)"));
         }
     }
     let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, &()))
@@ -140,6 +141,29 @@ impl UnreadBody {
             return Ok(None);
         }
         parse_object(&bytes).map(Some)
+    }
+}
+
+impl UnreadBody {
+    /// The body as it arrives, for uploads of bytes.
+    ///
+    /// # Errors
+    ///
+    /// 415 unless declared as `application/octet-stream` (or the resumable
+    /// uploads draft's `application/offset+octet-stream`).
+    pub fn octets(self) -> Result<axum::body::Body, ApiError> {
+        let declared = self
+            .0
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        match declared.as_deref() {
+            Some("application/octet-stream" | "application/offset+octet-stream") => {
+                Ok(self.0.into_body())
+            }
+            _ => Err(ApiError::UnsupportedMediaType("application/octet-stream")),
+        }
     }
 }
 

@@ -194,6 +194,32 @@ pub struct ExportRow {
     pub failed_types: Vec<FailedDataType>,
     /// `attempts` when the export was last retried by hand.
     pub retry_base: i64,
+    /// The browser's end-to-end encrypted copy (client delivery only).
+    pub copy: CopyState,
+}
+
+/// Where the browser's encrypted copy of a client export stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyStage {
+    /// None was asked for (or none has arrived yet).
+    None,
+    /// Parts are arriving.
+    Uploading,
+    /// Every byte arrived and was checked: downloads return it.
+    Kept,
+}
+
+/// The copy's stage and what has arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyState {
+    pub stage: CopyStage,
+    /// Ciphertext bytes stored so far.
+    pub received: u64,
+    /// Parts stored so far (files `copy.NNNNNN`).
+    pub parts: u64,
+    /// SHA-256 of the whole ciphertext, once kept.
+    pub sha256: Option<String>,
 }
 
 impl ExportRow {
@@ -230,6 +256,17 @@ impl ExportRow {
                 None => Vec::new(),
             },
             retry_base: int(r, "retry_base")?,
+            copy: CopyState {
+                stage: match opt_text(r, "copy_state")?.as_deref() {
+                    None => CopyStage::None,
+                    Some("uploading") => CopyStage::Uploading,
+                    Some("kept") => CopyStage::Kept,
+                    Some(other) => anyhow::bail!("unknown copy_state {other:?}"),
+                },
+                received: int(r, "copy_received")? as u64,
+                parts: int(r, "copy_parts")? as u64,
+                sha256: opt_text(r, "copy_sha256")?,
+            },
         })
     }
 
@@ -261,7 +298,7 @@ impl ExportRow {
                 "delivery": self.delivery, "export_format": self.export_format, "data_types": self.data_types })
     }
 
-    fn event(&self, action: &str, details: Value) -> AuditEntry {
+    pub(crate) fn event(&self, action: &str, details: Value) -> AuditEntry {
         AuditEntry::event(action, &self.user_id, &self.company_id, &self.id, details)
     }
 }

@@ -22,7 +22,7 @@ impl Storage {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    pub(crate) fn parse(s: &str) -> Self {
         if s == "db" {
             Self::Db
         } else {
@@ -229,15 +229,15 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Whether export `id` is being built now (so bytes of it that no
-    /// file owns yet may still become a file).
+    /// Whether export `id` is being built now, or its encrypted copy being
+    /// uploaded (so bytes of it that no file owns yet may still become a file).
     ///
     /// # Errors
     ///
     /// Database errors.
     pub async fn is_building(&self, id: &str) -> anyhow::Result<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM export_requests WHERE id = $1 AND deleted_at IS NULL AND status = 'processing'",
+            "SELECT COUNT(*) FROM export_requests WHERE id = $1 AND deleted_at IS NULL AND (status = 'processing' OR copy_state = 'uploading')",
         )
         .bind(id)
         .fetch_one(self.pool())

@@ -14,6 +14,7 @@
 //!   bytes.
 
 pub mod audit;
+pub mod copies;
 pub mod exports;
 pub mod files;
 pub mod limits;

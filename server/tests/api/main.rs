@@ -7,6 +7,7 @@
 mod helpers;
 
 mod audit;
+mod copies;
 mod auth;
 mod errors;
 mod isolation;
