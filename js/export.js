@@ -76,6 +76,7 @@ function inWorker(options) {
       } else if (msg.type === "done") {
         finish();
         const result = msg.result;
+        if (result.copyError) result.copyError = errorFrom(result.copyError);
         const name = result.stats?.opfsName ?? null;
         result.release = () => removeOpfsFile(name);
         try {
@@ -119,6 +120,10 @@ export async function exportData(options) {
   // The same checks, and the same errors, as on the calling thread.
   checkExportOptions(options);
   if (options.signal?.aborted) throw new ExportError("ABORTED", "the export was cancelled");
+  // A copy's link leads back to this page (a worker only knows its own script's address).
+  if (options.keepCopy && options.copyLinkBase === undefined && typeof location !== "undefined") {
+    options = { ...options, copyLinkBase: location.href.split("#")[0] };
+  }
   if (options.worker !== false && moduleWorkers()) {
     const result = await inWorker(options);
     if (result !== undefined) return result;

@@ -24,17 +24,20 @@ self.onmessage = async (event) => {
     });
     // Functions do not cross to the page; it makes its own release().
     delete result.release;
+    // Nor do an Error's own fields: the page rebuilds the ExportError.
+    if (result.copyError) result.copyError = plainError(result.copyError);
     self.postMessage({ type: "done", result });
   } catch (err) {
-    self.postMessage({
-      type: "error",
-      error: {
-        code: err?.code ?? "WORKER_ERROR",
-        message: String(err?.message ?? err),
-        status: err?.status ?? null,
-        retryAfter: err?.retryAfter ?? null,
-        details: err?.details ?? null,
-      },
-    });
+    self.postMessage({ type: "error", error: plainError(err) });
   }
 };
+
+function plainError(err) {
+  return {
+    code: err?.code ?? "WORKER_ERROR",
+    message: String(err?.message ?? err),
+    status: err?.status ?? null,
+    retryAfter: err?.retryAfter ?? null,
+    details: err?.details ?? null,
+  };
+}

@@ -614,3 +614,102 @@ async fn a_stalled_server_times_out_and_the_export_fails_clearly() {
     let d = latest_export("user_0013").await;
     assert_eq!(d["data"]["status"], "failed", "the server was told");
 }
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn decrypt(data: &JsValue, key: &str) -> Result<Vec<u8>, JsValue> {
+    let blob = handover::browser::decrypt_export(data.clone(), key.into(), JsValue::UNDEFINED).await?;
+    let buf = JsFuture::from(blob.array_buffer()).await.unwrap();
+    Ok(Uint8Array::new(&buf).to_vec())
+}
+
+fn bytes_js(b: &[u8]) -> JsValue {
+    Uint8Array::from(b).into()
+}
+
+#[wasm_bindgen_test]
+async fn a_kept_copy_is_ciphertext_on_the_server_survives_lost_answers_and_decrypts_to_the_file() {
+    // The faulty server loses answers to stored parts (500s, 429s, dropped
+    // connections): the upload must find where to go on, never store twice.
+    let who = "user_0014";
+    let o = options(faulty_server(), who, "csv", &TYPES);
+    set(&o, "pageSize", 50);
+    set(&o, "retries", 12);
+    set(&o, "keepCopy", true);
+    set(&o, "copyLinkBase", "https://app.example/export?tab=1#stale");
+    let result = export_data(o).await.expect("the export completes");
+    assert!(
+        get(&result, "copyError").is_undefined(),
+        "the copy was kept: {:?}",
+        get(&result, "copyError")
+    );
+    let file = blob_bytes(&result).await;
+    let id = get(&result, "requestId").as_string().unwrap();
+    let copy = get(&result, "copy");
+    let key = get(&copy, "key").as_string().unwrap();
+    let link = get(&copy, "link").as_string().unwrap();
+    assert_eq!(key.len(), 43);
+    assert_eq!(
+        link,
+        format!("https://app.example/export?tab=1#copy={id}&key={key}"),
+        "the key is only in the fragment"
+    );
+
+    let (status, ct) = api(
+        "GET",
+        &format!("{}/api/data/export/{id}/download", faulty_server()),
+        who,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ct.len() as f64, get(&copy, "byteSize").as_f64().unwrap());
+    assert_eq!(
+        ct.len() as u64,
+        handover::crypto::ciphertext_len(file.len() as u64),
+        "each byte stored once"
+    );
+    let first_line = file.split(|&b| b == b'\n').next().unwrap();
+    assert!(first_line.len() > 10 && !contains(&ct, first_line), "the download is ciphertext");
+
+    assert_eq!(decrypt(&bytes_js(&ct), &key).await.unwrap(), file);
+    let as_blob: JsValue = web_sys::Blob::new_with_u8_array_sequence(&js_sys::Array::of1(&bytes_js(&ct)))
+        .unwrap()
+        .into();
+    assert_eq!(decrypt(&as_blob, &link).await.unwrap(), file, "the link opens it too");
+
+    let wrong = handover::crypto::DataKey::generate().unwrap().to_text();
+    let e = decrypt(&bytes_js(&ct), &wrong).await.unwrap_err();
+    assert_eq!(code_of(&e), "DECRYPTION_FAILED");
+    assert!(get(&e, "message").as_string().unwrap().contains("wrong key"));
+    let mut altered = ct.clone();
+    let at = altered.len() / 2;
+    altered[at] ^= 0x20;
+    assert_eq!(code_of(&decrypt(&bytes_js(&altered), &key).await.unwrap_err()), "DECRYPTION_FAILED");
+    let e = decrypt(&bytes_js(&ct[..ct.len() - 20]), &key).await.unwrap_err();
+    assert_eq!(code_of(&e), "DECRYPTION_FAILED");
+    assert_eq!(code_of(&decrypt(&bytes_js(&ct), "not-a-key").await.unwrap_err()), "INVALID_KEY");
+    assert_eq!(code_of(&decrypt(&bytes_js(b"plain text, not a copy"), &key).await.unwrap_err()), "INVALID_COPY");
+}
+
+#[wasm_bindgen_test]
+async fn decrypt_export_rejects_reordered_and_truncated_chunks() {
+    use handover::crypto::{DataKey, Encryptor, CHUNK_SIZE, HEADER_SIZE, TAG_SIZE};
+    let key = DataKey::generate().unwrap();
+    let plain: Vec<u8> = (0..3 * CHUNK_SIZE + 99).map(|i| (i % 251) as u8).collect();
+    let enc = Encryptor::new(&key).unwrap();
+    let mut ct = enc.header().to_vec();
+    ct.extend(enc.finish(&plain).unwrap());
+    assert_eq!(decrypt(&bytes_js(&ct), &key.to_text()).await.unwrap(), plain);
+    let s = CHUNK_SIZE + TAG_SIZE;
+    let mut swapped = ct.clone();
+    swapped[HEADER_SIZE..HEADER_SIZE + s].copy_from_slice(&ct[HEADER_SIZE + s..HEADER_SIZE + 2 * s]);
+    swapped[HEADER_SIZE + s..HEADER_SIZE + 2 * s].copy_from_slice(&ct[HEADER_SIZE..HEADER_SIZE + s]);
+    let e = decrypt(&bytes_js(&swapped), &key.to_text()).await.unwrap_err();
+    assert_eq!(code_of(&e), "DECRYPTION_FAILED");
+    let e = decrypt(&bytes_js(&ct[..HEADER_SIZE + 2 * s]), &key.to_text()).await.unwrap_err();
+    assert_eq!(code_of(&e), "DECRYPTION_FAILED");
+    assert_eq!(get(&get(&e, "details"), "reason").as_string().unwrap(), "truncated");
+}

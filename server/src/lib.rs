@@ -44,8 +44,8 @@ use tower_http::services::ServeDir;
 
 use crate::error::ApiError;
 
-/// Test-only fault injection on record pages and stream frames
-/// (`HANDOVER_FAULT_PAGES`).
+/// Test-only fault injection on record pages, stream frames and the
+/// answers to stored parts of encrypted copies (`HANDOVER_FAULT_PAGES`).
 #[derive(Debug, Clone)]
 pub struct FaultInjection {
     /// Share of page requests (and of stream frames) that fail, 0.0–1.0.
@@ -288,12 +288,13 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("x-company-id"),
                 HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("upload-offset"),
             ])
             .expose_headers([
                 header::RETRY_AFTER,
@@ -305,6 +306,8 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 HeaderName::from_static("idempotent-replayed"),
                 HeaderName::from_static("x-export-id"),
                 HeaderName::from_static("x-content-sha256"),
+                HeaderName::from_static("upload-offset"),
+                HeaderName::from_static("x-handover-encryption"),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )

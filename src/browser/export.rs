@@ -544,8 +544,14 @@ async fn finish(
         }
         return Err(e);
     }
-    progress.emit(None, bytes, true);
     let blob = file.blob;
+    // The export is complete and reported: a copy that cannot be kept is
+    // said in the result, and the file is still handed over.
+    let copy = match &opts.keep_copy {
+        Some(base) => Some(super::copy::keep(client, id, &blob, base).await),
+        None => None,
+    };
+    progress.emit(None, bytes, true);
     let filename = opts
         .filename
         .clone()
@@ -561,6 +567,11 @@ async fn finish(
     set("recordCount", JsValue::from_f64(records as f64))?;
     set("sha256", sha256.into())?;
     set("blob", blob.into())?;
+    match copy {
+        Some(Ok(c)) => set("copy", c)?,
+        Some(Err(e)) => set("copyError", e)?,
+        None => true,
+    };
     let stats = Object::new();
     let _ = Reflect::set(&stats, &"storage".into(), &storage.into());
     let _ = Reflect::set(

@@ -21,6 +21,14 @@ pub(crate) enum Retry {
     Create,
 }
 
+/// What a request sends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Body<'a> {
+    Json(&'a str),
+    /// A part of an upload, starting at `offset` (`Upload-Offset`).
+    Part { data: &'a [u8], offset: u64 },
+}
+
 #[derive(Debug)]
 pub(crate) struct Client {
     pub base: String,
@@ -299,7 +307,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<&str>,
+        body: Option<Body<'_>>,
         stream: bool,
     ) -> Result<Outcome, JsValue> {
         if !self.on_our_origin(path) {
@@ -313,8 +321,10 @@ impl Client {
         }
         let init = RequestInit::new();
         init.set_method(method);
-        if let Some(b) = body {
-            init.set_body(&JsValue::from_str(b));
+        match body {
+            Some(Body::Json(text)) => init.set_body(&JsValue::from_str(text)),
+            Some(Body::Part { data, .. }) => init.set_body(&Uint8Array::from(data).into()),
+            None => {}
         }
         let guard = RequestGuard::new(self.signal.as_ref(), self.request_timeout_ms)?;
         init.set_signal(Some(&guard.controller.signal()));
@@ -328,8 +338,13 @@ impl Client {
         headers.set("Authorization", &format!("Bearer {}", self.token))?;
         headers.set("X-Company-ID", &self.company)?;
         headers.set("Accept", "application/json")?;
-        if body.is_some() {
-            headers.set("Content-Type", "application/json")?;
+        match body {
+            Some(Body::Json(_)) => headers.set("Content-Type", "application/json")?,
+            Some(Body::Part { offset, .. }) => {
+                headers.set("Content-Type", "application/octet-stream")?;
+                headers.set("Upload-Offset", &offset.to_string())?;
+            }
+            None => {}
         }
         if method == "POST" && path == "/api/data/export" {
             headers.set("Idempotency-Key", &self.idempotency_key)?;
@@ -425,7 +440,33 @@ impl Client {
         body: Option<&str>,
         retry: Retry,
     ) -> Result<Vec<u8>, JsValue> {
-        match self.request(method, path, body, retry, false).await? {
+        match self
+            .request(method, path, body.map(Body::Json), retry, false)
+            .await?
+        {
+            Outcome::Reply { body, .. } => Ok(body),
+            _ => Err(export_error("INVALID_RESPONSE", "unexpected answer")),
+        }
+    }
+
+    /// Sends one part of an upload (`PATCH`), retried like an idempotent
+    /// request: the server refuses a part it already has
+    /// (`UPLOAD_OFFSET_MISMATCH`), so a repeat never stores bytes twice.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub(crate) async fn send_part(
+        &self,
+        path: &str,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<Vec<u8>, JsValue> {
+        let body = Some(Body::Part { data, offset });
+        match self
+            .request("PATCH", path, body, Retry::Idempotent, false)
+            .await?
+        {
             Outcome::Reply { body, .. } => Ok(body),
             _ => Err(export_error("INVALID_RESPONSE", "unexpected answer")),
         }
@@ -451,7 +492,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<&str>,
+        body: Option<Body<'_>>,
         retry: Retry,
         stream: bool,
     ) -> Result<Outcome, JsValue> {

@@ -2,6 +2,7 @@
 //! JS-facing concept. Everything here is a thin binding over the
 //! target-agnostic core.
 
+mod copy;
 mod download;
 mod error;
 mod export;
@@ -10,6 +11,7 @@ mod http;
 mod options;
 mod output;
 
+pub use copy::decrypt_export;
 pub use error::ExportError;
 pub use export::{check_export_options, export_data, wasm_memory_bytes};
 pub use format_records::format_records;

@@ -67,6 +67,14 @@ export interface ExportOptions {
   /** Where the file is built: "auto" (default: a file in the Origin Private File System when
    * running in a worker, memory otherwise), "opfs" or "memory". */
   storage?: "auto" | "opfs" | "memory";
+  /** Keep an end-to-end encrypted copy on the server, so the export can be downloaded
+   * again (until it expires or is deleted): the file is encrypted here with AES-256-GCM under
+   * a fresh key and only ciphertext is uploaded (resumably, in parts). The result's `copy`
+   * holds the link with the key in its fragment; `decryptExport` opens the download.
+   * If the copy cannot be kept, the export still resolves, with `copyError`. Default false. */
+  keepCopy?: boolean;
+  /** The page the copy's link points at (default: the calling page, without its fragment). */
+  copyLinkBase?: string;
   /** With download: true, the OPFS file is removed this long after the download started.
    * Default 60000. With download: false, call result.release() when done with result.blob. */
   releaseFileAfterMs?: number;
@@ -82,6 +90,10 @@ export interface ExportResult {
   sha256: string;
   /** The file. Disk-backed when it was built in the Origin Private File System. */
   blob: Blob;
+  /** With keepCopy: the encrypted copy kept on the server. */
+  copy?: KeptCopy;
+  /** With keepCopy: why no copy could be kept (the export itself succeeded). */
+  copyError?: ExportError;
   /** Removes the file from the Origin Private File System (no-op otherwise). */
   release(): Promise<void>;
   stats: {
@@ -134,6 +146,8 @@ struct Raw {
     storage: Option<String>,
     worker: Option<bool>,
     release_file_after_ms: Option<u32>,
+    keep_copy: Option<bool>,
+    copy_link_base: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +177,8 @@ pub(crate) struct ExportOptions {
     pub storage: Storage,
     pub on_progress: Option<Function>,
     pub signal: Option<AbortSignal>,
+    /// Keep an end-to-end encrypted copy on the server; links go back to this page.
+    pub keep_copy: Option<String>,
 }
 
 fn invalid(msg: impl AsRef<str>) -> JsValue {
@@ -318,7 +334,20 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
             return Err(invalid("options.filename must be a plain file name"));
         }
     }
+    let keep_copy = match (raw.keep_copy.unwrap_or(false), raw.copy_link_base) {
+        (false, _) => None,
+        (true, Some(base)) if base.starts_with("http://") || base.starts_with("https://") => {
+            Some(base)
+        }
+        (true, Some(base)) => {
+            return Err(invalid(format!(
+                "options.copyLinkBase {base:?} must be an http(s) URL"
+            )))
+        }
+        (true, None) => Some(super::copy::here()),
+    };
     Ok(ExportOptions {
+        keep_copy,
         base_url,
         token,
         company_id,

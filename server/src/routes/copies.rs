@@ -162,6 +162,17 @@ pub(crate) async fn upload(
             return Err(e);
         }
     };
+    // Tests: the part is stored but its answer is lost (a 500, a 429 or a
+    // dropped connection; always for the first part), so the browser must
+    // find out where to go on.
+    if let Some(fault) = &state.settings.fault {
+        if offset == 0 {
+            return Err(ApiError::Internal(anyhow::anyhow!("injected fault: answer lost")));
+        }
+        if let Some(lost) = fault.roll_page() {
+            return Ok(lost);
+        }
+    }
     let mut response = ctx
         .ok(json!({ "state": CopyStage::Uploading, "received": received, "byte_size": size }))
         .into_response();
