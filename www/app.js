@@ -1,6 +1,6 @@
 // The demo Privacy Settings page: the story's "Data export" card on top of
 // the handover package (pkg/) and handover-server (demo mode).
-import init, { exportData, ExportError } from "/pkg/handover.js";
+import init, { exportData, decryptExport, ExportError } from "/pkg/handover.js";
 
 const $ = (id) => document.getElementById(id);
 const LABELS = { user_profile: "Your profile", payment_history: "Payments", membership_data: "Memberships",
@@ -42,6 +42,12 @@ function explain(err) {
       return "Please check the date range: the start must be before the end.";
     case "FILE_TOO_LARGE":
       return "This export would be too large to prepare in one go. Choose a shorter date range and export in parts.";
+    case "DECRYPTION_FAILED":
+      return "This link does not open the copy: it may be incomplete, or the copy was altered. Check that you copied the whole link.";
+    case "INVALID_KEY":
+      return "This link is incomplete: its key is missing or damaged. Copy the whole link and try again.";
+    case "EXPORT_NOT_FOUND":
+      return "This export no longer exists: it expired or was deleted.";
     case "QUOTA_EXCEEDED":
       return `You have exported a lot of data today. You can export again at ${timeIn(err.retryAfter ?? 3600)}.`;
     default:
@@ -90,9 +96,13 @@ async function loadRecent() {
       const td = document.createElement("td");
       td.append(badge);
       if (r.download_url) {
-        // A copy the server kept (a server-built export): download it again.
+        // A file the server keeps (a server build), or the encrypted copy of
+        // a browser export (its key is in the link, remembered in this browser).
         const again = Object.assign(document.createElement("button"), { type: "button", className: "link", textContent: "Download" });
-        again.addEventListener("click", () => downloadAgain(r).catch((e) => say(explain(e), "error")));
+        const open = r.delivery === "client"
+          ? () => downloadCopy(r.request_id, localStorage.getItem(`handover-copy:${r.request_id}`))
+          : () => downloadAgain(r);
+        again.addEventListener("click", () => open().catch((e) => say(explain(e), "error")));
         td.append(" ", again);
       }
       tr.append(td);
@@ -111,12 +121,50 @@ async function downloadAgain(r) {
     const body = await res.json().catch(() => ({}));
     throw new ExportError(body.error?.code ?? "HTTP_ERROR", body.error?.error ?? `HTTP ${res.status}`, { status: res.status });
   }
-  const url = URL.createObjectURL(await res.blob());
-  const a = Object.assign(document.createElement("a"), { href: url, download: `${r.request_id}.${r.export_format}` });
+  save(await res.blob(), `${r.request_id}.${r.export_format}`);
+}
+
+function save(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const a = Object.assign(document.createElement("a"), { href: url, download: filename });
   document.body.append(a);
   a.click();
   a.remove();
   setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+const TYPES = { json: "application/json", csv: "text/csv",
+  xlsx: "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet" };
+
+// The encrypted copy of a browser export: fetched as ciphertext, decrypted here.
+async function downloadCopy(id, key) {
+  if (!key) {
+    say("Open the link you saved when you made this export to download its copy: only that link holds the key.", "error");
+    return;
+  }
+  const details = await api(`/api/data/export/${encodeURIComponent(id)}`);
+  const res = await fetch(`/api/data/export/${encodeURIComponent(id)}/download`, { headers: { Authorization: `Bearer ${config.token}`, "X-Company-ID": config.companyId } });
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    throw new ExportError(body.error?.code ?? "HTTP_ERROR", body.error?.error ?? `HTTP ${res.status}`, { status: res.status });
+  }
+  const file = await decryptExport(await res.blob(), key, { type: TYPES[details.export_format] });
+  save(file, `${id}.${details.export_format}`);
+  say(`Your saved export is downloading: ${id}.${details.export_format}.`, "ok");
+}
+
+/** `#copy=<id>&key=<key>`, as exportData's keepCopy links end. */
+function copyFromLink() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const id = params.get("copy");
+  return id ? { id, key: params.get("key") } : null;
+}
+
+function showCopy(result) {
+  localStorage.setItem(`handover-copy:${result.requestId}`, result.copy.key);
+  $("copy-link").value = result.copy.link;
+  $("copy-expires").textContent = new Date(Date.now() + 30 * 86400e3).toLocaleDateString();
+  $("copy-box").hidden = false;
 }
 
 function showProgress(p) {
@@ -138,6 +186,7 @@ async function runExport(event) {
   $("export-button").textContent = "Preparing export…";
   $("cancel-button").hidden = false;
   $("progress-box").hidden = false;
+  $("copy-box").hidden = true;
   showProgress({ percentage: 0, currentType: null, recordsProcessed: 0, totalRecords: 0 });
   $("progress-type").textContent = "starting";
   say("");
@@ -147,9 +196,12 @@ async function runExport(event) {
       baseUrl: location.origin, token: config.token, companyId: config.companyId, format,
       // Everything the server offers (exportData asks it when the list is unknown).
       ...(offered?.length ? { dataTypes: offered } : {}), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
-      onProgress: showProgress, signal: controller.signal,
+      onProgress: showProgress, signal: controller.signal, keepCopy: $("keep-copy").checked,
     });
-    say(`Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`, "ok");
+    const done = `Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`;
+    if (result.copy) showCopy(result);
+    if (result.copyError) say(`${done} The encrypted copy could not be kept: ${explain(result.copyError)}`, "error");
+    else say(done, "ok");
   } catch (err) {
     $("progress-box").hidden = true;
     say(explain(err), "error");
@@ -167,6 +219,12 @@ async function main() {
   config = await (await fetch("/demo-config.json")).json();
   $("export-form").addEventListener("submit", runExport);
   $("cancel-button").addEventListener("click", () => controller?.abort());
+  $("copy-link-button").addEventListener("click", () => navigator.clipboard?.writeText($("copy-link").value));
+  const linked = copyFromLink();
+  if (linked) {
+    $("open-copy").hidden = false;
+    $("open-copy-button").addEventListener("click", () => downloadCopy(linked.id, linked.key).catch((e) => say(explain(e), "error")));
+  }
   await Promise.all([loadSummary(), loadRecent()]);
   document.body.dataset.ready = "true";
 }

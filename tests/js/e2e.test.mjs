@@ -7,7 +7,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { request } from "node:http";
-import { mkdirSync, existsSync, copyFileSync } from "node:fs";
+import { mkdirSync, existsSync, copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { launch } from "./support/chromium.mjs";
 import { makeDatabase, makeToken, startServer, removeDatabase, ROOT } from "./support/server.mjs";
@@ -61,9 +61,18 @@ test("the card shows the user's real counts from the summary endpoint", async ()
   await page.keyboard.press("Tab");
 });
 
+const kept = {};
+
 for (const format of ["json", "csv", "xlsx"]) {
   test(`exporting ${format} by clicking downloads a complete, correct file`, async () => {
+    // The CSV export also keeps an end-to-end encrypted copy.
+    if (format === "csv") await page.check("#keep-copy");
+    else await page.uncheck("#keep-copy");
     const { file, name } = await exportVia(format);
+    if (format === "csv") {
+      await page.waitForSelector("#copy-box:not([hidden])", { timeout: 10000 });
+      Object.assign(kept, { file, name, link: await page.inputValue("#copy-link") });
+    }
     assert.match(name, new RegExp(`^export_[0-9a-f]+\\.${format}$`));
     const { types } = check(file, format);
     assert.ok(types.payment_history > 100, "a real amount of data was checked");
@@ -73,6 +82,38 @@ for (const format of ["json", "csv", "xlsx"]) {
     await page.waitForSelector(`#recent tr[data-request-id="${requestId}"] .badge.completed`, { timeout: 10000 });
   });
 }
+
+test("the kept copy's link downloads the same file again, decrypted in the browser", async () => {
+  const id = kept.name.split(".")[0];
+  assert.match(kept.link, new RegExp(`^${server.url}/?#copy=${id}&key=[A-Za-z0-9_-]{43}$`));
+  // Listed with a download, in the page that made it (the key is remembered there).
+  await page.waitForSelector(`#recent tr[data-request-id="${id}"] button.link`, { timeout: 10000 });
+  // The link alone is enough: a fresh browser context, nothing remembered.
+  const other = await browser.newPage({ acceptDownloads: true });
+  try {
+    await other.goto(kept.link);
+    await other.waitForSelector("body[data-ready=true]", { timeout: 30000 });
+    await other.waitForSelector("#open-copy:not([hidden])");
+    const [download] = await Promise.all([other.waitForEvent("download", { timeout: 30000 }), other.click("#open-copy-button")]);
+    assert.equal(download.suggestedFilename(), kept.name);
+    const again = join(ARTIFACTS, `e2e-copy-${kept.name}`);
+    await download.saveAs(again);
+    assert.ok(readFileSync(again).equals(readFileSync(kept.file)), "the same bytes as the first download");
+    // A link whose key was damaged says so, and downloads nothing.
+    const damaged = kept.link.replace(/key=(.)/, (_, c) => `key=${c === "A" ? "B" : "A"}`);
+    await other.goto("about:blank");
+    await other.goto(damaged);
+    await other.waitForSelector("body[data-ready=true]", { timeout: 30000 });
+    let downloaded = false;
+    other.once("download", () => { downloaded = true; });
+    await other.click("#open-copy-button");
+    await other.waitForFunction(() => document.querySelector("#status").classList.contains("error"), null, { timeout: 10000 });
+    assert.match(await other.textContent("#status"), /does not open the copy/);
+    assert.equal(downloaded, false);
+  } finally {
+    await other.close();
+  }
+});
 
 /** Runs exportData in the page (as another demo user, so the demo user's
  * five creates an hour stay for the clicks) and returns what it saw. */
