@@ -82,6 +82,12 @@ async fn isolation_matrix_two_users_two_companies() {
                     format!("/api/data/export/{other}/fail"),
                     Some(r#"{"reason":"x"}"#),
                 ),
+                (Method::GET, format!("/api/data/export/{other}/copy"), None),
+                (
+                    Method::POST,
+                    format!("/api/data/export/{other}/copy/complete"),
+                    Some(r#"{"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}"#),
+                ),
                 (Method::DELETE, format!("/api/data/export/{other}"), None),
             ] {
                 if own {
