@@ -19,8 +19,8 @@
 //! ```
 
 use aes_gcm::aead::{Aead, Payload};
-use base64::Engine as _;
 use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::Engine as _;
 
 /// Plaintext bytes per chunk.
 pub const CHUNK_SIZE: usize = 64 * 1024;
@@ -489,16 +489,31 @@ mod tests {
     #[test]
     fn ciphertext_len_matches_the_encryptor() {
         let key = DataKey::generate().unwrap();
-        for len in [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 5 * CHUNK_SIZE] {
+        for len in [
+            0,
+            1,
+            CHUNK_SIZE - 1,
+            CHUNK_SIZE,
+            CHUNK_SIZE + 1,
+            5 * CHUNK_SIZE,
+        ] {
             let data = vec![1u8; len];
-            assert_eq!(encrypt(&key, &data, 777).len() as u64, ciphertext_len(len as u64), "len {len}");
+            assert_eq!(
+                encrypt(&key, &data, 777).len() as u64,
+                ciphertext_len(len as u64),
+                "len {len}"
+            );
         }
     }
 
     #[test]
     fn key_text_rejects_what_is_not_a_key() {
         for bad in ["", "abc", &"A".repeat(44), &"+".repeat(43), &"A".repeat(42)] {
-            assert_eq!(DataKey::from_text(bad).unwrap_err(), CryptoError::BadKey, "{bad:?}");
+            assert_eq!(
+                DataKey::from_text(bad).unwrap_err(),
+                CryptoError::BadKey,
+                "{bad:?}"
+            );
         }
     }
 

@@ -620,7 +620,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 async fn decrypt(data: &JsValue, key: &str) -> Result<Vec<u8>, JsValue> {
-    let blob = handover::browser::decrypt_export(data.clone(), key.into(), JsValue::UNDEFINED).await?;
+    let blob =
+        handover::browser::decrypt_export(data.clone(), key.into(), JsValue::UNDEFINED).await?;
     let buf = JsFuture::from(blob.array_buffer()).await.unwrap();
     Ok(Uint8Array::new(&buf).to_vec())
 }
@@ -672,26 +673,52 @@ async fn a_kept_copy_is_ciphertext_on_the_server_survives_lost_answers_and_decry
         "each byte stored once"
     );
     let first_line = file.split(|&b| b == b'\n').next().unwrap();
-    assert!(first_line.len() > 10 && !contains(&ct, first_line), "the download is ciphertext");
+    assert!(
+        first_line.len() > 10 && !contains(&ct, first_line),
+        "the download is ciphertext"
+    );
 
     assert_eq!(decrypt(&bytes_js(&ct), &key).await.unwrap(), file);
-    let as_blob: JsValue = web_sys::Blob::new_with_u8_array_sequence(&js_sys::Array::of1(&bytes_js(&ct)))
-        .unwrap()
-        .into();
-    assert_eq!(decrypt(&as_blob, &link).await.unwrap(), file, "the link opens it too");
+    let as_blob: JsValue =
+        web_sys::Blob::new_with_u8_array_sequence(&js_sys::Array::of1(&bytes_js(&ct)))
+            .unwrap()
+            .into();
+    assert_eq!(
+        decrypt(&as_blob, &link).await.unwrap(),
+        file,
+        "the link opens it too"
+    );
 
     let wrong = handover::crypto::DataKey::generate().unwrap().to_text();
     let e = decrypt(&bytes_js(&ct), &wrong).await.unwrap_err();
     assert_eq!(code_of(&e), "DECRYPTION_FAILED");
-    assert!(get(&e, "message").as_string().unwrap().contains("wrong key"));
+    assert!(get(&e, "message")
+        .as_string()
+        .unwrap()
+        .contains("wrong key"));
     let mut altered = ct.clone();
     let at = altered.len() / 2;
     altered[at] ^= 0x20;
-    assert_eq!(code_of(&decrypt(&bytes_js(&altered), &key).await.unwrap_err()), "DECRYPTION_FAILED");
-    let e = decrypt(&bytes_js(&ct[..ct.len() - 20]), &key).await.unwrap_err();
+    assert_eq!(
+        code_of(&decrypt(&bytes_js(&altered), &key).await.unwrap_err()),
+        "DECRYPTION_FAILED"
+    );
+    let e = decrypt(&bytes_js(&ct[..ct.len() - 20]), &key)
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), "DECRYPTION_FAILED");
-    assert_eq!(code_of(&decrypt(&bytes_js(&ct), "not-a-key").await.unwrap_err()), "INVALID_KEY");
-    assert_eq!(code_of(&decrypt(&bytes_js(b"plain text, not a copy"), &key).await.unwrap_err()), "INVALID_COPY");
+    assert_eq!(
+        code_of(&decrypt(&bytes_js(&ct), "not-a-key").await.unwrap_err()),
+        "INVALID_KEY"
+    );
+    assert_eq!(
+        code_of(
+            &decrypt(&bytes_js(b"plain text, not a copy"), &key)
+                .await
+                .unwrap_err()
+        ),
+        "INVALID_COPY"
+    );
 }
 
 #[wasm_bindgen_test]
@@ -702,14 +729,26 @@ async fn decrypt_export_rejects_reordered_and_truncated_chunks() {
     let enc = Encryptor::new(&key).unwrap();
     let mut ct = enc.header().to_vec();
     ct.extend(enc.finish(&plain).unwrap());
-    assert_eq!(decrypt(&bytes_js(&ct), &key.to_text()).await.unwrap(), plain);
+    assert_eq!(
+        decrypt(&bytes_js(&ct), &key.to_text()).await.unwrap(),
+        plain
+    );
     let s = CHUNK_SIZE + TAG_SIZE;
     let mut swapped = ct.clone();
-    swapped[HEADER_SIZE..HEADER_SIZE + s].copy_from_slice(&ct[HEADER_SIZE + s..HEADER_SIZE + 2 * s]);
-    swapped[HEADER_SIZE + s..HEADER_SIZE + 2 * s].copy_from_slice(&ct[HEADER_SIZE..HEADER_SIZE + s]);
-    let e = decrypt(&bytes_js(&swapped), &key.to_text()).await.unwrap_err();
+    swapped[HEADER_SIZE..HEADER_SIZE + s]
+        .copy_from_slice(&ct[HEADER_SIZE + s..HEADER_SIZE + 2 * s]);
+    swapped[HEADER_SIZE + s..HEADER_SIZE + 2 * s]
+        .copy_from_slice(&ct[HEADER_SIZE..HEADER_SIZE + s]);
+    let e = decrypt(&bytes_js(&swapped), &key.to_text())
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), "DECRYPTION_FAILED");
-    let e = decrypt(&bytes_js(&ct[..HEADER_SIZE + 2 * s]), &key.to_text()).await.unwrap_err();
+    let e = decrypt(&bytes_js(&ct[..HEADER_SIZE + 2 * s]), &key.to_text())
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&e), "DECRYPTION_FAILED");
-    assert_eq!(get(&get(&e, "details"), "reason").as_string().unwrap(), "truncated");
+    assert_eq!(
+        get(&get(&e, "details"), "reason").as_string().unwrap(),
+        "truncated"
+    );
 }

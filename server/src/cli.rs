@@ -604,8 +604,8 @@ fn decrypt_copy(key: &str, input: &Path, out: &Path) -> anyhow::Result<()> {
     use handover::crypto::{DataKey, Decryptor, HEADER_SIZE};
     use std::io::{Read as _, Write as _};
     let key = DataKey::from_link(key).context("--key")?;
-    let mut src = std::fs::File::open(input)
-        .with_context(|| format!("opening {}", input.display()))?;
+    let mut src =
+        std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let mut header = [0u8; HEADER_SIZE];
     src.read_exact(&mut header)
         .map_err(|_| anyhow::anyhow!("{} is not an encrypted copy (too short)", input.display()))?;

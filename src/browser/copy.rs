@@ -13,7 +13,9 @@ use web_sys::{Blob, BlobPropertyBag};
 
 use super::error::{export_error, make_error};
 use super::http::{Client, Retry};
-use crate::crypto::{CryptoError, DataKey, Decryptor, Encryptor, CHUNK_SIZE, HEADER_SIZE, TAG_SIZE};
+use crate::crypto::{
+    CryptoError, DataKey, Decryptor, Encryptor, CHUNK_SIZE, HEADER_SIZE, TAG_SIZE,
+};
 use crate::Sha256Stream;
 
 /// Plaintext per uploaded part (64 sealed chunks: a little over 4 MiB on the wire).
@@ -203,7 +205,11 @@ fn decrypt_error(e: CryptoError) -> JsValue {
 ///
 /// `INVALID_KEY`, `INVALID_COPY`, `DECRYPTION_FAILED` (as `ExportError`).
 #[wasm_bindgen(js_name = decryptExport, skip_typescript)]
-pub async fn decrypt_export(data: JsValue, key: JsValue, options: JsValue) -> Result<Blob, JsValue> {
+pub async fn decrypt_export(
+    data: JsValue,
+    key: JsValue,
+    options: JsValue,
+) -> Result<Blob, JsValue> {
     let key = key
         .as_string()
         .ok_or(CryptoError::BadKey)

@@ -26,7 +26,10 @@ pub(crate) enum Retry {
 pub(crate) enum Body<'a> {
     Json(&'a str),
     /// A part of an upload, starting at `offset` (`Upload-Offset`).
-    Part { data: &'a [u8], offset: u64 },
+    Part {
+        data: &'a [u8],
+        offset: u64,
+    },
 }
 
 #[derive(Debug)]

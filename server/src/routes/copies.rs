@@ -142,14 +142,18 @@ pub(crate) async fn upload(
     let room = (size - offset).min(MAX_PART_BYTES);
     let body = body.octets()?;
     state.store.start_copy(&row).await?;
-    let mut writer = state.files.create(&row.id, &part_kind(row.copy.parts)).await?;
+    let mut writer = state
+        .files
+        .create(&row.id, &part_kind(row.copy.parts))
+        .await?;
     let name = writer.name().to_string();
     let limits = PartLimits { room, offset, size };
-    let stored = match tokio::time::timeout(PART_TIMEOUT, read_part(body, &mut writer, limits)).await {
-        Ok(Ok(())) => store_part(&state, &row, offset, writer).await,
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ApiError::RequestTimeout),
-    };
+    let stored =
+        match tokio::time::timeout(PART_TIMEOUT, read_part(body, &mut writer, limits)).await {
+            Ok(Ok(())) => store_part(&state, &row, offset, writer).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ApiError::RequestTimeout),
+        };
     let received = match stored {
         Ok(PartOutcome::Stored { received }) => received,
         Ok(PartOutcome::Conflict) => {
@@ -167,7 +171,9 @@ pub(crate) async fn upload(
     // find out where to go on.
     if let Some(fault) = &state.settings.fault {
         if offset == 0 {
-            return Err(ApiError::Internal(anyhow::anyhow!("injected fault: answer lost")));
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "injected fault: answer lost"
+            )));
         }
         if let Some(lost) = fault.roll_page() {
             return Ok(lost);
@@ -356,10 +362,8 @@ pub(super) async fn download(state: &AppState, ctx: &Ctx, row: &ExportRow) -> Ap
         HeaderValue::from_static("application/octet-stream"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "attachment; filename=\"{}.{ext}.hov\"",
-        row.id
-    )) {
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}.{ext}.hov\"", row.id))
+    {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     if let Some(Ok(v)) = row.copy.sha256.as_deref().map(HeaderValue::from_str) {

@@ -51,7 +51,12 @@ async fn report(
 }
 
 /// Authenticates for `data:export` and admits under `limit`.
-pub(super) async fn enter(state: &AppState, ctx: &Ctx, headers: &HeaderMap, limit: Limit) -> ApiResult<Scope> {
+pub(super) async fn enter(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    limit: Limit,
+) -> ApiResult<Scope> {
     super::enter(state, ctx, headers, PERM_EXPORT, limit).await
 }
 

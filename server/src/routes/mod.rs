@@ -82,7 +82,9 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
         if !ct.to_str().is_ok_and(is_json) {
-            return Err(ApiError::UnsupportedMediaType("JSON (Content-Type: application/json)"));
+            return Err(ApiError::UnsupportedMediaType(
+                "JSON (Content-Type: application/json)",
+            ));
         }
     }
     let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, &()))
@@ -157,7 +159,13 @@ impl UnreadBody {
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            });
         match declared.as_deref() {
             Some("application/octet-stream" | "application/offset+octet-stream") => {
                 Ok(self.0.into_body())

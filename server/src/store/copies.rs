@@ -139,7 +139,9 @@ impl Store {
             .bind(&kind)
             .fetch_optional(&mut *tx.tx)
             .await?;
-            let Some((path, storage)) = path else { continue };
+            let Some((path, storage)) = path else {
+                continue;
+            };
             sqlx::query("DELETE FROM export_files WHERE request_id = $1 AND format = $2")
                 .bind(&row.id)
                 .bind(&kind)

@@ -14,15 +14,19 @@ const MARKER: &[u8] = b"PLAINTEXT-MARKER-do-not-store-me";
 /// `plaintext`'s size and checksum (the server cannot see the file).
 async fn completed_client_export(app: &TestApp, plaintext: &[u8]) -> String {
     let id = app
-        .create_id(json!({"export_format": "json", "data_types": ["user_profile"], "delivery": "client"}))
+        .create_id(
+            json!({"export_format": "json", "data_types": ["user_profile"], "delivery": "client"}),
+        )
         .await;
     let all = fetch_all(app, &id, &["user_profile"], 100).await;
     let r = app
         .call(
             Method::POST,
             &format!("/api/data/export/{id}/complete"),
-            Some(json!({"record_count": all[0].1.len(), "byte_size": plaintext.len(),
-                        "sha256": sha256_hex(plaintext)})),
+            Some(
+                json!({"record_count": all[0].1.len(), "byte_size": plaintext.len(),
+                        "sha256": sha256_hex(plaintext)}),
+            ),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -64,7 +68,14 @@ async fn patch(app: &TestApp, id: &str, offset: Option<u64>, ct: &str, body: Vec
 }
 
 async fn upload(app: &TestApp, id: &str, offset: u64, part: &[u8]) -> Reply {
-    patch(app, id, Some(offset), "application/octet-stream", part.to_vec()).await
+    patch(
+        app,
+        id,
+        Some(offset),
+        "application/octet-stream",
+        part.to_vec(),
+    )
+    .await
 }
 
 /// Every byte the server keeps: files under the test's directory (the
@@ -110,20 +121,44 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
         .call(Method::GET, &format!("/api/data/export/{id}/copy"), None)
         .await;
     assert_eq!(none.body["data"]["state"], "none");
-    assert_eq!(none.body["data"]["byte_size"], ct.len(), "the exact size is known in advance");
+    assert_eq!(
+        none.body["data"]["byte_size"],
+        ct.len(),
+        "the exact size is known in advance"
+    );
     let r = app
-        .call(Method::GET, &format!("/api/data/export/{id}/download"), None)
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
         .await;
     assert_eq!((r.status.as_u16(), r.code()), (409, "EXPORT_NOT_READY"));
-    assert!(r.body["error"]["error"].as_str().unwrap().contains("no encrypted copy"));
+    assert!(r.body["error"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("no encrypted copy"));
 
     // Malformed parts.
-    let r = patch(&app, &id, None, "application/octet-stream", ct[..10].to_vec()).await;
+    let r = patch(
+        &app,
+        &id,
+        None,
+        "application/octet-stream",
+        ct[..10].to_vec(),
+    )
+    .await;
     assert_eq!((r.status.as_u16(), r.code()), (400, "INVALID_REQUEST"));
     let r = patch(&app, &id, Some(0), "text/plain", ct[..10].to_vec()).await;
-    assert_eq!((r.status.as_u16(), r.code()), (415, "UNSUPPORTED_MEDIA_TYPE"));
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (415, "UNSUPPORTED_MEDIA_TYPE")
+    );
     let r = upload(&app, &id, 5, &ct[..10]).await;
-    assert_eq!((r.status.as_u16(), r.code()), (409, "UPLOAD_OFFSET_MISMATCH"));
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (409, "UPLOAD_OFFSET_MISMATCH")
+    );
     let r = upload(&app, &id, 0, &[]).await;
     assert_eq!((r.status.as_u16(), r.code()), (400, "INVALID_REQUEST"));
 
@@ -135,14 +170,21 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
     assert_eq!(r.body["data"]["received"], cut);
     assert_eq!(r.header("upload-offset"), cut.to_string());
     let r = upload(&app, &id, 0, &ct[..cut]).await;
-    assert_eq!((r.status.as_u16(), r.code()), (409, "UPLOAD_OFFSET_MISMATCH"));
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (409, "UPLOAD_OFFSET_MISMATCH")
+    );
     let state = app
         .call(Method::GET, &format!("/api/data/export/{id}/copy"), None)
         .await;
     assert_eq!(state.body["data"]["state"], "uploading");
     assert_eq!(state.body["data"]["received"], cut);
     let r = app
-        .call(Method::GET, &format!("/api/data/export/{id}/download"), None)
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
         .await;
     assert_eq!(r.code(), "EXPORT_NOT_READY");
     let early = app
@@ -158,7 +200,10 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
     let mut longer = ct[cut..].to_vec();
     longer.push(0);
     let r = upload(&app, &id, cut as u64, &longer).await;
-    assert_eq!((r.status.as_u16(), r.detail_code()), (422, "FILE_TOO_LARGE"));
+    assert_eq!(
+        (r.status.as_u16(), r.detail_code()),
+        (422, "FILE_TOO_LARGE")
+    );
     let r = upload(&app, &id, cut as u64, &ct[cut..]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["received"], ct.len());
@@ -203,13 +248,19 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
 
     // The download is the ciphertext, byte for byte; only the key opens it.
     let r = app
-        .call(Method::GET, &format!("/api/data/export/{id}/download"), None)
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.bytes, ct);
     assert_eq!(r.header("content-type"), "application/octet-stream");
     assert_eq!(r.header("x-content-sha256"), sha256_hex(&ct));
-    assert!(r.header("content-disposition").contains(&format!("{id}.json.hov")));
+    assert!(r
+        .header("content-disposition")
+        .contains(&format!("{id}.json.hov")));
     assert_eq!(decrypt_all(&key, &r.bytes).unwrap(), plain);
     let r = app
         .call(
@@ -222,8 +273,14 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
 
     // No plaintext anywhere the server keeps things.
     for blob in everything_stored(&app).await {
-        assert!(!contains(&blob, MARKER), "plaintext found in what the server stores");
-        assert!(!contains(&blob, key.to_text().as_bytes()), "the key reached the server");
+        assert!(
+            !contains(&blob, MARKER),
+            "plaintext found in what the server stores"
+        );
+        assert!(
+            !contains(&blob, key.to_text().as_bytes()),
+            "the key reached the server"
+        );
     }
     let audit = app
         .count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.copy_kept'")
@@ -236,7 +293,10 @@ async fn an_encrypted_copy_uploads_in_parts_resumes_and_downloads_as_ciphertext(
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(app.count("SELECT COUNT(*) FROM export_files").await, 0);
-    assert!(app.stored_files().await.is_empty(), "the copy's bytes are gone");
+    assert!(
+        app.stored_files().await.is_empty(),
+        "the copy's bytes are gone"
+    );
 }
 
 #[tokio::test]
@@ -255,7 +315,11 @@ async fn a_copy_expires_with_its_export() {
     assert_eq!(app.count("SELECT COUNT(*) FROM export_files").await, 0);
     assert!(app.stored_files().await.is_empty());
     let r = app
-        .call(Method::GET, &format!("/api/data/export/{id}/download"), None)
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
         .await;
     assert_eq!(r.code(), "EXPORT_NOT_READY");
 }
@@ -277,8 +341,14 @@ async fn a_copy_that_fails_its_checksum_is_dropped_and_uploaded_again() {
             Some(json!({"sha256": sha256_hex(&ct)})),
         )
         .await;
-    assert_eq!((r.status.as_u16(), r.detail_code()), (422, "CHECKSUM_MISMATCH"));
-    assert!(app.stored_files().await.is_empty(), "the bad parts are dropped");
+    assert_eq!(
+        (r.status.as_u16(), r.detail_code()),
+        (422, "CHECKSUM_MISMATCH")
+    );
+    assert!(
+        app.stored_files().await.is_empty(),
+        "the bad parts are dropped"
+    );
     let state = app
         .call(Method::GET, &format!("/api/data/export/{id}/copy"), None)
         .await;
@@ -299,7 +369,11 @@ async fn a_copy_that_fails_its_checksum_is_dropped_and_uploaded_again() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = app
-        .call(Method::GET, &format!("/api/data/export/{id}/download"), None)
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
         .await;
     assert_eq!(decrypt_all(&key, &r.bytes).unwrap(), plain);
 }
@@ -318,12 +392,17 @@ async fn copies_are_bounded_and_only_for_the_owners_browser_exports() {
     let big = plaintext(200_000);
     let id = completed_client_export(&app, &big).await;
     let r = upload(&app, &id, 0, &[0u8; 100]).await;
-    assert_eq!((r.status.as_u16(), r.detail_code()), (422, "FILE_TOO_LARGE"));
+    assert_eq!(
+        (r.status.as_u16(), r.detail_code()),
+        (422, "FILE_TOO_LARGE")
+    );
     assert!(app.stored_files().await.is_empty());
 
     // Open (not completed) exports, server builds and other users' exports.
     let open = app
-        .create_id(json!({"export_format": "json", "data_types": ["user_profile"], "delivery": "client"}))
+        .create_id(
+            json!({"export_format": "json", "data_types": ["user_profile"], "delivery": "client"}),
+        )
         .await;
     let r = upload(&app, &open, 0, &[0u8; 100]).await;
     assert_eq!((r.status.as_u16(), r.code()), (409, "EXPORT_NOT_READY"));
@@ -375,34 +454,82 @@ async fn the_cli_decrypts_a_saved_copy_and_rejects_wrong_keys_and_altered_files(
     let link = format!("http://127.0.0.1:8080/#copy=export_1&key={}", key.to_text());
 
     let out = dir.path().join("plain.json");
-    let (ok, err) = decrypt_cli(&["--key", &link, "--out", out.to_str().unwrap(), saved.to_str().unwrap()]).await;
+    let (ok, err) = decrypt_cli(&[
+        "--key",
+        &link,
+        "--out",
+        out.to_str().unwrap(),
+        saved.to_str().unwrap(),
+    ])
+    .await;
     assert!(ok, "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), plain);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     let cases: Vec<(&str, Vec<u8>, String, &str)> = vec![
-        ("wrong key", ct.clone(), DataKey::generate().unwrap().to_text(), "wrong key"),
-        ("altered", { let mut c = ct.clone(); c[HEADER_SIZE + CHUNK_SIZE + 40] ^= 4; c }, key.to_text(), "chunk 1 failed"),
-        ("truncated", ct[..HEADER_SIZE + 2 * (CHUNK_SIZE + TAG_SIZE)].to_vec(), key.to_text(), "truncated"),
-        ("reordered", {
-            let s = CHUNK_SIZE + TAG_SIZE;
-            let mut c = ct.clone();
-            c[HEADER_SIZE..HEADER_SIZE + s].copy_from_slice(&ct[HEADER_SIZE + s..HEADER_SIZE + 2 * s]);
-            c[HEADER_SIZE + s..HEADER_SIZE + 2 * s].copy_from_slice(&ct[HEADER_SIZE..HEADER_SIZE + s]);
-            c
-        }, key.to_text(), "wrong key"),
+        (
+            "wrong key",
+            ct.clone(),
+            DataKey::generate().unwrap().to_text(),
+            "wrong key",
+        ),
+        (
+            "altered",
+            {
+                let mut c = ct.clone();
+                c[HEADER_SIZE + CHUNK_SIZE + 40] ^= 4;
+                c
+            },
+            key.to_text(),
+            "chunk 1 failed",
+        ),
+        (
+            "truncated",
+            ct[..HEADER_SIZE + 2 * (CHUNK_SIZE + TAG_SIZE)].to_vec(),
+            key.to_text(),
+            "truncated",
+        ),
+        (
+            "reordered",
+            {
+                let s = CHUNK_SIZE + TAG_SIZE;
+                let mut c = ct.clone();
+                c[HEADER_SIZE..HEADER_SIZE + s]
+                    .copy_from_slice(&ct[HEADER_SIZE + s..HEADER_SIZE + 2 * s]);
+                c[HEADER_SIZE + s..HEADER_SIZE + 2 * s]
+                    .copy_from_slice(&ct[HEADER_SIZE..HEADER_SIZE + s]);
+                c
+            },
+            key.to_text(),
+            "wrong key",
+        ),
         ("not a key", ct.clone(), "abc".to_string(), "--key"),
-        ("not a copy", b"hello, plain text".to_vec(), key.to_text(), "not an encrypted copy"),
+        (
+            "not a copy",
+            b"hello, plain text".to_vec(),
+            key.to_text(),
+            "not an encrypted copy",
+        ),
     ];
     for (what, bytes, k, says) in cases {
         let input = dir.path().join(format!("{what}.hov"));
         std::fs::write(&input, &bytes).unwrap();
         let out = dir.path().join(format!("{what}.out"));
-        let (ok, err) = decrypt_cli(&["--key", &k, "--out", out.to_str().unwrap(), input.to_str().unwrap()]).await;
+        let (ok, err) = decrypt_cli(&[
+            "--key",
+            &k,
+            "--out",
+            out.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ])
+        .await;
         assert!(!ok, "{what}: accepted");
         assert!(err.contains(says), "{what}: {err}");
         assert!(!out.exists(), "{what}: partial plaintext left behind");

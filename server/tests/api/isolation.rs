@@ -86,7 +86,9 @@ async fn isolation_matrix_two_users_two_companies() {
                 (
                     Method::POST,
                     format!("/api/data/export/{other}/copy/complete"),
-                    Some(r#"{"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}"#),
+                    Some(
+                        r#"{"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+                    ),
                 ),
                 (Method::DELETE, format!("/api/data/export/{other}"), None),
             ] {

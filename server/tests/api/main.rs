@@ -7,8 +7,8 @@
 mod helpers;
 
 mod audit;
-mod copies;
 mod auth;
+mod copies;
 mod errors;
 mod isolation;
 mod lifecycle;
