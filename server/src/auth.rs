@@ -39,9 +39,26 @@ pub struct Scope {
     pub company_id: String,
 }
 
+/// Where the keys that verify JWTs come from.
+pub enum JwtKeys {
+    /// One key (a shared secret, or the provider's public key).
+    Static(DecodingKey),
+    /// The provider's key set, by key id (`kid`), from its JWKS URL.
+    Jwks(std::sync::Arc<crate::jwks::JwksCache>),
+}
+
+impl std::fmt::Debug for JwtKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Static(_) => f.write_str("Static(…)"),
+            Self::Jwks(c) => f.debug_tuple("Jwks").field(c).finish(),
+        }
+    }
+}
+
 /// How JWTs are checked.
 pub struct JwtConfig {
-    pub key: DecodingKey,
+    pub keys: JwtKeys,
     pub validation: Validation,
     /// Tokens meant to live longer (exp − iat) are refused.
     pub max_lifetime_secs: Option<u64>,
@@ -76,6 +93,58 @@ impl JwtConfig {
         Ok(Self::new(key, Algorithm::RS256, issuer, audience))
     }
 
+    /// Any asymmetric algorithm, with the keys of the JWKS behind `cache`.
+    pub fn jwks(
+        cache: crate::jwks::JwksCache,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Self {
+        let mut c = Self::new(
+            DecodingKey::from_secret(&[]),
+            Algorithm::RS256,
+            issuer,
+            audience,
+        );
+        c.keys = JwtKeys::Jwks(std::sync::Arc::new(cache));
+        c
+    }
+
+    /// Checks `token`'s signature and claims.
+    async fn decode(&self, token: &str) -> Result<Claims, String> {
+        let reject = |e: jsonwebtoken::errors::Error| format!("JWT rejected: {e}");
+        match &self.keys {
+            JwtKeys::Static(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+                .map(|d| d.claims)
+                .map_err(reject),
+            JwtKeys::Jwks(cache) => {
+                let header = jsonwebtoken::decode_header(token).map_err(reject)?;
+                let kid = header
+                    .kid
+                    .ok_or("JWT rejected: no key id (kid) to look up in the JWKS")?;
+                let key = cache
+                    .key(&kid)
+                    .await
+                    .ok_or_else(|| format!("JWT rejected: key id {kid:?} is not in the JWKS"))?;
+                // The token's own alg only within what the key is for:
+                // never a shared-secret algorithm, never another than the
+                // key was published with.
+                if header.alg.family() == jsonwebtoken::AlgorithmFamily::Hmac
+                    || key.alg.is_some_and(|a| a != header.alg)
+                {
+                    return Err(format!(
+                        "JWT rejected: algorithm {:?} is not the key's",
+                        header.alg
+                    ));
+                }
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![header.alg];
+                jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+                    .map(|d| d.claims)
+                    .map_err(reject)
+            }
+        }
+    }
+
     fn new(key: DecodingKey, alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -93,7 +162,7 @@ impl JwtConfig {
             None => validation.validate_aud = false,
         }
         Self {
-            key,
+            keys: JwtKeys::Static(key),
             validation,
             max_lifetime_secs: None,
         }
@@ -196,9 +265,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     let jwt = state.auth.jwt.as_ref().ok_or_else(|| {
         ApiError::Unauthorized("not an API token, and JWTs are not configured".into())
     })?;
-    let data = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
-        .map_err(|e| ApiError::Unauthorized(format!("JWT rejected: {e}")))?;
-    let c = data.claims;
+    let c = jwt.decode(token).await.map_err(ApiError::Unauthorized)?;
     if let Some(max) = jwt.max_lifetime_secs {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();

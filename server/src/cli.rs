@@ -182,6 +182,13 @@ struct ServeArgs {
     /// RS256 public key: a PEM file path or the PEM itself.
     #[arg(long, env = "HANDOVER_JWT_RS256_PUBLIC_KEY")]
     jwt_rs256_public_key: Option<String>,
+    /// The identity provider's JWKS URL (e.g. https://TENANT.auth0.com/.well-known/jwks.json):
+    /// its public keys, by key id, cached and fetched again on rotation.
+    #[arg(long, env = "HANDOVER_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// How long fetched JWKS keys are used before they are fetched again.
+    #[arg(long, env = "HANDOVER_JWT_JWKS_CACHE_SECS", default_value_t = 600)]
+    jwt_jwks_cache_secs: u64,
     #[arg(long, env = "HANDOVER_JWT_ISSUER")]
     jwt_issuer: Option<String>,
     #[arg(long, env = "HANDOVER_JWT_AUDIENCE")]
@@ -324,6 +331,8 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         jwt: JwtSettings {
             hs256_secret: a.jwt_hs256_secret.clone(),
             rs256_public_key: a.jwt_rs256_public_key.clone(),
+            jwks_url: a.jwt_jwks_url.clone(),
+            jwks_cache_secs: a.jwt_jwks_cache_secs,
             issuer: a.jwt_issuer.clone(),
             audience: a.jwt_audience.clone(),
             max_lifetime_secs: a.jwt_max_lifetime_secs,

@@ -128,6 +128,10 @@ pub struct JwtSettings {
     pub hs256_secret: Option<String>,
     /// A PEM, or a path to one.
     pub rs256_public_key: Option<String>,
+    /// The provider's JWKS URL.
+    pub jwks_url: Option<String>,
+    /// How long JWKS keys are cached (0: the default, 600 s).
+    pub jwks_cache_secs: u64,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Longest accepted JWT lifetime, in seconds.
@@ -168,6 +172,22 @@ impl JwtSettings {
                 JwtConfig::rs256(&pem, self.issuer.as_deref(), self.audience.as_deref())
                     .context("HANDOVER_JWT_RS256_PUBLIC_KEY")?,
             );
+        }
+        if let Some(url) = &self.jwks_url {
+            anyhow::ensure!(
+                jwt.is_none(),
+                "set one of HANDOVER_JWT_HS256_SECRET, HANDOVER_JWT_RS256_PUBLIC_KEY and HANDOVER_JWT_JWKS_URL"
+            );
+            let ttl = match self.jwks_cache_secs {
+                0 => 600,
+                s => s,
+            };
+            let cache = crate::jwks::JwksCache::new(url, std::time::Duration::from_secs(ttl))?;
+            jwt = Some(JwtConfig::jwks(
+                cache,
+                self.issuer.as_deref(),
+                self.audience.as_deref(),
+            ));
         }
         if let Some(j) = &mut jwt {
             j.max_lifetime_secs = self.max_lifetime_secs;

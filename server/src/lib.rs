@@ -17,6 +17,7 @@ pub mod exports;
 pub mod files;
 pub mod guard;
 pub mod jobs;
+pub mod jwks;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;

@@ -40,6 +40,8 @@ pub struct Opts {
     pub unauth_per_minute: Option<u64>,
     /// Run as in demo mode (demo tokens work).
     pub demo_mode: bool,
+    /// JWTs checked against this JWKS: (URL, cache TTL, least time between fetches).
+    pub jwks: Option<(String, std::time::Duration, std::time::Duration)>,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -176,7 +178,15 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
         .await
         .unwrap();
     }
-    let mut jwt = if opts.rs256 {
+    let mut jwt = if let Some((url, ttl, interval)) = &opts.jwks {
+        JwtConfig::jwks(
+            handover_server::jwks::JwksCache::new(url, *ttl)
+                .unwrap()
+                .with_min_interval(*interval),
+            Some(ISSUER),
+            Some(AUDIENCE),
+        )
+    } else if opts.rs256 {
         JwtConfig::rs256(
             include_bytes!("../fixtures/jwt-test-public.pem"),
             Some(ISSUER),

@@ -11,6 +11,7 @@ mod auth;
 mod copies;
 mod errors;
 mod isolation;
+mod jwks;
 mod lifecycle;
 mod limits;
 mod operations;
