@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod format;
 pub mod model;
+pub mod options;
 pub mod wire;
 
 mod checksum;

@@ -1,13 +1,15 @@
-//! Property tests of what reads untrusted bytes: the decryptor of export
-//! files and the record-page decoder. Whatever they are given, they answer
-//! with a value or an error, never a panic; and what they accept is exactly
-//! what was written.
+//! Property tests of what reads untrusted input: the decryptor of export
+//! files, the record-page decoder, and `exportData`'s options parser.
+//! Whatever they are given, they answer with a value or an error, never a
+//! panic; and what they accept is exactly what was written.
 #![cfg(not(target_arch = "wasm32"))]
 
 use handover::crypto::{decrypt_all, DataKey, Encryptor, CHUNK_SIZE};
 use handover::model::{Column, ColumnKind};
+use handover::options::parse_options;
 use handover::wire::decode_frame;
 use proptest::prelude::*;
+use serde_json::{json, Value};
 
 fn encrypt(key: &DataKey, plain: &[u8], split: usize) -> Vec<u8> {
     let mut enc = Encryptor::new(key).unwrap();
@@ -80,5 +82,96 @@ proptest! {
             "next_cursor": next,
         });
         let _ = decode_frame(body.to_string().as_bytes(), &columns);
+    }
+}
+
+/// Any JSON value, a few levels deep, with the option names mixed in.
+fn any_json() -> impl Strategy<Value = Value> {
+    let name = prop_oneof![
+        Just("baseUrl".to_string()),
+        Just("token".to_string()),
+        Just("companyId".to_string()),
+        Just("format".to_string()),
+        Just("dataTypes".to_string()),
+        Just("dateRange".to_string()),
+        Just("pageSize".to_string()),
+        Just("retries".to_string()),
+        Just("storage".to_string()),
+        Just("keepCopy".to_string()),
+        Just("copyLinkBase".to_string()),
+        Just("csv".to_string()),
+        Just("start".to_string()),
+        Just("end".to_string()),
+        "[a-zA-Z]{1,8}",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| json!(f)),
+        "\\PC{0,12}".prop_map(Value::from),
+        Just(json!("2024-01-01T00:00:00Z")),
+        Just(json!("user_profile")),
+        Just(json!("https://a.example")),
+    ];
+    leaf.prop_recursive(3, 24, 6, move |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            proptest::collection::btree_map(name.clone(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const OPTION_CODES: [&str; 4] = [
+    "INVALID_OPTIONS",
+    "INVALID_FORMAT",
+    "INVALID_DATA_TYPE",
+    "DATE_RANGE_INVALID",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_options_get_a_result_or_a_documented_code(v in any_json()) {
+        match parse_options(&v.to_string()) {
+            Ok(o) => {
+                prop_assert!(!o.token.trim().is_empty() && !o.company_id.trim().is_empty());
+                prop_assert!((1..=5000).contains(&o.page_size));
+                prop_assert!((1..=20).contains(&o.max_attempts));
+            }
+            Err(e) => {
+                prop_assert!(OPTION_CODES.contains(&e.code), "{}", e.code);
+                prop_assert!(!e.message.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn valid_options_are_taken_as_given(
+        page in 1u32..=5000,
+        retries in 1u32..=20,
+        format in prop_oneof![Just("json"), Just("csv"), Just("xlsx")],
+        types in proptest::collection::btree_set("[a-z][a-z_]{0,20}", 1..5),
+        keep in any::<bool>(),
+    ) {
+        let types: Vec<String> = types.into_iter().collect();
+        let text = json!({"baseUrl": "https://api.example/", "token": "hov_t", "companyId": "c",
+            "format": format, "dataTypes": types, "pageSize": page, "retries": retries,
+            "keepCopy": keep}).to_string();
+        let o = parse_options(&text).unwrap();
+        prop_assert_eq!(o.base_url, "https://api.example");
+        prop_assert_eq!(o.format.as_str(), format);
+        prop_assert_eq!(o.data_types, types);
+        prop_assert_eq!((o.page_size, o.max_attempts), (page, retries));
+        prop_assert_eq!(o.keep_copy, keep.then_some(None));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused(page in prop_oneof![Just(0u64), 5001u64..1_000_000]) {
+        let e = parse_options(&json!({"token": "t", "companyId": "c", "pageSize": page}).to_string()).unwrap_err();
+        prop_assert_eq!(e.code, "INVALID_OPTIONS");
+        prop_assert!(e.message.contains("pageSize"));
     }
 }

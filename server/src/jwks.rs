@@ -151,8 +151,7 @@ impl JwksCache {
         let _one_at_a_time = self.fetching.lock().await;
         {
             let c = self.cached.read().await;
-            if c
-                .tried_at
+            if c.tried_at
                 .is_some_and(|t| t >= started || t.elapsed() < self.min_interval)
             {
                 return;
@@ -168,7 +167,9 @@ impl JwksCache {
                 c.fetched_at = Some(Instant::now());
             }
             // Keep the keys there are: the provider may be down for a moment.
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), url = %self.url, "JWKS fetch failed"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), url = %self.url, "JWKS fetch failed")
+            }
         }
     }
 

@@ -1,15 +1,13 @@
-//! `ExportOptions`: parsed and checked before any request is made.
+//! `ExportOptions`: the live objects (`onProgress`, `signal`) taken out,
+//! the rest checked by [`crate::options`] before any request is made.
 
 use js_sys::{Function, Object, Reflect};
-use serde::Deserialize;
-use serde_json::Value;
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::AbortSignal;
 
 use super::error::export_error;
 use super::output::Storage;
-use crate::format::{ExportFormat, FormatOptions};
-use crate::model::{is_valid_data_type_name, parse_timestamp, DateRange};
+use crate::options::{parse_options, CheckedOptions, StoragePref};
 
 #[wasm_bindgen::prelude::wasm_bindgen(typescript_custom_section)]
 const TS_EXPORT_OPTIONS: &'static str = r#"
@@ -124,74 +122,26 @@ export function wasmMemoryBytes(): number;
 export function exportDataInWorker(options: ExportOptions): Promise<ExportResult>;
 "#;
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Raw {
-    base_url: Option<String>,
-    token: Option<String>,
-    company_id: Option<String>,
-    format: Option<String>,
-    data_types: Option<Vec<Value>>,
-    date_range: Option<DateRange>,
-    metadata: Option<Value>,
-    download: Option<bool>,
-    filename: Option<String>,
-    page_size: Option<u32>,
-    retries: Option<u32>,
-    retry_base_ms: Option<u32>,
-    max_retry_after_seconds: Option<u32>,
-    request_timeout_ms: Option<u32>,
-    neutralize_formulas: Option<bool>,
-    csv: Option<RawCsv>,
-    storage: Option<String>,
-    worker: Option<bool>,
-    release_file_after_ms: Option<u32>,
-    keep_copy: Option<bool>,
-    copy_link_base: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCsv {
-    bom: Option<bool>,
-}
-
-/// Checked options of one export.
+/// Checked options of one export, with its live objects.
 #[derive(Debug)]
 pub(crate) struct ExportOptions {
-    pub base_url: String,
-    pub token: String,
-    pub company_id: String,
-    pub format: ExportFormat,
-    pub data_types: Vec<String>,
-    pub date_range: Option<DateRange>,
-    pub metadata: Option<Value>,
-    pub download: bool,
-    pub filename: Option<String>,
-    pub page_size: u32,
-    pub max_attempts: u32,
-    pub retry_base_ms: u32,
-    pub max_retry_after_secs: u32,
-    pub request_timeout_ms: u32,
-    pub format_options: FormatOptions,
+    pub checked: CheckedOptions,
     pub storage: Storage,
     pub on_progress: Option<Function>,
     pub signal: Option<AbortSignal>,
-    /// Keep an end-to-end encrypted copy on the server; links go back to this page.
+    /// Keep an end-to-end encrypted copy; links go back to this page.
     pub keep_copy: Option<String>,
 }
 
-fn invalid(msg: impl AsRef<str>) -> JsValue {
-    export_error("INVALID_OPTIONS", msg.as_ref())
+impl std::ops::Deref for ExportOptions {
+    type Target = CheckedOptions;
+    fn deref(&self) -> &CheckedOptions {
+        &self.checked
+    }
 }
 
-fn required(v: Option<String>, name: &str) -> Result<String, JsValue> {
-    match v {
-        Some(s) if !s.trim().is_empty() => Ok(s),
-        _ => Err(invalid(format!(
-            "options.{name} is required (a non-empty string)"
-        ))),
-    }
+fn invalid(msg: &str) -> JsValue {
+    export_error("INVALID_OPTIONS", msg)
 }
 
 /// Parses and checks `options`.
@@ -230,144 +180,21 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
         .ok()
         .and_then(|s| s.as_string())
         .ok_or_else(|| invalid("options cannot be read as JSON (BigInt or a cycle?)"))?;
-    let raw: Raw = serde_json::from_str(&text).map_err(|e| invalid(format!("options: {e}")))?;
-
-    let base_url = raw
-        .base_url
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_string();
-    if !(base_url.is_empty()
-        || base_url.starts_with("http://")
-        || base_url.starts_with("https://")
-        || base_url.starts_with('/'))
-    {
-        return Err(invalid(format!(
-            "options.baseUrl {base_url:?} must be an http(s) URL"
-        )));
-    }
-    let token = required(raw.token, "token")?;
-    let company_id = required(raw.company_id, "companyId")?;
-    let format: ExportFormat = raw.format.as_deref().unwrap_or("json").parse()?;
-    // Absent: every data type the server offers (the GDPR default: all of
-    // it), asked of the server when the export starts. Present: at least one.
-    let types =
-        match raw.data_types {
-            None => Vec::new(),
-            Some(t) if t.is_empty() => return Err(export_error(
-                "INVALID_DATA_TYPE",
-                "options.dataTypes must name at least one data type (leave it out for all of them)",
-            )),
-            Some(t) => t,
-        };
-    let mut data_types = Vec::with_capacity(types.len());
-    for t in types {
-        match t {
-            Value::String(s) if is_valid_data_type_name(&s) && !data_types.contains(&s) => {
-                data_types.push(s)
-            }
-            other => {
-                return Err(export_error(
-                    "INVALID_DATA_TYPE",
-                    &format!("options.dataTypes: {other} is not a valid, unique data type name"),
-                ))
-            }
-        }
-    }
-    if let Some(r) = &raw.date_range {
-        for v in [&r.start, &r.end].into_iter().flatten() {
-            if parse_timestamp(v).is_none() {
-                return Err(export_error(
-                    "DATE_RANGE_INVALID",
-                    &format!("options.dateRange: {v:?} is not an ISO-8601 date-time"),
-                ));
-            }
-        }
-        if let (Some(s), Some(e)) = (&r.start, &r.end) {
-            if parse_timestamp(s) > parse_timestamp(e) {
-                return Err(export_error(
-                    "DATE_RANGE_INVALID",
-                    "options.dateRange: start is after end",
-                ));
-            }
-        }
-    }
-    if let Some(m) = &raw.metadata {
-        if !m.is_object() {
-            return Err(invalid("options.metadata must be an object"));
-        }
-    }
-    let page_size = raw.page_size.unwrap_or(1000);
-    if !(1..=5000).contains(&page_size) {
-        return Err(invalid("options.pageSize must be from 1 to 5000"));
-    }
-    let max_attempts = raw.retries.unwrap_or(6);
-    if !(1..=20).contains(&max_attempts) {
-        return Err(invalid("options.retries must be from 1 to 20"));
-    }
-    let request_timeout_ms = raw.request_timeout_ms.unwrap_or(60_000);
-    if !(100..=600_000).contains(&request_timeout_ms) {
-        return Err(invalid(
-            "options.requestTimeoutMs must be from 100 to 600000",
-        ));
-    }
-    let storage = match raw.storage.as_deref() {
-        None | Some("auto") => Storage::Auto,
-        Some("memory") => Storage::Memory,
-        Some("opfs") => Storage::Opfs,
-        Some(other) => {
-            return Err(invalid(format!(
-                "options.storage {other:?} must be \"auto\", \"opfs\" or \"memory\""
-            )))
-        }
+    let checked = parse_options(&text).map_err(|e| export_error(e.code, &e.message))?;
+    let storage = match checked.storage {
+        StoragePref::Auto => Storage::Auto,
+        StoragePref::Memory => Storage::Memory,
+        StoragePref::Opfs => Storage::Opfs,
     };
-    // Read by the package's JavaScript (the worker and the file's
-    // release); checked here so that a typo is caught either way.
-    let _ = raw.worker;
-    if raw.release_file_after_ms.is_some_and(|ms| ms > 86_400_000) {
-        return Err(invalid(
-            "options.releaseFileAfterMs must be at most a day (86400000)",
-        ));
-    }
-    if let Some(f) = &raw.filename {
-        if f.trim().is_empty() || f.contains(['/', '\\']) {
-            return Err(invalid("options.filename must be a plain file name"));
-        }
-    }
-    let keep_copy = match (raw.keep_copy.unwrap_or(false), raw.copy_link_base) {
-        (false, _) => None,
-        (true, Some(base)) if base.starts_with("http://") || base.starts_with("https://") => {
-            Some(base)
-        }
-        (true, Some(base)) => {
-            return Err(invalid(format!(
-                "options.copyLinkBase {base:?} must be an http(s) URL"
-            )))
-        }
-        (true, None) => Some(super::copy::here()),
-    };
+    let keep_copy = checked
+        .keep_copy
+        .clone()
+        .map(|base| base.unwrap_or_else(super::copy::here));
     Ok(ExportOptions {
-        keep_copy,
-        base_url,
-        token,
-        company_id,
-        format,
-        data_types,
-        date_range: raw.date_range,
-        metadata: raw.metadata,
-        download: raw.download.unwrap_or(true),
-        filename: raw.filename,
-        page_size,
-        max_attempts,
-        retry_base_ms: raw.retry_base_ms.unwrap_or(250).min(60_000),
-        max_retry_after_secs: raw.max_retry_after_seconds.unwrap_or(120),
-        request_timeout_ms,
-        format_options: FormatOptions {
-            neutralize_formulas: raw.neutralize_formulas.unwrap_or(true),
-            csv_bom: raw.csv.and_then(|c| c.bom).unwrap_or(false),
-        },
+        checked,
         storage,
         on_progress,
         signal,
+        keep_copy,
     })
 }

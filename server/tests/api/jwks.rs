@@ -102,17 +102,28 @@ async fn keys_come_from_the_jwks_are_cached_and_rotate_without_a_restart() {
     let b = token(Some("key-2026-b"), KEY_B, Algorithm::RS256);
     assert_eq!(status(&app, &b).await, 200);
     assert_eq!(idp.fetches.load(Ordering::SeqCst), 2);
-    assert_eq!(status(&app, &a).await, 200, "the old key still works while published");
+    assert_eq!(
+        status(&app, &a).await,
+        200,
+        "the old key still works while published"
+    );
 
     // What is refused: no key id, a key id signed by another key, the
     // shared-secret algorithm (key confusion), an unknown key id.
-    assert_eq!(status(&app, &token(None, KEY_A, Algorithm::RS256)).await, 401);
+    assert_eq!(
+        status(&app, &token(None, KEY_A, Algorithm::RS256)).await,
+        401
+    );
     assert_eq!(
         status(&app, &token(Some("key-2026-a"), KEY_B, Algorithm::RS256)).await,
         401
     );
     assert_eq!(
-        status(&app, &token(Some("key-2026-a"), JWKS_AB.as_bytes(), Algorithm::HS256)).await,
+        status(
+            &app,
+            &token(Some("key-2026-a"), JWKS_AB.as_bytes(), Algorithm::HS256)
+        )
+        .await,
         401
     );
     assert_eq!(
@@ -137,7 +148,12 @@ async fn a_key_the_provider_withdrew_stops_working_when_the_cache_expires() {
 #[tokio::test]
 async fn made_up_key_ids_do_not_make_the_server_hammer_the_provider() {
     let idp = provider(JWKS_A).await;
-    let app = spawn_jwks(&idp.url, Duration::from_secs(3600), Duration::from_secs(3600)).await;
+    let app = spawn_jwks(
+        &idp.url,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    )
+    .await;
     assert_eq!(
         status(&app, &token(Some("key-2026-a"), KEY_A, Algorithm::RS256)).await,
         200
@@ -158,7 +174,10 @@ async fn the_server_refuses_a_jwks_url_over_plain_http_to_another_host() {
     let dir = tempfile::tempdir().unwrap();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["serve", "--bind", "127.0.0.1:0"])
-        .env("DATABASE_URL", format!("sqlite://{}/h.db", dir.path().display()))
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/h.db", dir.path().display()),
+        )
         .env("HANDOVER_DATA_DIR", dir.path())
         .env("HANDOVER_MASTER_KEY", MASTER_HEX)
         .env("HANDOVER_JWT_JWKS_URL", "http://idp.example/jwks.json")

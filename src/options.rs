@@ -1,0 +1,279 @@
+//! `exportData`'s options, checked before any request is made: the plain
+//! data part (everything but the callbacks and the `AbortSignal`), read from
+//! its JSON text. Target-agnostic, so the checks are property-tested
+//! natively; `src/browser/options.rs` adds the live objects.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::format::{ExportFormat, FormatOptions};
+use crate::model::{is_valid_data_type_name, parse_timestamp, DateRange};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Raw {
+    base_url: Option<String>,
+    token: Option<String>,
+    company_id: Option<String>,
+    format: Option<String>,
+    data_types: Option<Vec<Value>>,
+    date_range: Option<DateRange>,
+    metadata: Option<Value>,
+    download: Option<bool>,
+    filename: Option<String>,
+    page_size: Option<u32>,
+    retries: Option<u32>,
+    retry_base_ms: Option<u32>,
+    max_retry_after_seconds: Option<u32>,
+    request_timeout_ms: Option<u32>,
+    neutralize_formulas: Option<bool>,
+    csv: Option<RawCsv>,
+    storage: Option<String>,
+    worker: Option<bool>,
+    release_file_after_ms: Option<u32>,
+    keep_copy: Option<bool>,
+    copy_link_base: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCsv {
+    bom: Option<bool>,
+}
+
+/// Where the finished file is built (`storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoragePref {
+    /// The Origin Private File System in a worker, memory otherwise.
+    Auto,
+    /// Always `Blob` parts in memory.
+    Memory,
+    /// The Origin Private File System, or an error where there is none.
+    Opfs,
+}
+
+/// The checked options of one export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedOptions {
+    /// Without a trailing slash; empty: the page's own origin.
+    pub base_url: String,
+    pub token: String,
+    pub company_id: String,
+    pub format: ExportFormat,
+    /// Empty: every type the server offers.
+    pub data_types: Vec<String>,
+    pub date_range: Option<DateRange>,
+    pub metadata: Option<Value>,
+    pub download: bool,
+    pub filename: Option<String>,
+    pub page_size: u32,
+    pub max_attempts: u32,
+    pub retry_base_ms: u32,
+    pub max_retry_after_secs: u32,
+    pub request_timeout_ms: u32,
+    pub format_options: FormatOptions,
+    pub storage: StoragePref,
+    /// `Some(base)`: keep an encrypted copy, its link on `base` (`None`
+    /// inside: the calling page).
+    pub keep_copy: Option<Option<String>>,
+}
+
+/// Why options were refused: a stable code and a message naming the option.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct OptionsError {
+    /// `INVALID_OPTIONS`, `INVALID_FORMAT`, `INVALID_DATA_TYPE` or `DATE_RANGE_INVALID`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn invalid(msg: impl Into<String>) -> OptionsError {
+    OptionsError {
+        code: "INVALID_OPTIONS",
+        message: msg.into(),
+    }
+}
+
+fn refuse(code: &'static str, msg: impl Into<String>) -> OptionsError {
+    OptionsError {
+        code,
+        message: msg.into(),
+    }
+}
+
+fn required(v: Option<String>, name: &str) -> Result<String, OptionsError> {
+    match v {
+        Some(s) if !s.trim().is_empty() => Ok(s),
+        _ => Err(invalid(format!(
+            "options.{name} is required (a non-empty string)"
+        ))),
+    }
+}
+
+fn is_http_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// Checks the options' JSON text (without `onProgress` and `signal`).
+///
+/// ```
+/// use handover::options::parse_options;
+/// let o = parse_options(r#"{"token": "hov_x", "companyId": "c1", "format": "csv", "pageSize": 500}"#).unwrap();
+/// assert_eq!((o.page_size, o.format.as_str()), (500, "csv"));
+/// let e = parse_options(r#"{"token": "hov_x", "companyId": "c1", "pageSiz": 5}"#).unwrap_err();
+/// assert_eq!(e.code, "INVALID_OPTIONS");
+/// ```
+///
+/// # Errors
+///
+/// An [`OptionsError`] naming the option: `INVALID_OPTIONS` (unknown
+/// names, wrong types, out-of-range numbers), `INVALID_FORMAT`,
+/// `INVALID_DATA_TYPE`, `DATE_RANGE_INVALID`.
+pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
+    let raw: Raw =
+        match serde_json::from_str::<Value>(json) {
+            Ok(Value::Object(_)) => {
+                serde_json::from_str(json).map_err(|e| invalid(format!("options: {e}")))?
+            }
+            _ => return Err(invalid(
+                "exportData needs an options object: { baseUrl, token, companyId, dataTypes, … }",
+            )),
+        };
+    let base_url = raw
+        .base_url
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_string();
+    if !(base_url.is_empty()
+        || base_url.starts_with("http://")
+        || base_url.starts_with("https://")
+        || base_url.starts_with('/'))
+    {
+        return Err(invalid(format!(
+            "options.baseUrl {base_url:?} must be an http(s) URL"
+        )));
+    }
+    let token = required(raw.token, "token")?;
+    let company_id = required(raw.company_id, "companyId")?;
+    let format: ExportFormat = raw
+        .format
+        .as_deref()
+        .unwrap_or("json")
+        .parse()
+        .map_err(|e: crate::format::FormatError| refuse(e.code(), e.to_string()))?;
+    // Absent: every data type the server offers (the GDPR default: all of
+    // it), asked of the server when the export starts. Present: at least one.
+    let types =
+        match raw.data_types {
+            None => Vec::new(),
+            Some(t) if t.is_empty() => return Err(refuse(
+                "INVALID_DATA_TYPE",
+                "options.dataTypes must name at least one data type (leave it out for all of them)",
+            )),
+            Some(t) => t,
+        };
+    let mut data_types = Vec::with_capacity(types.len());
+    for t in types {
+        match t {
+            Value::String(s) if is_valid_data_type_name(&s) && !data_types.contains(&s) => {
+                data_types.push(s)
+            }
+            other => {
+                return Err(refuse(
+                    "INVALID_DATA_TYPE",
+                    format!("options.dataTypes: {other} is not a valid, unique data type name"),
+                ))
+            }
+        }
+    }
+    if let Some(r) = &raw.date_range {
+        for v in [&r.start, &r.end].into_iter().flatten() {
+            if parse_timestamp(v).is_none() {
+                return Err(refuse(
+                    "DATE_RANGE_INVALID",
+                    format!("options.dateRange: {v:?} is not an ISO-8601 date-time"),
+                ));
+            }
+        }
+        if let (Some(s), Some(e)) = (&r.start, &r.end) {
+            if parse_timestamp(s) > parse_timestamp(e) {
+                return Err(refuse(
+                    "DATE_RANGE_INVALID",
+                    "options.dateRange: start is after end",
+                ));
+            }
+        }
+    }
+    if let Some(m) = &raw.metadata {
+        if !m.is_object() {
+            return Err(invalid("options.metadata must be an object"));
+        }
+    }
+    let page_size = raw.page_size.unwrap_or(1000);
+    if !(1..=5000).contains(&page_size) {
+        return Err(invalid("options.pageSize must be from 1 to 5000"));
+    }
+    let max_attempts = raw.retries.unwrap_or(6);
+    if !(1..=20).contains(&max_attempts) {
+        return Err(invalid("options.retries must be from 1 to 20"));
+    }
+    let request_timeout_ms = raw.request_timeout_ms.unwrap_or(60_000);
+    if !(100..=600_000).contains(&request_timeout_ms) {
+        return Err(invalid(
+            "options.requestTimeoutMs must be from 100 to 600000",
+        ));
+    }
+    let storage = match raw.storage.as_deref() {
+        None | Some("auto") => StoragePref::Auto,
+        Some("memory") => StoragePref::Memory,
+        Some("opfs") => StoragePref::Opfs,
+        Some(other) => {
+            return Err(invalid(format!(
+                "options.storage {other:?} must be \"auto\", \"opfs\" or \"memory\""
+            )))
+        }
+    };
+    // Read by the package's JavaScript (the worker and the file's
+    // release); checked here so that a typo is caught either way.
+    let _ = raw.worker;
+    if raw.release_file_after_ms.is_some_and(|ms| ms > 86_400_000) {
+        return Err(invalid(
+            "options.releaseFileAfterMs must be at most a day (86400000)",
+        ));
+    }
+    if let Some(f) = &raw.filename {
+        if f.trim().is_empty() || f.contains(['/', '\\']) {
+            return Err(invalid("options.filename must be a plain file name"));
+        }
+    }
+    if let Some(base) = &raw.copy_link_base {
+        if !is_http_url(base) {
+            return Err(invalid(format!(
+                "options.copyLinkBase {base:?} must be an http(s) URL"
+            )));
+        }
+    }
+    let keep_copy = raw.keep_copy.unwrap_or(false).then_some(raw.copy_link_base);
+    Ok(CheckedOptions {
+        keep_copy,
+        base_url,
+        token,
+        company_id,
+        format,
+        data_types,
+        date_range: raw.date_range,
+        metadata: raw.metadata,
+        download: raw.download.unwrap_or(true),
+        filename: raw.filename,
+        page_size,
+        max_attempts,
+        retry_base_ms: raw.retry_base_ms.unwrap_or(250).min(60_000),
+        max_retry_after_secs: raw.max_retry_after_seconds.unwrap_or(120),
+        request_timeout_ms,
+        format_options: FormatOptions {
+            neutralize_formulas: raw.neutralize_formulas.unwrap_or(true),
+            csv_bom: raw.csv.and_then(|c| c.bom).unwrap_or(false),
+        },
+        storage,
+    })
+}
