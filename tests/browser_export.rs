@@ -752,3 +752,53 @@ async fn decrypt_export_rejects_reordered_and_truncated_chunks() {
         "truncated"
     );
 }
+
+#[wasm_bindgen_test]
+async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flood_memory() {
+    let hostile = option_env!("HANDOVER_TEST_HOSTILE_SERVER")
+        .expect("HANDOVER_TEST_HOSTILE_SERVER unset: run through scripts/test.sh");
+    for (token, says) in [
+        ("cycle", "back to an earlier cursor"),
+        ("elsewhere", "another origin"),
+        ("huge", "too large"),
+    ] {
+        let o: JsValue = Object::new().into();
+        set(&o, "baseUrl", hostile);
+        set(&o, "token", token);
+        set(&o, "companyId", "c");
+        set(&o, "format", "csv");
+        set(&o, "dataTypes", JSON::parse(r#"["t"]"#).unwrap());
+        set(&o, "download", false);
+        set(&o, "retries", 2);
+        set(&o, "retryBaseMs", 1);
+        let err = export_data(o).await.unwrap_err();
+        assert_eq!(code_of(&err), "INVALID_RESPONSE", "{token}");
+        let message = get(&err, "message").as_string().unwrap();
+        assert!(message.contains(says), "{token}: {message}");
+    }
+    let window = web_sys::window().unwrap();
+    let resp: web_sys::Response =
+        JsFuture::from(window.fetch_with_str(&format!("{hostile}/__seen")))
+            .await
+            .unwrap()
+            .unchecked_into();
+    let text = JsFuture::from(resp.text().unwrap())
+        .await
+        .unwrap()
+        .as_string()
+        .unwrap();
+    let seen: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert!(
+        seen.iter()
+            .all(|r| !r["path"].as_str().unwrap().starts_with("/steal")),
+        "nothing was sent to the other origin: {text}"
+    );
+    let streams = seen
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().ends_with("/stream"))
+        .count();
+    assert_eq!(
+        streams, 1,
+        "the cycle was refused at once, not retried: {text}"
+    );
+}

@@ -1,16 +1,19 @@
 // Runs the wasm-bindgen browser tests of exportData against real servers:
 // one clean, one that injects faults (500s, 429s, dropped connections)
 // into a third of the record pages, one that fails every page and one whose
-// pages never finish, all on the same database. Server
+// pages never finish, all on the same database; and a hostile impostor
+// (tests/js/support/hostile-server.mjs). Server
 // URLs and tokens reach the tests as compile-time environment variables.
 import { spawn } from "node:child_process";
 import { makeDatabase, makeToken, companyOf, startServer, removeDatabase, ROOT } from "./server.mjs";
+import { startHostile } from "./hostile-server.mjs";
 
 const db = makeDatabase({ users: 14, records: 300 });
 const clean = await startServer(db);
 const faulty = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "0.3" } });
 const broken = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "1" } });
 const stalled = await startServer(db, { extraEnv: { HANDOVER_FAULT_PAGES: "1", HANDOVER_FAULT_KIND: "stall" } });
+const hostile = await startHostile();
 const tokens = {};
 for (let n = 1; n <= 14; n++) {
   const user = `user_${String(n).padStart(4, "0")}`;
@@ -32,6 +35,7 @@ try {
         HANDOVER_TEST_FAULTY_SERVER: faulty.url,
         HANDOVER_TEST_BROKEN_SERVER: broken.url,
         HANDOVER_TEST_STALLED_SERVER: stalled.url,
+        HANDOVER_TEST_HOSTILE_SERVER: hostile.url,
         HANDOVER_TEST_TOKENS: JSON.stringify(tokens),
         CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER: "wasm-bindgen-test-runner",
         // The whole headless run must finish within this (default 20 s); the
@@ -47,6 +51,7 @@ try {
   await faulty.stop();
   await broken.stop();
   await stalled.stop();
+  await hostile.stop();
   removeDatabase(db);
 }
 process.exit(status);
