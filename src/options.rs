@@ -33,6 +33,7 @@ struct Raw {
     release_file_after_ms: Option<u32>,
     keep_copy: Option<bool>,
     copy_link_base: Option<String>,
+    copy_part_bytes: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +77,8 @@ pub struct CheckedOptions {
     /// `Some(base)`: keep an encrypted copy, its link on `base` (`None`
     /// inside: the calling page).
     pub keep_copy: Option<Option<String>>,
+    /// Plaintext bytes per uploaded part of the copy.
+    pub copy_part_bytes: u32,
 }
 
 /// Why options were refused: a stable code and a message naming the option.
@@ -253,9 +256,16 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
             )));
         }
     }
+    let copy_part_bytes = raw.copy_part_bytes.unwrap_or(4 << 20);
+    if !(64 << 10..=8 << 20).contains(&copy_part_bytes) {
+        return Err(invalid(
+            "options.copyPartBytes must be from 65536 to 8388608",
+        ));
+    }
     let keep_copy = raw.keep_copy.unwrap_or(false).then_some(raw.copy_link_base);
     Ok(CheckedOptions {
         keep_copy,
+        copy_part_bytes,
         base_url,
         token,
         company_id,

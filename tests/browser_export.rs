@@ -635,10 +635,13 @@ async fn a_kept_copy_is_ciphertext_on_the_server_survives_lost_answers_and_decry
     // The faulty server loses answers to stored parts (500s, 429s, dropped
     // connections): the upload must find where to go on, never store twice.
     let who = "user_0014";
-    let o = options(faulty_server(), who, "csv", &TYPES);
+    let o = options(faulty_server(), who, "json", &TYPES);
     set(&o, "pageSize", 50);
     set(&o, "retries", 12);
     set(&o, "keepCopy", true);
+    // The smallest parts: the copy goes up in several, each of which may
+    // lose its answer.
+    set(&o, "copyPartBytes", 65536);
     set(&o, "copyLinkBase", "https://app.example/export?tab=1#stale");
     let result = export_data(o).await.expect("the export completes");
     assert!(
@@ -672,11 +675,21 @@ async fn a_kept_copy_is_ciphertext_on_the_server_survives_lost_answers_and_decry
         handover::crypto::ciphertext_len(file.len() as u64),
         "each byte stored once"
     );
-    let first_line = file.split(|&b| b == b'\n').next().unwrap();
+    let (_, state) = api(
+        "GET",
+        &format!("{}/api/data/export/{id}/copy", faulty_server()),
+        who,
+        None,
+    )
+    .await;
+    let state: Value = serde_json::from_slice(&state).unwrap();
     assert!(
-        first_line.len() > 10 && !contains(&ct, first_line),
-        "the download is ciphertext"
+        state["data"]["parts"].as_u64().unwrap() >= 2,
+        "uploaded in several parts: {state} ({} bytes)",
+        file.len()
     );
+    let probe = &file[file.len() / 2..file.len() / 2 + 40];
+    assert!(!contains(&ct, probe), "the download is ciphertext");
 
     assert_eq!(decrypt(&bytes_js(&ct), &key).await.unwrap(), file);
     let as_blob: JsValue =

@@ -157,14 +157,21 @@ async function downloadCopy(id, key) {
 function copyFromLink() {
   const params = new URLSearchParams(location.hash.slice(1));
   const id = params.get("copy");
-  return id ? { id, key: params.get("key") } : null;
+  if (!id) return null;
+  // Out of the address bar (and this tab's history) once read.
+  history.replaceState(null, "", location.pathname + location.search);
+  return { id, key: params.get("key") };
 }
 
-function showCopy(result) {
+async function showCopy(result) {
+  // The demo remembers the key in this browser, so that "Recent exports"
+  // can download the copy again; an app that wants the key to live only in
+  // the link the user keeps would not.
   localStorage.setItem(`handover-copy:${result.requestId}`, result.copy.key);
   $("copy-link").value = result.copy.link;
-  $("copy-expires").textContent = new Date(Date.now() + 30 * 86400e3).toLocaleDateString();
   $("copy-box").hidden = false;
+  const details = await api(`/api/data/export/${encodeURIComponent(result.requestId)}`).catch(() => null);
+  $("copy-expires").textContent = details ? new Date(details.expires_at).toLocaleDateString() : "it expires";
 }
 
 function showProgress(p) {
@@ -199,7 +206,7 @@ async function runExport(event) {
       onProgress: showProgress, signal: controller.signal, keepCopy: $("keep-copy").checked,
     });
     const done = `Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`;
-    if (result.copy) showCopy(result);
+    if (result.copy) await showCopy(result);
     if (result.copyError) say(`${done} The encrypted copy could not be kept: ${explain(result.copyError)}`, "error");
     else say(done, "ok");
   } catch (err) {

@@ -18,8 +18,6 @@ use crate::crypto::{
 };
 use crate::Sha256Stream;
 
-/// Plaintext per uploaded part (64 sealed chunks: a little over 4 MiB on the wire).
-const PART_PLAINTEXT: u64 = 64 * CHUNK_SIZE as u64;
 /// Ciphertext read per step while decrypting (whole sealed chunks).
 const DECRYPT_STEP: u64 = 16 * (CHUNK_SIZE + TAG_SIZE) as u64;
 
@@ -109,6 +107,7 @@ pub(crate) async fn keep(
     id: &str,
     blob: &Blob,
     link_base: &str,
+    part_bytes: u32,
 ) -> Result<JsValue, JsValue> {
     let key = DataKey::generate()
         .map_err(|_| export_error("CRYPTO_UNAVAILABLE", "no randomness for a key"))?;
@@ -121,7 +120,7 @@ pub(crate) async fn keep(
     let (mut read, mut offset) = (0u64, 0u64);
     let mut sha = Sha256Stream::default();
     while let Some(e) = enc.as_mut() {
-        let end = (read + PART_PLAINTEXT).min(size);
+        let end = (read + u64::from(part_bytes)).min(size);
         let plain = read_slice(blob, read, end).await?;
         read = end;
         let mut part = if offset == 0 {

@@ -548,7 +548,7 @@ async fn finish(
     // The export is complete and reported: a copy that cannot be kept is
     // said in the result, and the file is still handed over.
     let copy = match &opts.keep_copy {
-        Some(base) => Some(super::copy::keep(client, id, &blob, base).await),
+        Some(base) => Some(super::copy::keep(client, id, &blob, base, opts.copy_part_bytes).await),
         None => None,
     };
     progress.emit(None, bytes, true);

@@ -73,6 +73,9 @@ export interface ExportOptions {
   keepCopy?: boolean;
   /** The page the copy's link points at (default: the calling page, without its fragment). */
   copyLinkBase?: string;
+  /** Plaintext bytes per uploaded part of the copy, 65536–8388608. Default 4194304
+   * (smaller parts lose less on a flaky link). */
+  copyPartBytes?: number;
   /** With download: true, the OPFS file is removed this long after the download started.
    * Default 60000. With download: false, call result.release() when done with result.blob. */
   releaseFileAfterMs?: number;

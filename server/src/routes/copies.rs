@@ -52,6 +52,7 @@ impl ExportRow {
         json!({
             "state": self.copy.stage,
             "received": self.copy.received,
+            "parts": self.copy.parts,
             "byte_size": self.copy_size(),
             "sha256": self.copy.sha256,
         })
@@ -163,6 +164,13 @@ pub(crate) async fn upload(
         }
         Err(e) => {
             state.files.discard(&row.id, &[name]).await?;
+            // A first part that was refused leaves no upload behind.
+            if row.copy.parts == 0 {
+                let fresh = state.store.find_export(&scope, &row.id).await?;
+                if let Some(fresh) = fresh.filter(|r| r.copy.parts == 0) {
+                    state.store.drop_copy(&fresh).await?;
+                }
+            }
             return Err(e);
         }
     };
@@ -297,34 +305,55 @@ pub(crate) async fn complete(
     }
     let mut stream = state.files.open_copy(&state, &row);
     let mut hasher = handover::Sha256Stream::default();
+    let mut unreadable = false;
     while let Some(piece) = stream.next().await {
-        hasher.update(&piece.map_err(|e| ApiError::Internal(e.into()))?);
+        match piece {
+            Ok(p) => hasher.update(&p),
+            Err(e) => {
+                tracing::error!(export = %row.id, error = %e, "a part of the encrypted copy cannot be read back");
+                unreadable = true;
+                break;
+            }
+        }
     }
-    if hasher.finish_hex() != sha {
-        let files = state.store.drop_copy(&row).await?;
-        state.files.remove(&files).await;
-        return Err(ApiError::validation(
-            "CHECKSUM_MISMATCH",
-            "sha256",
-            "the uploaded bytes do not have this checksum; they were dropped: upload the copy again",
-        ));
+    if unreadable || hasher.finish_hex() != sha {
+        if let Some(files) = state.store.drop_copy(&row).await? {
+            state.files.remove(&files).await;
+            return Err(ApiError::validation(
+                "CHECKSUM_MISMATCH",
+                "sha256",
+                "the uploaded bytes do not have this checksum; they were dropped: upload the copy again",
+            ));
+        }
+    } else {
+        state
+            .store
+            .keep_copy(&row, size, &sha, Some(ctx.request_id()))
+            .await?;
     }
-    if !state
-        .store
-        .keep_copy(&row, size, &sha, Some(ctx.request_id()))
-        .await?
-    {
-        return Err(ApiError::Conflict(
-            "UPLOAD_OFFSET_MISMATCH",
-            "the copy changed while it was checked".into(),
-        ));
-    }
+    // Whatever this request did, say how the copy stands now: a retry of
+    // a `complete` that overlapped the first one finds it kept.
     let row = state
         .store
         .find_export(&scope, &row.id)
         .await?
         .ok_or(ApiError::ExportNotFound)?;
-    Ok(ctx.ok(row.copy_view()))
+    match row.copy.stage {
+        CopyStage::Kept if row.copy.sha256.as_deref() == Some(sha.as_str()) => {
+            Ok(ctx.ok(row.copy_view()))
+        }
+        CopyStage::Kept => Err(ApiError::Conflict(
+            "COPY_ALREADY_KEPT",
+            "the encrypted copy is already kept, with another checksum".into(),
+        )),
+        _ => Err(ApiError::Conflict(
+            "UPLOAD_OFFSET_MISMATCH",
+            format!(
+                "the copy changed while it was checked: it has {} bytes",
+                row.copy.received
+            ),
+        )),
+    }
 }
 
 /// The download of a kept copy: the ciphertext as the browser uploaded it.

@@ -121,14 +121,28 @@ impl Store {
         Ok(true)
     }
 
-    /// Drops every part of the copy of `row` (it failed its check): the
-    /// upload starts again from 0. Returns the files whose bytes are on disk.
+    /// Drops every part of the copy of `row` if it is still the upload
+    /// `row` saw (it failed its check, or its first part was refused): the
+    /// upload starts again from 0. Returns the files whose bytes are on
+    /// disk, or `None` when the copy changed meanwhile (then nothing goes).
     ///
     /// # Errors
     ///
     /// Database errors.
-    pub async fn drop_copy(&self, row: &ExportRow) -> anyhow::Result<Vec<FileRef>> {
+    pub async fn drop_copy(&self, row: &ExportRow) -> anyhow::Result<Option<Vec<FileRef>>> {
         let mut tx = self.write().await?;
+        let r = sqlx::query(
+            "UPDATE export_requests SET copy_state = NULL, copy_received = 0, copy_parts = 0, copy_sha256 = NULL \
+             WHERE id = $1 AND copy_state = 'uploading' AND copy_parts = $2 AND copy_received = $3",
+        )
+        .bind(&row.id)
+        .bind(row.copy.parts as i64)
+        .bind(row.copy.received as i64)
+        .execute(&mut *tx.tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
         let mut files = Vec::new();
         for n in 0..row.copy.parts {
             let kind = part_kind(n);
@@ -162,13 +176,7 @@ impl Store {
                 storage: super::files::Storage::parse(&storage),
             });
         }
-        sqlx::query(
-            "UPDATE export_requests SET copy_state = NULL, copy_received = 0, copy_parts = 0, copy_sha256 = NULL WHERE id = $1",
-        )
-        .bind(&row.id)
-        .execute(&mut *tx.tx)
-        .await?;
         tx.commit().await?;
-        Ok(files)
+        Ok(Some(files))
     }
 }

@@ -193,7 +193,8 @@ impl Store {
     }
 
     /// Removes stored chunks no file owns, of every export not being built
-    /// (what a crash between writing and completing leaves behind); returns
+    /// (what a crash between writing and completing leaves behind), except
+    /// those of exports being built or whose copy is uploading; returns
     /// how many exports had some.
     ///
     /// # Errors
@@ -205,7 +206,7 @@ impl Store {
             "DELETE FROM export_file_chunks WHERE NOT EXISTS \
              (SELECT 1 FROM export_files f WHERE f.request_id = export_file_chunks.request_id AND f.path = export_file_chunks.file) \
              AND NOT EXISTS (SELECT 1 FROM export_requests e WHERE e.id = export_file_chunks.request_id \
-             AND e.status = 'processing' AND e.deleted_at IS NULL)",
+             AND (e.status = 'processing' OR e.copy_state = 'uploading') AND e.deleted_at IS NULL)",
         )
         .execute(&mut *tx.tx)
         .await?;

@@ -84,6 +84,11 @@ async fn isolation_matrix_two_users_two_companies() {
                 ),
                 (Method::GET, format!("/api/data/export/{other}/copy"), None),
                 (
+                    Method::PATCH,
+                    format!("/api/data/export/{other}/copy"),
+                    Some("{}"),
+                ),
+                (
                     Method::POST,
                     format!("/api/data/export/{other}/copy/complete"),
                     Some(
