@@ -214,6 +214,10 @@ struct ServeArgs {
     /// requests are answered 429 before authentication (0: never).
     #[arg(long, env = "HANDOVER_UNAUTH_PER_MINUTE", default_value_t = 120)]
     unauth_per_minute: u64,
+    /// Milliseconds a 429 to such an address is held back (0: none), so a
+    /// flooder that waits for its answers slows down.
+    #[arg(long, env = "HANDOVER_TARPIT_MS", default_value_t = 1000)]
+    tarpit_ms: u64,
     /// Seconds a client has to send a request's headers.
     #[arg(long, env = "HANDOVER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     header_timeout_secs: u64,
@@ -311,6 +315,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     config::timing(&mut settings, a.stale_after_secs, a.sweep_secs);
     settings.webhook_backoff = std::time::Duration::from_millis(a.webhook_backoff_ms.max(1));
     settings.unauth_per_minute = a.unauth_per_minute;
+    settings.tarpit = std::time::Duration::from_millis(a.tarpit_ms);
     settings.header_timeout = std::time::Duration::from_secs(a.header_timeout_secs.max(1));
     settings.max_connections = a.max_connections.max(1);
     let options = StateOptions {

@@ -239,6 +239,17 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
                 r.headers_mut()
                     .insert(HeaderName::from_static("x-request-id"), v);
             }
+            if !state.settings.tarpit.is_zero() {
+                match state.guard.tarpit() {
+                    Some(_slot) => tokio::time::sleep(state.settings.tarpit).await,
+                    None => {
+                        r.headers_mut().insert(
+                            axum::http::header::CONNECTION,
+                            HeaderValue::from_static("close"),
+                        );
+                    }
+                }
+            }
             return r;
         }
     }
@@ -361,6 +372,17 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
                 r.headers_mut()
                     .insert(HeaderName::from_static("x-request-id"), v);
+            }
+            if !state.settings.tarpit.is_zero() {
+                match state.guard.tarpit() {
+                    Some(_slot) => tokio::time::sleep(state.settings.tarpit).await,
+                    None => {
+                        r.headers_mut().insert(
+                            axum::http::header::CONNECTION,
+                            HeaderValue::from_static("close"),
+                        );
+                    }
+                }
             }
             return r;
         }

@@ -6,6 +6,12 @@
 //! authenticated recently still pass, so a legitimate user behind the same
 //! address keeps working, and authenticated traffic never waits on the
 //! audit lock behind a flood.
+//!
+//! A refused client that keeps knocking is also slowed down: its `429`
+//! waits a moment (the tarpit) before it is sent, which costs the server a
+//! timer, not a worker; a flooder that waits for each answer then sends one
+//! request a second instead of thousands. The number of answers held back
+//! at once is bounded; past it they go at once, closing the connection.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -46,11 +52,51 @@ impl Tally {
     }
 }
 
+/// Throttled answers held back at once, at most.
+pub const TARPIT_SLOTS: usize = 256;
+
 #[derive(Debug, Default)]
 pub struct Guard {
+    /// Throttled answers being held back now.
+    tarpitted: std::sync::atomic::AtomicUsize,
     tallies: Mutex<HashMap<String, Tally>>,
     /// SHA-256 of Authorization headers that authenticated, and the minute.
     known: Mutex<HashMap<[u8; 32], i64>>,
+}
+
+/// A held-back answer's place in the tarpit; freed when dropped.
+#[derive(Debug)]
+pub struct TarpitSlot<'g>(&'g Guard);
+
+impl Drop for TarpitSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .tarpitted
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Guard {
+    /// A place in the tarpit, or `None` when it is full (answer at once,
+    /// and close the connection).
+    pub fn tarpit(&self) -> Option<TarpitSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        let mut n = self.tarpitted.load(Ordering::Relaxed);
+        loop {
+            if n >= TARPIT_SLOTS {
+                return None;
+            }
+            match self.tarpitted.compare_exchange_weak(
+                n,
+                n + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(TarpitSlot(self)),
+                Err(now) => n = now,
+            }
+        }
+    }
 }
 
 fn minute_now() -> i64 {
@@ -164,6 +210,15 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tarpit_holds_a_bounded_number_of_answers() {
+        let g = Guard::default();
+        let held: Vec<_> = (0..TARPIT_SLOTS).map(|_| g.tarpit().unwrap()).collect();
+        assert!(g.tarpit().is_none(), "full");
+        drop(held);
+        assert!(g.tarpit().is_some(), "freed");
+    }
 
     #[test]
     fn throttles_an_ip_past_its_limit_but_not_known_credentials() {

@@ -159,6 +159,9 @@ pub struct Settings {
     /// Failed authentications per client IP and minute before its requests
     /// are answered 429 before authentication (0: never).
     pub unauth_per_minute: u64,
+    /// How long a 429 to an address over its failed-authentication limit
+    /// is held back (the tarpit; zero: answered at once).
+    pub tarpit: Duration,
     /// A request's headers must arrive within this (slow clients).
     pub header_timeout: Duration,
     /// Connections open at once; more wait to be accepted.
@@ -220,6 +223,7 @@ impl Default for Settings {
             hold_builds: false,
             webhook_backoff: Duration::from_secs(5),
             unauth_per_minute: 120,
+            tarpit: Duration::from_secs(1),
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
         }

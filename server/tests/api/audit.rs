@@ -518,3 +518,43 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HANDOVER_MASTER_KEY"));
 }
+
+#[tokio::test]
+async fn a_throttled_address_waits_in_the_tarpit_for_its_answer() {
+    let tarpit = std::time::Duration::from_millis(400);
+    let app = spawn_with(
+        Opts {
+            unauth_per_minute: Some(2),
+            tarpit: Some(tarpit),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let knock = || {
+        app.raw(
+            Method::GET,
+            "/api/data/export",
+            Some("hov_bogus"),
+            None,
+            None,
+        )
+    };
+    // Bounded: the limit is 2 refusals a minute.
+    let mut throttled = false;
+    for _ in 0..5 {
+        if knock().await.status == 429 {
+            throttled = true;
+            break;
+        }
+    }
+    assert!(throttled, "the address is throttled past its limit");
+    let t0 = std::time::Instant::now();
+    let r = knock().await;
+    assert_eq!(r.status, 429);
+    assert!(
+        t0.elapsed() >= tarpit,
+        "the 429 was held back ({:?})",
+        t0.elapsed()
+    );
+}

@@ -38,6 +38,8 @@ pub struct Opts {
     pub jwt_max_lifetime_secs: Option<u64>,
     pub webhook_backoff: Option<std::time::Duration>,
     pub unauth_per_minute: Option<u64>,
+    /// The tarpit for throttled answers (default: none, so tests run fast).
+    pub tarpit: Option<std::time::Duration>,
     /// Run as in demo mode (demo tokens work).
     pub demo_mode: bool,
     /// JWTs checked against this JWKS: (URL, cache TTL, least time between fetches).
@@ -228,6 +230,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
             stale_after: opts.stale_after.unwrap_or(defaults.stale_after),
             webhook_backoff: opts.webhook_backoff.unwrap_or(defaults.webhook_backoff),
             unauth_per_minute: opts.unauth_per_minute.unwrap_or(defaults.unauth_per_minute),
+            tarpit: opts.tarpit.unwrap_or_default(),
             demo_token: opts.demo_mode.then(|| "demo".to_string()),
             ..Settings::default()
         },
