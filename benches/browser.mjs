@@ -209,7 +209,7 @@ try {
             await page.check(`input[name=format][value=${format}]`);
             await Promise.all([page.waitForEvent("download", { timeout: 600000 }), page.click("#export-button")]);
             await page.waitForFunction(() => document.querySelector("#status").classList.contains("ok"), null, { timeout: 60000 });
-            return page.evaluate(() => window.__long);
+            return await page.evaluate(() => window.__long);
           } finally {
             await browser.close();
           }
