@@ -380,6 +380,13 @@ async fn authenticated_latency(api: &Api, n: usize) -> Result<(f64, f64, u64), E
         let _ = r.bytes().await?;
         ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    // BENCH_TRACE=1: which calls were slowest (their position says whether
+    // a burst, a wave or a database checkpoint met them).
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        let mut idx: Vec<(usize, f64)> = ms.iter().copied().enumerate().collect();
+        idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("slowest: {:?}", &idx[..5]);
+    }
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
     Ok((at(0.5), at(0.99), errors))
@@ -402,35 +409,54 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
         .await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut flooders = Vec::new();
-    for _ in 0..32 {
+    // The flooders run on a runtime of their own, in their own thread, as
+    // an attacker is another program: sharing the measuring client's
+    // scheduler would add their queueing to the measured calls.
+    let flood = {
         let (stop, sent) = (stop.clone(), sent.clone());
         let base = api.base.clone();
-        flooders.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let path = format!("{base}/api/data/export/{}", "a".repeat(30_000));
-            // Bounded: at most 100,000 requests per flooder.
-            for _ in 0..100_000 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the flooders");
+            rt.block_on(async move {
+                let mut flooders = Vec::new();
+                for _ in 0..32 {
+                    let (stop, sent) = (stop.clone(), sent.clone());
+                    let path = format!("{base}/api/data/export/{}", "a".repeat(30_000));
+                    flooders.push(tokio::spawn(async move {
+                        let client = reqwest::Client::new();
+                        // Bounded: at most 100,000 requests per flooder.
+                        for _ in 0..100_000 {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
+                            if let Ok(r) = client
+                                .get(&path)
+                                .bearer_auth("hov_not_a_token")
+                                .send()
+                                .await
+                            {
+                                let _ = r.bytes().await;
+                            }
+                            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }));
                 }
-                if let Ok(r) = client
-                    .get(&path)
-                    .bearer_auth("hov_not_a_token")
-                    .send()
-                    .await
-                {
-                    let _ = r.bytes().await;
+                let _ = started_tx.send(());
+                for f in flooders {
+                    let _ = f.await;
                 }
-                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }));
-    }
+            });
+        });
+        let _ = started_rx.recv();
+        thread
+    };
     let (f50, f99, fe) = authenticated_latency(during, CALLS).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for f in flooders {
-        let _ = f.await;
-    }
+    let _ = tokio::task::spawn_blocking(move || flood.join()).await;
     println!("| alone | {CALLS} | 0 | {p50:.1} | {p99:.1} | 1.00 | {e} |");
     println!(
         "| during the flood | {CALLS} | {} | {f50:.1} | {f99:.1} | {:.2} | {fe} |",

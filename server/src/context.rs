@@ -241,7 +241,14 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             }
             if !state.settings.tarpit.is_zero() {
                 match state.guard.tarpit() {
-                    Some(_slot) => tokio::time::sleep(state.settings.tarpit).await,
+                    // Jittered (half to one and a half times), so that
+                    // flooders throttled together do not come back together.
+                    Some(_slot) => {
+                        tokio::time::sleep(
+                            state.settings.tarpit.mul_f64(0.5 + rand::random::<f64>()),
+                        )
+                        .await
+                    }
                     None => {
                         r.headers_mut().insert(
                             axum::http::header::CONNECTION,
@@ -375,7 +382,14 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             }
             if !state.settings.tarpit.is_zero() {
                 match state.guard.tarpit() {
-                    Some(_slot) => tokio::time::sleep(state.settings.tarpit).await,
+                    // Jittered (half to one and a half times), so that
+                    // flooders throttled together do not come back together.
+                    Some(_slot) => {
+                        tokio::time::sleep(
+                            state.settings.tarpit.mul_f64(0.5 + rand::random::<f64>()),
+                        )
+                        .await
+                    }
                     None => {
                         r.headers_mut().insert(
                             axum::http::header::CONNECTION,
