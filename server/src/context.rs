@@ -192,6 +192,27 @@ pub async fn write_tallies(
 }
 
 /// The request middleware (see the module docs).
+/// Holds back a throttled answer for about the tarpit time (jittered: half
+/// to one and a half times, so that flooders throttled together do not come
+/// back together); when the tarpit is full, answers at once and closes the
+/// connection instead.
+async fn tarpit(state: &AppState, response: &mut Response) {
+    if state.settings.tarpit.is_zero() {
+        return;
+    }
+    match state.guard.tarpit() {
+        Some(_slot) => {
+            tokio::time::sleep(state.settings.tarpit.mul_f64(0.5 + rand::random::<f64>())).await
+        }
+        None => {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
+    }
+}
+
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let ip = req
         .extensions()
@@ -239,24 +260,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
                 r.headers_mut()
                     .insert(HeaderName::from_static("x-request-id"), v);
             }
-            if !state.settings.tarpit.is_zero() {
-                match state.guard.tarpit() {
-                    // Jittered (half to one and a half times), so that
-                    // flooders throttled together do not come back together.
-                    Some(_slot) => {
-                        tokio::time::sleep(
-                            state.settings.tarpit.mul_f64(0.5 + rand::random::<f64>()),
-                        )
-                        .await
-                    }
-                    None => {
-                        r.headers_mut().insert(
-                            axum::http::header::CONNECTION,
-                            HeaderValue::from_static("close"),
-                        );
-                    }
-                }
-            }
+            tarpit(&state, &mut r).await;
             return r;
         }
     }
@@ -379,24 +383,6 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
                 r.headers_mut()
                     .insert(HeaderName::from_static("x-request-id"), v);
-            }
-            if !state.settings.tarpit.is_zero() {
-                match state.guard.tarpit() {
-                    // Jittered (half to one and a half times), so that
-                    // flooders throttled together do not come back together.
-                    Some(_slot) => {
-                        tokio::time::sleep(
-                            state.settings.tarpit.mul_f64(0.5 + rand::random::<f64>()),
-                        )
-                        .await
-                    }
-                    None => {
-                        r.headers_mut().insert(
-                            axum::http::header::CONNECTION,
-                            HeaderValue::from_static("close"),
-                        );
-                    }
-                }
             }
             return r;
         }

@@ -21,7 +21,7 @@ use futures_util::StreamExt as _;
 use handover::crypto::ciphertext_len;
 use serde_json::{json, Value};
 
-use super::exports::{enter, owned};
+use super::exports::{owned_action, sha256_field};
 use super::UnreadBody;
 use crate::context::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -86,10 +86,15 @@ pub(crate) async fn status(
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
-    ctx.set_action("export.copy.status", None);
-    let scope = enter(&state, &ctx, &headers, ratelimit::READ).await?;
-    let row = owned(&state, &scope, id).await?;
-    ctx.set_action("export.copy.status", Some(&row.id));
+    let (_, row) = owned_action(
+        &state,
+        &ctx,
+        &headers,
+        id,
+        "export.copy.status",
+        ratelimit::READ,
+    )
+    .await?;
     Ok(ctx.ok(row.copy_view()))
 }
 
@@ -114,10 +119,15 @@ pub(crate) async fn upload(
     id: Result<Path<String>, PathRejection>,
     body: UnreadBody,
 ) -> ApiResult<Response> {
-    ctx.set_action("export.copy.upload", None);
-    let scope = enter(&state, &ctx, &headers, ratelimit::UPLOAD).await?;
-    let row = owned(&state, &scope, id).await?;
-    ctx.set_action("export.copy.upload", Some(&row.id));
+    let (scope, row) = owned_action(
+        &state,
+        &ctx,
+        &headers,
+        id,
+        "export.copy.upload",
+        ratelimit::UPLOAD,
+    )
+    .await?;
     copyable(&row)?;
     let offset = upload_offset(&headers)?;
     if row.copy.stage == CopyStage::Kept {
@@ -265,24 +275,18 @@ pub(crate) async fn complete(
     id: Result<Path<String>, PathRejection>,
     body: UnreadBody,
 ) -> ApiResult<Json<Value>> {
-    ctx.set_action("export.copy.complete", None);
-    let scope = enter(&state, &ctx, &headers, ratelimit::REPORT).await?;
-    let row = owned(&state, &scope, id).await?;
-    ctx.set_action("export.copy.complete", Some(&row.id));
+    let (scope, row) = owned_action(
+        &state,
+        &ctx,
+        &headers,
+        id,
+        "export.copy.complete",
+        ratelimit::REPORT,
+    )
+    .await?;
     let body = body.object().await?;
     copyable(&row)?;
-    let sha = body
-        .get("sha256")
-        .and_then(Value::as_str)
-        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .map(str::to_ascii_lowercase)
-        .ok_or_else(|| {
-            ApiError::validation(
-                "INVALID_CHECKSUM",
-                "sha256",
-                "sha256 (of the ciphertext) must be 64 hexadecimal digits",
-            )
-        })?;
+    let sha = sha256_field(&body, "the ciphertext")?;
     let size = row.copy_size();
     match row.copy.stage {
         CopyStage::Kept if row.copy.sha256.as_deref() == Some(sha.as_str()) => {

@@ -42,12 +42,46 @@ async fn report(
     body: UnreadBody,
     action: &'static str,
 ) -> ApiResult<(Scope, ExportRow, Map<String, Value>)> {
-    ctx.set_action(action, None);
-    let scope = enter(state, ctx, headers, ratelimit::REPORT).await?;
-    let row = owned(state, &scope, id).await?;
-    ctx.set_action(action, Some(&row.id));
+    let (scope, row) = owned_action(state, ctx, headers, id, action, ratelimit::REPORT).await?;
     let body = body.object().await?;
     Ok((scope, row, body))
+}
+
+/// The prologue of a handler acting on one of the caller's exports:
+/// `action` in the audit row (with the export once it is found), the
+/// caller admitted under `limit`, and their export named in the path.
+pub(super) async fn owned_action(
+    state: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    action: &'static str,
+    limit: Limit,
+) -> ApiResult<(Scope, ExportRow)> {
+    ctx.set_action(action, None);
+    let scope = enter(state, ctx, headers, limit).await?;
+    let row = owned(state, &scope, id).await?;
+    ctx.set_action(action, Some(&row.id));
+    Ok((scope, row))
+}
+
+/// The `sha256` field of a report: 64 hex digits, lower-cased.
+///
+/// # Errors
+///
+/// 422 `INVALID_CHECKSUM` naming `what` was hashed.
+pub(super) fn sha256_field(body: &Map<String, Value>, what: &str) -> ApiResult<String> {
+    body.get("sha256")
+        .and_then(Value::as_str)
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_ascii_lowercase)
+        .ok_or_else(|| {
+            ApiError::validation(
+                "INVALID_CHECKSUM",
+                "sha256",
+                format!("sha256 (of {what}) must be 64 hexadecimal digits"),
+            )
+        })
 }
 
 /// Authenticates for `data:export` and admits under `limit`.
@@ -505,18 +539,7 @@ pub(crate) async fn complete(
                 "byte_size must be a positive integer",
             )
         })?;
-    let sha = body
-        .get("sha256")
-        .and_then(Value::as_str)
-        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .map(str::to_ascii_lowercase)
-        .ok_or_else(|| {
-            ApiError::validation(
-                "INVALID_CHECKSUM",
-                "sha256",
-                "sha256 must be 64 hexadecimal digits",
-            )
-        })?;
+    let sha = sha256_field(&body, "the file")?;
     // What the browser reports must be what was served: every page of
     // every type, as many records as the manifest promised.
     let progress = state.store.progress(&row.id).await?;

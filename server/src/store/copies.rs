@@ -143,30 +143,26 @@ impl Store {
         if r.rows_affected() == 0 {
             return Ok(None);
         }
-        let mut files = Vec::new();
-        for n in 0..row.copy.parts {
-            let kind = part_kind(n);
-            let path: Option<(String, String)> = sqlx::query_as(
-                "SELECT path, storage FROM export_files WHERE request_id = $1 AND format = $2",
-            )
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT format, path, storage FROM export_files WHERE request_id = $1 AND format LIKE 'copy.%'",
+        )
+        .bind(&row.id)
+        .fetch_all(&mut *tx.tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM export_file_chunks WHERE request_id = $1 AND file IN \
+             (SELECT path FROM export_files WHERE request_id = $1 AND format LIKE 'copy.%')",
+        )
+        .bind(&row.id)
+        .execute(&mut *tx.tx)
+        .await?;
+        sqlx::query("DELETE FROM export_files WHERE request_id = $1 AND format LIKE 'copy.%'")
             .bind(&row.id)
-            .bind(&kind)
-            .fetch_optional(&mut *tx.tx)
+            .execute(&mut *tx.tx)
             .await?;
-            let Some((path, storage)) = path else {
-                continue;
-            };
-            sqlx::query("DELETE FROM export_files WHERE request_id = $1 AND format = $2")
-                .bind(&row.id)
-                .bind(&kind)
-                .execute(&mut *tx.tx)
-                .await?;
-            sqlx::query("DELETE FROM export_file_chunks WHERE request_id = $1 AND file = $2")
-                .bind(&row.id)
-                .bind(&path)
-                .execute(&mut *tx.tx)
-                .await?;
-            files.push(FileRef {
+        let files = rows
+            .into_iter()
+            .map(|(kind, path, storage)| FileRef {
                 request_id: row.id.clone(),
                 kind,
                 path,
@@ -174,8 +170,8 @@ impl Store {
                 byte_size: 0,
                 sha256: String::new(),
                 storage: super::files::Storage::parse(&storage),
-            });
-        }
+            })
+            .collect();
         tx.commit().await?;
         Ok(Some(files))
     }
