@@ -391,9 +391,7 @@ fn col_num(c: usize) -> Result<u16, FormatError> {
     u16::try_from(c)
         .ok()
         .filter(|&c| c < 16_384)
-        .ok_or(FormatError::Xlsx(format!(
-            "too many columns ({c}) for one Excel sheet"
-        )))
+        .ok_or_else(|| FormatError::Xlsx(format!("too many columns ({c}) for one Excel sheet")))
 }
 
 fn col_letters(mut col: u16) -> String {

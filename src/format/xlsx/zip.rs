@@ -50,7 +50,13 @@ pub(crate) struct DeflatedEntry {
     offset: u64,
     deflate: Compress,
     crc: crc32fast::Hasher,
+    /// Data not yet deflated: rows arrive a few hundred bytes at a time, and
+    /// one deflate call per row cost more than the deflating itself.
+    pending: Vec<u8>,
 }
+
+/// How much data an entry collects before deflating it.
+const PENDING_BYTES: usize = 128 * 1024;
 
 impl std::fmt::Debug for DeflatedEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,6 +126,7 @@ impl ZipWriter {
             offset: e.offset,
             deflate: Compress::new(Compression::new(level), false),
             crc: crc32fast::Hasher::new(),
+            pending: Vec::with_capacity(PENDING_BYTES),
         })
     }
 
@@ -130,7 +137,9 @@ impl ZipWriter {
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
         let before = out.len();
-        entry.deflate(&[], FlushCompress::Finish, out)?;
+        let pending = std::mem::take(&mut entry.pending);
+        entry.crc.update(&pending);
+        entry.deflate(&pending, FlushCompress::Finish, out)?;
         let e = Entry {
             name: entry.name,
             flags: FLAG_DESCRIPTOR | FLAG_UTF8,
@@ -223,15 +232,28 @@ impl DeflatedEntry {
     /// Adds data; the deflated bytes that are ready go to `out`. Returns how
     /// many bytes were added to `out`.
     pub(crate) fn write(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, FormatError> {
-        self.crc.update(data);
+        if self.pending.len() + data.len() <= PENDING_BYTES {
+            self.pending.extend_from_slice(data);
+            return Ok(0);
+        }
         let before = out.len();
-        self.deflate(data, FlushCompress::None, out)?;
+        let pending = std::mem::take(&mut self.pending);
+        self.crc.update(&pending);
+        self.deflate(&pending, FlushCompress::None, out)?;
+        self.pending = pending;
+        self.pending.clear();
+        if data.len() > PENDING_BYTES {
+            self.crc.update(data);
+            self.deflate(data, FlushCompress::None, out)?;
+        } else {
+            self.pending.extend_from_slice(data);
+        }
         Ok(out.len() - before)
     }
 
     /// Uncompressed bytes so far.
     pub(crate) fn uncompressed(&self) -> u64 {
-        self.deflate.total_in()
+        self.deflate.total_in() + self.pending.len() as u64
     }
 
     fn deflate(
