@@ -2,6 +2,7 @@
 //! JS-facing concept. Everything here is a thin binding over the
 //! target-agnostic core.
 
+mod alloc;
 mod copy;
 mod download;
 mod error;
