@@ -236,6 +236,11 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthorized("Authorization is not a Bearer token".into()))?;
     if token.starts_with(TOKEN_PREFIX) {
+        // A token that cannot be one of ours costs no database lookup: a
+        // flood of garbage tokens stays in memory.
+        if !well_formed(token) {
+            return Err(ApiError::Unauthorized("malformed API token".into()));
+        }
         let grant = state
             .store
             .token_by_hash(&sha256_hex(token))
@@ -351,6 +356,21 @@ pub async fn scope(
     })
 }
 
+/// Whether `token` has the shape [`mint_token`] gives tokens: the prefix,
+/// 12 hex digits of id, `_`, and 43 base64url characters of secret.
+fn well_formed(token: &str) -> bool {
+    let Some(rest) = token.strip_prefix(TOKEN_PREFIX) else {
+        return false;
+    };
+    let b = rest.as_bytes();
+    b.len() == 12 + 1 + 43
+        && b[..12].iter().all(u8::is_ascii_hexdigit)
+        && b[12] == b'_'
+        && b[13..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+}
+
 /// Creates an API token (audited as made `by` someone); returns
 /// `(id, token)`. Only the hash is stored.
 ///
@@ -451,4 +471,27 @@ pub async fn revoke_token(store: &Store, id_or_token: &str, by: &str) -> anyhow:
         None => id_or_token,
     };
     Ok(store.revoke_token(id, by).await?.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tokens_of_our_shape_are_looked_up() {
+        let good = format!("{TOKEN_PREFIX}0123456789ab_{}", "A".repeat(42) + "_");
+        assert!(well_formed(&good));
+        for bad in [
+            "hov_not_a_token".to_string(),
+            "hov_".to_string(),
+            good.replace("hov_", "hoV_"),
+            format!("{good}x"),
+            good[..good.len() - 1].to_string(),
+            good.replace("0123456789ab", "0123456789ag"),
+            good.replace("ab_", "abc"),
+            good.replace("AAAA", "AA=A"),
+        ] {
+            assert!(!well_formed(&bad), "{bad} passed");
+        }
+    }
 }

@@ -268,7 +268,19 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
 
     // Every log line of the handler carries the request id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
-    let mut response = next.run(req).instrument(span).await;
+    let lane = if path.starts_with("/api/") {
+        state.guard.lane(&ip_key, authorization.as_deref())
+    } else {
+        None
+    };
+    let mut response = match lane {
+        Some(lane) => {
+            // Closed only if the semaphore is closed, which it never is.
+            let _turn = lane.acquire_owned().await;
+            next.run(req).instrument(span).await
+        }
+        None => next.run(req).instrument(span).await,
+    };
     // Whatever answered (a static file service, a layer), errors leave in
     // the envelope: a bare 405 or 404 becomes the API's own.
     let is_json = response

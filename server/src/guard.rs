@@ -14,7 +14,9 @@
 //! at once is bounded; past it they go at once, closing the connection.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 use sha2::{Digest, Sha256};
 
@@ -62,6 +64,8 @@ pub struct Guard {
     tallies: Mutex<HashMap<String, Tally>>,
     /// SHA-256 of Authorization headers that authenticated, and the minute.
     known: Mutex<HashMap<[u8; 32], i64>>,
+    /// One lane per address that failed authentication this minute.
+    lanes: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 /// A held-back answer's place in the tarpit; freed when dropped.
@@ -127,17 +131,51 @@ impl Guard {
         if !over {
             return None;
         }
-        if let Some(a) = authorization {
-            let known = self.known.lock().ok()?;
-            if known.get(&digest(a)).is_some_and(|m| now - m <= 1) {
-                return None;
-            }
+        if authorization.is_some_and(|a| self.is_known(a, now)) {
+            return None;
         }
         let secs = 60
             - time::OffsetDateTime::now_utc()
                 .unix_timestamp()
                 .rem_euclid(60);
         Some(secs.max(1) as u64)
+    }
+
+    /// Whether `authorization` authenticated this minute or the last.
+    fn is_known(&self, authorization: &str, now: i64) -> bool {
+        self.known
+            .lock()
+            .is_ok_and(|k| k.get(&digest(authorization)).is_some_and(|m| now - m <= 1))
+    }
+
+    /// The lane that requests from `ip` take, one at a time, once the
+    /// address has failed authentication this minute; `None` for other
+    /// addresses and for credentials that authenticated recently. A flood
+    /// from one address then checks one credential at a time and holds one
+    /// of the database's connections, not all of them, while everyone
+    /// else's requests go on beside it.
+    pub fn lane(&self, ip: &str, authorization: Option<&str>) -> Option<Arc<Semaphore>> {
+        let now = minute_now();
+        let failing = self
+            .tallies
+            .lock()
+            .ok()?
+            .get(ip)
+            .is_some_and(|t| t.minute == now && t.refused > 0);
+        if !failing || authorization.is_some_and(|a| self.is_known(a, now)) {
+            return None;
+        }
+        let mut lanes = self.lanes.lock().ok()?;
+        if lanes.len() >= 10_000 {
+            // Lanes nobody is in or waiting for.
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
+        }
+        Some(
+            lanes
+                .entry(ip.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(1)))
+                .clone(),
+        )
     }
 
     /// Remembers credentials that authenticated.
@@ -239,5 +277,22 @@ mod tests {
             "other IPs are not affected"
         );
         assert_eq!(g.throttled("10.0.0.1", 0, None), None, "0 turns it off");
+    }
+
+    #[test]
+    fn a_failing_address_checks_one_credential_at_a_time() {
+        let g = Guard::default();
+        assert!(g.lane("10.0.0.1", Some("Bearer x")).is_none(), "no failures yet");
+        g.refused("10.0.0.1", "/api/x", false);
+        let lane = g.lane("10.0.0.1", Some("Bearer x")).expect("a lane");
+        assert_eq!(lane.available_permits(), 1);
+        let same = g.lane("10.0.0.1", None).expect("the same lane");
+        assert!(Arc::ptr_eq(&lane, &same), "one lane per address");
+        assert!(g.lane("10.0.0.2", Some("Bearer x")).is_none(), "other addresses pass");
+        g.authenticated("Bearer good");
+        assert!(
+            g.lane("10.0.0.1", Some("Bearer good")).is_none(),
+            "known credentials pass beside the lane"
+        );
     }
 }

@@ -433,6 +433,17 @@ pub fn spawn(state: AppState) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
+    if state.store.engine() == crate::store::Engine::Sqlite {
+        let checkpointer = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = checkpointer.store.checkpoint().await {
+                    tracing::warn!(error = %format!("{e:#}"), "checkpoint failed");
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             if let Err(e) = sweep(&state).await {

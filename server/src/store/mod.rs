@@ -147,7 +147,8 @@ impl Store {
                     if engine == Engine::Sqlite {
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+                             PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
+                             PRAGMA wal_autocheckpoint = 10000;",
                         )
                         .await?;
                     }
@@ -183,6 +184,26 @@ impl Store {
     pub fn with_head_file(mut self, path: std::path::PathBuf) -> Self {
         self.head_file = Some(std::sync::Arc::new(path));
         self
+    }
+
+    /// Copies the write-ahead log into the database file (SQLite; nothing
+    /// to do on PostgreSQL). The server calls it every second, in the
+    /// background: left to SQLite, the checkpoint runs inside whichever
+    /// commit fills the log, and that request waits for it. Connections
+    /// still checkpoint on their own once the log passes 10,000 pages
+    /// (about 40 MB), so tools that write without the server stay bounded.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn checkpoint(&self) -> anyhow::Result<()> {
+        if self.engine == Engine::Sqlite {
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&self.pool)
+                .await
+                .context("checkpointing the write-ahead log")?;
+        }
+        Ok(())
     }
 
     /// The engine.
