@@ -156,7 +156,11 @@ fn memory_grows_in_large_steps() {
         }
     }
     assert_eq!(kept.iter().map(Vec::len).sum::<usize>(), 32 << 20);
-    assert!((size - start) * 65536 >= 32 << 20, "grew {} pages", size - start);
+    assert!(
+        (size - start) * 65536 >= 32 << 20,
+        "grew {} pages",
+        size - start
+    );
     // Page by page this is about 500 growths; in steps of an eighth, about 20.
     assert!(grows <= 40, "the memory grew {grows} times for 32 MiB");
 }

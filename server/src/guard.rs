@@ -282,13 +282,19 @@ mod tests {
     #[test]
     fn a_failing_address_checks_one_credential_at_a_time() {
         let g = Guard::default();
-        assert!(g.lane("10.0.0.1", Some("Bearer x")).is_none(), "no failures yet");
+        assert!(
+            g.lane("10.0.0.1", Some("Bearer x")).is_none(),
+            "no failures yet"
+        );
         g.refused("10.0.0.1", "/api/x", false);
         let lane = g.lane("10.0.0.1", Some("Bearer x")).expect("a lane");
         assert_eq!(lane.available_permits(), 1);
         let same = g.lane("10.0.0.1", None).expect("the same lane");
         assert!(Arc::ptr_eq(&lane, &same), "one lane per address");
-        assert!(g.lane("10.0.0.2", Some("Bearer x")).is_none(), "other addresses pass");
+        assert!(
+            g.lane("10.0.0.2", Some("Bearer x")).is_none(),
+            "other addresses pass"
+        );
         g.authenticated("Bearer good");
         assert!(
             g.lane("10.0.0.1", Some("Bearer good")).is_none(),

@@ -95,4 +95,5 @@ unsafe impl GlobalAlloc for StepAllocator {
 }
 
 #[global_allocator]
-static ALLOCATOR: StepAllocator = StepAllocator(UnsafeCell::new(Dlmalloc::new_with_allocator(GrowInSteps)));
+static ALLOCATOR: StepAllocator =
+    StepAllocator(UnsafeCell::new(Dlmalloc::new_with_allocator(GrowInSteps)));
