@@ -21,6 +21,9 @@ pub const PERM_AUDIT: &str = "audit:read";
 /// Every permission the server knows.
 pub const PERMISSIONS: [&str; 2] = [PERM_EXPORT, PERM_AUDIT];
 
+/// How long a credential check waits in its address's lane at most.
+const LANE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Prefix of opaque API tokens, so leaked tokens are recognisable.
 pub const TOKEN_PREFIX: &str = "hov_";
 
@@ -311,7 +314,32 @@ pub async fn scope(
     headers: &HeaderMap,
     permission: &str,
 ) -> Result<Scope, ApiError> {
-    let principal = authenticate(state, headers).await?;
+    let principal = match ctx.lane() {
+        Some(lane) => {
+            let turn = tokio::time::timeout(LANE_WAIT, lane.acquire_owned()).await;
+            let limit = state.settings.unauth_per_minute;
+            let authorization = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            // Throttled while waiting, or waited too long: answered like
+            // the throttle before authentication.
+            let throttled =
+                state
+                    .guard
+                    .throttled(ctx.ip().unwrap_or_default(), limit, authorization);
+            match (turn, throttled) {
+                (Ok(Ok(_turn)), None) => authenticate(state, headers).await?,
+                (_, retry_after) => {
+                    return Err(ApiError::RateLimited {
+                        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                        window_secs: 60,
+                        retry_after: retry_after.unwrap_or(1),
+                    })
+                }
+            }
+        }
+        None => authenticate(state, headers).await?,
+    };
     let company = headers
         .get("x-company-id")
         .map(|v| v.to_str().map(str::trim));

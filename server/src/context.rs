@@ -43,6 +43,9 @@ struct Inner {
     ip: Option<String>,
     user_agent: Option<String>,
     learned: Mutex<Learned>,
+    /// The lane this request's credential check waits in (see
+    /// [`crate::guard::Guard::lane`]).
+    lane: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 /// The context of one request (cheap to clone).
@@ -53,6 +56,17 @@ impl Ctx {
     /// The request id (`req_…`), also in `X-Request-Id` and `meta.requestId`.
     pub fn request_id(&self) -> &str {
         &self.0.request_id
+    }
+
+    /// The client's address, as the server sees it.
+    pub fn ip(&self) -> Option<&str> {
+        self.0.ip.as_deref()
+    }
+
+    /// The lane the credential check waits in, when its address has failed
+    /// authentication this minute.
+    pub fn lane(&self) -> Option<Arc<tokio::sync::Semaphore>> {
+        self.0.lane.get().cloned()
     }
 
     fn learned(&self) -> std::sync::MutexGuard<'_, Learned> {
@@ -229,6 +243,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         ip,
         user_agent,
         learned: Mutex::new(Learned::default()),
+        lane: std::sync::OnceLock::new(),
     }));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -268,19 +283,16 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
 
     // Every log line of the handler carries the request id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
-    let lane = if path.starts_with("/api/") {
-        state.guard.lane(&ip_key, authorization.as_deref())
-    } else {
-        None
-    };
-    let mut response = match lane {
-        Some(lane) => {
-            // Closed only if the semaphore is closed, which it never is.
-            let _turn = lane.acquire_owned().await;
-            next.run(req).instrument(span).await
+    if path.starts_with("/api/") {
+        if let Some(lane) = state.guard.lane(
+            &ip_key,
+            state.settings.unauth_per_minute,
+            authorization.as_deref(),
+        ) {
+            let _ = ctx.0.lane.set(lane);
         }
-        None => next.run(req).instrument(span).await,
-    };
+    }
+    let mut response = next.run(req).instrument(span).await;
     // Whatever answered (a static file service, a layer), errors leave in
     // the envelope: a bare 405 or 404 becomes the API's own.
     let is_json = response
@@ -349,13 +361,18 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             if let Some(a) = &authorization {
                 state.guard.authenticated(a);
             }
-        } else if status == axum::http::StatusCode::UNAUTHORIZED {
+        } else if status == axum::http::StatusCode::UNAUTHORIZED
+            || status == axum::http::StatusCode::TOO_MANY_REQUESTS
+        {
             // Failed authentications: the first few of each minute get a row
-            // of their own, the rest are counted per address and minute.
+            // of their own, the rest are counted per address and minute. A
+            // 429 without an actor is the throttle answering in the lane:
+            // counted, never a row of its own.
+            let throttled = status == axum::http::StatusCode::TOO_MANY_REQUESTS;
             let (own_row, finished) =
                 state
                     .guard
-                    .refused(&ip_key, &capped(&path, MAX_STORED_PATH), false);
+                    .refused(&ip_key, &capped(&path, MAX_STORED_PATH), throttled);
             if let Err(e) = write_tallies(&state, finished).await {
                 tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
             }

@@ -148,13 +148,25 @@ impl Guard {
             .is_ok_and(|k| k.get(&digest(authorization)).is_some_and(|m| now - m <= 1))
     }
 
-    /// The lane that requests from `ip` take, one at a time, once the
-    /// address has failed authentication this minute; `None` for other
-    /// addresses and for credentials that authenticated recently. A flood
-    /// from one address then checks one credential at a time and holds one
-    /// of the database's connections, not all of them, while everyone
-    /// else's requests go on beside it.
-    pub fn lane(&self, ip: &str, authorization: Option<&str>) -> Option<Arc<Semaphore>> {
+    /// The lane in which requests from `ip` check their credentials, one
+    /// at a time, once the address has failed authentication this minute;
+    /// `None` for other addresses, for credentials that authenticated
+    /// recently, and when the throttle is off (`limit` 0). A flood from one
+    /// address then checks one credential at a time and holds one of the
+    /// database's connections, not all of them, while everyone else's
+    /// requests go on beside it. Only the check waits in the lane, not the
+    /// rest of the request (its body, its handler).
+    pub fn lane(
+        &self,
+        ip: &str,
+        limit: u64,
+        authorization: Option<&str>,
+    ) -> Option<Arc<Semaphore>> {
+        if limit == 0 {
+            // Off, as the throttle is (behind a proxy every client shares
+            // one address).
+            return None;
+        }
         let now = minute_now();
         let failing = self
             .tallies
@@ -283,22 +295,26 @@ mod tests {
     fn a_failing_address_checks_one_credential_at_a_time() {
         let g = Guard::default();
         assert!(
-            g.lane("10.0.0.1", Some("Bearer x")).is_none(),
+            g.lane("10.0.0.1", 120, Some("Bearer x")).is_none(),
             "no failures yet"
         );
         g.refused("10.0.0.1", "/api/x", false);
-        let lane = g.lane("10.0.0.1", Some("Bearer x")).expect("a lane");
+        let lane = g.lane("10.0.0.1", 120, Some("Bearer x")).expect("a lane");
         assert_eq!(lane.available_permits(), 1);
-        let same = g.lane("10.0.0.1", None).expect("the same lane");
+        let same = g.lane("10.0.0.1", 120, None).expect("the same lane");
         assert!(Arc::ptr_eq(&lane, &same), "one lane per address");
         assert!(
-            g.lane("10.0.0.2", Some("Bearer x")).is_none(),
+            g.lane("10.0.0.2", 120, Some("Bearer x")).is_none(),
             "other addresses pass"
         );
         g.authenticated("Bearer good");
         assert!(
-            g.lane("10.0.0.1", Some("Bearer good")).is_none(),
+            g.lane("10.0.0.1", 120, Some("Bearer good")).is_none(),
             "known credentials pass beside the lane"
+        );
+        assert!(
+            g.lane("10.0.0.1", 0, Some("Bearer x")).is_none(),
+            "no lane when the throttle is off"
         );
     }
 }

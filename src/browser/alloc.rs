@@ -36,7 +36,16 @@ unsafe impl Allocator for GrowInSteps {
         for pages in [step, need] {
             let previous = wasm32::memory_grow(0, pages);
             if previous != usize::MAX {
-                return ((previous * PAGE) as *mut u8, pages * PAGE, 0);
+                let (base, size) = (previous * PAGE, pages * PAGE);
+                // A region that ends exactly at 4 GiB would make its end
+                // address wrap to 0, which dlmalloc cannot represent: give
+                // it a little less (as dlmalloc's own wasm allocator does).
+                let size = if base.wrapping_add(size) == 0 {
+                    size - 16
+                } else {
+                    size
+                };
+                return (base as *mut u8, size, 0);
             }
         }
         (ptr::null_mut(), 0, 0)
@@ -67,6 +76,10 @@ unsafe impl Allocator for GrowInSteps {
         PAGE
     }
 }
+
+// The `Sync` below relies on this.
+#[cfg(target_feature = "atomics")]
+compile_error!("the allocator assumes one thread: build without shared memory (atomics)");
 
 struct StepAllocator(UnsafeCell<Dlmalloc<GrowInSteps>>);
 

@@ -148,7 +148,7 @@ impl Store {
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                              PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
-                             PRAGMA wal_autocheckpoint = 10000;",
+                             PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 16777216;",
                         )
                         .await?;
                     }
@@ -191,7 +191,9 @@ impl Store {
     /// background: left to SQLite, the checkpoint runs inside whichever
     /// commit fills the log, and that request waits for it. Connections
     /// still checkpoint on their own once the log passes 10,000 pages
-    /// (about 40 MB), so tools that write without the server stay bounded.
+    /// (about 40 MB), so tools that write without the server stay bounded;
+    /// a log that grew is cut back to 16 MiB when it restarts (old page
+    /// images, with what `secure_delete` erased, do not linger in it).
     ///
     /// # Errors
     ///
