@@ -317,24 +317,23 @@ pub async fn scope(
     let principal = match ctx.lane() {
         Some(lane) => {
             let turn = tokio::time::timeout(LANE_WAIT, lane.acquire_owned()).await;
-            let limit = state.settings.unauth_per_minute;
             let authorization = headers
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             // Throttled while waiting, or waited too long: answered like
             // the throttle before authentication.
-            let throttled =
-                state
-                    .guard
-                    .throttled(ctx.ip().unwrap_or_default(), limit, authorization);
+            let throttled = state.guard.throttled(
+                ctx.ip().unwrap_or_default(),
+                state.settings.unauth_per_minute,
+                authorization,
+            );
             match (turn, throttled) {
                 (Ok(Ok(_turn)), None) => authenticate(state, headers).await?,
                 (_, retry_after) => {
-                    return Err(ApiError::RateLimited {
-                        limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                        window_secs: 60,
-                        retry_after: retry_after.unwrap_or(1),
-                    })
+                    return Err(crate::context::throttled_error(
+                        state,
+                        retry_after.unwrap_or(1),
+                    ))
                 }
             }
         }

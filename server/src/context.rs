@@ -205,7 +205,6 @@ pub async fn write_tallies(
     Ok(())
 }
 
-/// The request middleware (see the module docs).
 /// Holds back a throttled answer for about the tarpit time (jittered: half
 /// to one and a half times, so that flooders throttled together do not come
 /// back together); when the tarpit is full, answers at once and closes the
@@ -227,6 +226,16 @@ async fn tarpit(state: &AppState, response: &mut Response) {
     }
 }
 
+/// The `429` of an address over its limit of failed authentications.
+pub(crate) fn throttled_error(state: &AppState, retry_after: u64) -> ApiError {
+    ApiError::RateLimited {
+        limit: u32::try_from(state.settings.unauth_per_minute).unwrap_or(u32::MAX),
+        window_secs: 60,
+        retry_after,
+    }
+}
+
+/// The request middleware (see the module docs).
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let ip = req
         .extensions()
@@ -265,12 +274,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
                 .guard
                 .refused(&ip_key, &capped(&path, MAX_STORED_PATH), true);
             state.metrics.observe_request(429, ctx.0.started.elapsed());
-            let mut r = ApiError::RateLimited {
-                limit: u32::try_from(state.settings.unauth_per_minute).unwrap_or(u32::MAX),
-                window_secs: 60,
-                retry_after,
-            }
-            .into_response();
+            let mut r = throttled_error(&state, retry_after).into_response();
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
                 r.headers_mut()
                     .insert(HeaderName::from_static("x-request-id"), v);

@@ -122,16 +122,7 @@ impl Guard {
             return None;
         }
         let now = minute_now();
-        let over = self
-            .tallies
-            .lock()
-            .ok()?
-            .get(ip)
-            .is_some_and(|t| t.minute == now && t.refused >= limit);
-        if !over {
-            return None;
-        }
-        if authorization.is_some_and(|a| self.is_known(a, now)) {
+        if self.failures(ip, now) < limit || authorization.is_some_and(|a| self.is_known(a, now)) {
             return None;
         }
         let secs = 60
@@ -139,6 +130,15 @@ impl Guard {
                 .unix_timestamp()
                 .rem_euclid(60);
         Some(secs.max(1) as u64)
+    }
+
+    /// Failed authentications of `ip` in minute `now`.
+    fn failures(&self, ip: &str, now: i64) -> u64 {
+        self.tallies
+            .lock()
+            .ok()
+            .and_then(|t| t.get(ip).filter(|t| t.minute == now).map(|t| t.refused))
+            .unwrap_or(0)
     }
 
     /// Whether `authorization` authenticated this minute or the last.
@@ -168,13 +168,7 @@ impl Guard {
             return None;
         }
         let now = minute_now();
-        let failing = self
-            .tallies
-            .lock()
-            .ok()?
-            .get(ip)
-            .is_some_and(|t| t.minute == now && t.refused > 0);
-        if !failing || authorization.is_some_and(|a| self.is_known(a, now)) {
+        if self.failures(ip, now) == 0 || authorization.is_some_and(|a| self.is_known(a, now)) {
             return None;
         }
         let mut lanes = self.lanes.lock().ok()?;

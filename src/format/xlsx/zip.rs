@@ -137,9 +137,7 @@ impl ZipWriter {
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
         let before = out.len();
-        let pending = std::mem::take(&mut entry.pending);
-        entry.crc.update(&pending);
-        entry.deflate(&pending, FlushCompress::Finish, out)?;
+        entry.flush_pending(FlushCompress::Finish, out)?;
         let e = Entry {
             name: entry.name,
             flags: FLAG_DESCRIPTOR | FLAG_UTF8,
@@ -237,11 +235,7 @@ impl DeflatedEntry {
             return Ok(0);
         }
         let before = out.len();
-        let pending = std::mem::take(&mut self.pending);
-        self.crc.update(&pending);
-        self.deflate(&pending, FlushCompress::None, out)?;
-        self.pending = pending;
-        self.pending.clear();
+        self.flush_pending(FlushCompress::None, out)?;
         if data.len() > PENDING_BYTES {
             self.crc.update(data);
             self.deflate(data, FlushCompress::None, out)?;
@@ -249,6 +243,21 @@ impl DeflatedEntry {
             self.pending.extend_from_slice(data);
         }
         Ok(out.len() - before)
+    }
+
+    /// Deflates (and checksums) the pending data; the buffer is kept for
+    /// the next rows.
+    fn flush_pending(
+        &mut self,
+        flush: FlushCompress,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.crc.update(&pending);
+        let deflated = self.deflate(&pending, flush, out);
+        self.pending = pending;
+        self.pending.clear();
+        deflated
     }
 
     /// Uncompressed bytes so far.
