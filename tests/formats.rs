@@ -10,7 +10,7 @@ use std::path::Path;
 
 use calamine::{open_workbook_from_rs, Data, DataType, Reader, Xlsx};
 use handover::format::{
-    infer_manifest, write_all, ExportFormat, ExportWriter, FormatError, FormatOptions,
+    infer_manifest, write_all, ExportFormat, ExportWriter, FormatError, FormatOptions, ZipAssembler,
 };
 use handover::model::{
     parse_timestamp, Column, ColumnKind, DateRange, ExportInfo, Manifest, Record, TypeManifest,
@@ -652,12 +652,36 @@ fn field<'v>(record: &'v Value, name: &str) -> Option<&'v Value> {
 /// by the inferred columns, through a frame on the wire (encoded, then
 /// decoded), into the writer; as the server and the browser do.
 fn export_typed(format: ExportFormat) -> Vec<u8> {
+    export_typed_to(format, &mut Assembly::Here)
+}
+
+/// Where a writer's outputs become the file: appended as they are, or
+/// through a [`ZipAssembler`] (as the browser's second worker does).
+enum Assembly {
+    Here,
+    Deferred(Box<ZipAssembler>),
+}
+
+impl Assembly {
+    fn add(&mut self, file: &mut Vec<u8>, output: &[u8]) {
+        match self {
+            Assembly::Here => file.extend_from_slice(output),
+            Assembly::Deferred(a) => a.feed(output, file).unwrap(),
+        }
+    }
+}
+
+fn export_typed_to(format: ExportFormat, assembly: &mut Assembly) -> Vec<u8> {
     use handover::format::Cell;
     use handover::wire::{decode_frame, FrameEncoder, WireCell};
     let data = data();
     let manifest = infer_manifest(&data).unwrap();
     let mut w = ExportWriter::new(format, &manifest, &info(), &FormatOptions::default()).unwrap();
-    let mut file = w.begin().unwrap();
+    if let Assembly::Deferred(_) = assembly {
+        assert!(w.defer_zip());
+    }
+    let mut file = Vec::new();
+    assembly.add(&mut file, &w.begin().unwrap());
     for (t, (name, records)) in data.iter().enumerate() {
         let columns = &manifest.types[name].columns;
         let mut line = Vec::new();
@@ -675,11 +699,11 @@ fn export_typed(format: ExportFormat) -> Vec<u8> {
             let cells: Vec<Cell<'_>> = row.iter().map(WireCell::as_cell).collect();
             w.write_row(t, &cells).unwrap();
         }
-        file.extend(w.take_output());
+        assembly.add(&mut file, &w.take_output());
     }
-    file.extend(w.finish().unwrap());
+    assembly.add(&mut file, &w.finish().unwrap());
     while let Some(piece) = w.next_output().unwrap() {
-        file.extend(piece);
+        assembly.add(&mut file, &piece);
     }
     file
 }
@@ -732,6 +756,94 @@ fn all_cells(bytes: &[u8]) -> Vec<(String, Vec<Vec<String>>)> {
 #[test]
 fn typed_rows_give_the_golden_xlsx_bytes() {
     assert_golden("fixture.xlsx", &export_typed(ExportFormat::Xlsx));
+}
+
+#[test]
+fn a_deferred_xlsx_assembled_elsewhere_has_the_golden_bytes() {
+    let mut assembly = Assembly::Deferred(Box::new(ZipAssembler::new()));
+    let file = export_typed_to(ExportFormat::Xlsx, &mut assembly);
+    let Assembly::Deferred(a) = assembly else {
+        unreachable!()
+    };
+    assert!(a.is_finished());
+    assert_golden("fixture.xlsx", &file);
+}
+
+/// The instructions and the file of a deferred XLSX export of `rows` rows
+/// (one text column, every 1000th value longer than a cell holds).
+fn deferred_and_direct(rows: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let manifest = manifest_of(&[("notes", &["n", "text"])]);
+    let opts = FormatOptions::default();
+    let mut direct = ExportWriter::new(ExportFormat::Xlsx, &manifest, &info(), &opts).unwrap();
+    let mut deferred = ExportWriter::new(ExportFormat::Xlsx, &manifest, &info(), &opts).unwrap();
+    assert!(deferred.defer_zip());
+    let mut file = direct.begin().unwrap();
+    let mut ops = vec![deferred.begin().unwrap()];
+    let long = "x".repeat(40_000);
+    let mut page = Vec::new();
+    for n in 0..rows {
+        let mut r = Record::new();
+        r.insert("n".into(), json!(n));
+        let text = if n % 1000 == 999 {
+            long.clone()
+        } else {
+            format!("row {n} of the notes")
+        };
+        r.insert("text".into(), json!(text));
+        page.push(r);
+        if page.len() == 5000 || n + 1 == rows {
+            file.extend(direct.write_page("notes", &page).unwrap());
+            ops.push(deferred.write_page("notes", &page).unwrap());
+            page.clear();
+        }
+    }
+    file.extend(direct.finish().unwrap());
+    ops.push(deferred.finish().unwrap());
+    (ops, file)
+}
+
+#[test]
+fn a_deferred_xlsx_of_many_pages_assembles_to_the_same_bytes() {
+    let (ops, direct) = deferred_and_direct(60_000);
+    let mut a = ZipAssembler::new();
+    let mut file = Vec::new();
+    for o in &ops {
+        a.feed(o, &mut file).unwrap();
+    }
+    assert!(a.is_finished());
+    assert_eq!(file.len(), direct.len());
+    assert!(
+        file == direct,
+        "the assembled package differs from the direct one"
+    );
+    let wb = open_xlsx(&file);
+    assert_eq!(wb.sheet_names(), ["Summary", "notes", "Long values"]);
+}
+
+#[test]
+fn malformed_package_instructions_are_refused_not_panicked_on() {
+    let (ops, _) = deferred_and_direct(10);
+    let all: Vec<u8> = ops.concat();
+    // Cut short anywhere inside an instruction: an error, never a panic
+    // or a package that looks complete.
+    for cut in 1..all.len() {
+        let mut a = ZipAssembler::new();
+        let mut out = Vec::new();
+        let fed = a.feed(&all[..cut], &mut out);
+        assert!(
+            fed.is_err() || !a.is_finished(),
+            "cut at {cut} gave a finished package"
+        );
+    }
+    let mut a = ZipAssembler::new();
+    let mut out = Vec::new();
+    a.feed(&all, &mut out).unwrap();
+    let after = a.feed(&all[..1], &mut out).unwrap_err();
+    assert!(after.to_string().contains("after the end"), "{after}");
+    for bad in [&[9u8][..], &[2, 1, 0, 0, 0, b'x'], &[3], &[1, 1, 200, 0]] {
+        let err = ZipAssembler::new().feed(bad, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, FormatError::Xlsx(_)), "{bad:?}: {err}");
+    }
 }
 
 #[test]

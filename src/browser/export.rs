@@ -8,11 +8,11 @@ use wasm_bindgen::prelude::*;
 use super::error::export_error;
 use super::http::{aborted_error, sleep, Client, Retry, StreamError};
 use super::options::{self, ExportOptions};
-use super::output::Sink;
+use super::output::{FileDone, FileOut};
+use super::packer::RemotePacker;
 use crate::format::ExportWriter;
 use crate::model::{ExportInfo, Manifest};
 use crate::wire::{decode_frame, WireError};
-use crate::Sha256Stream;
 
 #[derive(Deserialize)]
 struct Envelope<T> {
@@ -26,39 +26,69 @@ struct Created {
     export_info: ExportInfo,
 }
 
-/// The file as it grows: each chunk goes to the sink at once (Rust never
-/// holds the file), with its checksum and size.
+/// Where the file goes: written here, or handed to the packing worker.
+enum Target {
+    Here(FileOut),
+    Packer(RemotePacker),
+}
+
+/// The file as the writer produces it, and where the time went.
 struct Output {
-    sink: Sink,
-    sha: Sha256Stream,
-    bytes: u64,
+    target: Target,
     timing: Timing,
 }
 
 impl Output {
-    fn push(&mut self, chunk: Vec<u8>) -> Result<(), JsValue> {
+    async fn push(&mut self, chunk: Vec<u8>) -> Result<(), JsValue> {
         if chunk.is_empty() {
             return Ok(());
         }
-        let t = now();
-        self.sha.update(&chunk);
-        let h = now();
-        self.bytes += chunk.len() as u64;
-        self.sink.write(&chunk)?;
-        self.timing.hash += h - t;
-        self.timing.store += now() - h;
-        Ok(())
+        match &mut self.target {
+            Target::Here(file) => file.push(&chunk),
+            Target::Packer(packer) => {
+                let t = now();
+                let sent = packer.send(&chunk).await;
+                self.timing.hand_over += now() - t;
+                sent
+            }
+        }
+    }
+
+    /// The file's bytes so far (as far as the packing worker has got).
+    fn bytes(&self) -> u64 {
+        match &self.target {
+            Target::Here(file) => file.bytes(),
+            Target::Packer(packer) => packer.bytes(),
+        }
+    }
+
+    async fn finish(self) -> Result<FileDone, JsValue> {
+        match self.target {
+            Target::Here(file) => file.finish().await,
+            Target::Packer(packer) => packer.finish_file().await,
+        }
+    }
+
+    async fn discard(self) {
+        match self.target {
+            Target::Here(file) => file.discard().await,
+            Target::Packer(packer) => packer.discard_file().await,
+        }
     }
 }
 
 /// Where an export's time went, in milliseconds (`result.stats.timing`):
-/// waiting for the network, decoding frames, formatting rows, hashing the
-/// file, storing it.
+/// waiting for the network, decoding frames, formatting rows, handing
+/// chunks to the packing worker (and waiting for it when it is behind),
+/// and, where the file is built: assembling the zip, hashing the file,
+/// storing it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Timing {
     wait: f64,
     decode: f64,
     write: f64,
+    hand_over: f64,
+    pack: f64,
     hash: f64,
     store: f64,
 }
@@ -70,6 +100,8 @@ impl Timing {
             ("waitMs", self.wait),
             ("decodeMs", self.decode),
             ("writeMs", self.write),
+            ("handOverMs", self.hand_over),
+            ("packMs", self.pack),
             ("hashMs", self.hash),
             ("storeMs", self.store),
         ] {
@@ -80,7 +112,7 @@ impl Timing {
 }
 
 /// A monotonic clock in milliseconds (`performance.now()`, pages and workers).
-fn now() -> f64 {
+pub(crate) fn now() -> f64 {
     Reflect::get(&js_sys::global(), &"performance".into())
         .ok()
         .and_then(|p| {
@@ -243,7 +275,7 @@ async fn fetch_type(
                     writer.write_row(t, &cells)?;
                 }
                 out.timing.write += now() - writing;
-                out.push(writer.take_output())?;
+                out.push(writer.take_output()).await?;
                 failures = 0;
                 drop(cells);
                 let rows = frame.row_count() as u64;
@@ -259,7 +291,7 @@ async fn fetch_type(
                 }
                 offset += rows;
                 progress.processed += rows;
-                progress.emit(Some(name), out.bytes, false);
+                progress.emit(Some(name), out.bytes(), false);
                 if client
                     .signal
                     .as_ref()
@@ -349,8 +381,19 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
 /// request, the server's code for refused requests (`RATE_LIMIT_EXCEEDED`
 /// with `retryAfter`, `UNAUTHORIZED`, …), `NETWORK_ERROR` when retries are
 /// exhausted, `ABORTED` on cancel.
-#[wasm_bindgen(js_name = exportDataHere, skip_typescript)]
 pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
+    export_data_packed(options, JsValue::UNDEFINED).await
+}
+
+/// [`export_data`], as `worker.js` calls it: `packer` (a handle on a second
+/// worker, or `undefined`) takes the file, which is then assembled,
+/// checksummed and stored there.
+///
+/// # Errors
+///
+/// As [`export_data`]; and the packing worker's errors.
+#[wasm_bindgen(js_name = exportDataHere, skip_typescript)]
+pub async fn export_data_packed(options: JsValue, packer: JsValue) -> Result<JsValue, JsValue> {
     let opts = options::parse(&options)?;
     if opts
         .signal
@@ -391,7 +434,8 @@ pub async fn export_data(options: JsValue) -> Result<JsValue, JsValue> {
             .await?,
         "create response",
     )?;
-    match run(&client, &opts, &created).await {
+    let packer = (!packer.is_undefined() && !packer.is_null()).then(|| packer.unchecked_into());
+    match run(&client, &opts, &created, packer).await {
         Ok(result) => Ok(result),
         Err(err) => {
             // Tell the server, so the request does not stay open; never with
@@ -448,7 +492,12 @@ pub fn wasm_memory_bytes() -> f64 {
     js_sys::ArrayBuffer::from(memory.buffer()).byte_length() as f64
 }
 
-async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result<JsValue, JsValue> {
+async fn run(
+    client: &Client,
+    opts: &ExportOptions,
+    created: &Created,
+    packer: Option<RemotePacker>,
+) -> Result<JsValue, JsValue> {
     let id = &created.request_id;
     let mut writer = ExportWriter::new(
         opts.format,
@@ -463,17 +512,23 @@ async fn run(client: &Client, opts: &ExportOptions, created: &Created) -> Result
         last_pct: 0,
     };
     let name = format!("{id}.{}", opts.format.extension());
-    let sink = Sink::open(opts.storage, &name, opts.format.content_type()).await?;
+    let mime = opts.format.content_type();
+    let target = match packer {
+        Some(packer) => {
+            let zip = writer.defer_zip();
+            packer.open_file(opts.storage, &name, mime, zip).await?;
+            Target::Packer(packer)
+        }
+        None => Target::Here(FileOut::open(opts.storage, &name, mime).await?),
+    };
     let mut out = Output {
-        sink,
-        sha: Sha256Stream::default(),
-        bytes: 0,
+        target,
         timing: Timing::default(),
     };
     match write_file(client, opts, created, &mut writer, &mut out, &mut progress).await {
         Ok(()) => finish(client, opts, id, &writer, out, &mut progress).await,
         Err(e) => {
-            out.sink.discard().await;
+            out.discard().await;
             Err(e)
         }
     }
@@ -489,10 +544,10 @@ async fn write_file(
     progress: &mut Progress<'_>,
 ) -> Result<(), JsValue> {
     let id = &created.request_id;
-    out.push(writer.begin()?)?;
+    out.push(writer.begin()?).await?;
     progress.emit(
         created.manifest.types.keys().next().map(String::as_str),
-        out.bytes,
+        out.bytes(),
         false,
     );
     for (name, t) in &created.manifest.types {
@@ -508,7 +563,7 @@ async fn write_file(
         )
         .await?;
     }
-    out.push(writer.finish()?)
+    out.push(writer.finish()?).await
 }
 
 /// Reports the finished file to the server (what was handed over), then
@@ -518,18 +573,26 @@ async fn finish(
     opts: &ExportOptions,
     id: &str,
     writer: &ExportWriter,
-    mut out: Output,
+    out: Output,
     progress: &mut Progress<'_>,
 ) -> Result<JsValue, JsValue> {
-    let sha256 = std::mem::take(&mut out.sha).finish_hex();
+    let packed = matches!(out.target, Target::Packer(_));
+    let mut timing = out.timing;
+    // The file is complete before the server hears of it.
+    let file = out.finish().await?;
+    let FileDone { sha256, bytes, .. } = &file;
+    let (sha256, bytes) = (sha256.clone(), *bytes);
+    timing.hash = file.hash_ms;
+    timing.store = file.store_ms;
+    timing.pack = file.pack_ms;
     let records = writer.records_written();
-    let bytes = out.bytes;
     let report =
         json!({ "record_count": records, "byte_size": bytes, "sha256": sha256 }).to_string();
-    let storage = if out.sink.is_opfs() { "opfs" } else { "memory" };
-    let timing = out.timing;
-    // The file is complete before the server hears of it.
-    let file = out.sink.finish().await?;
+    let storage = if file.opfs_name.is_some() {
+        "opfs"
+    } else {
+        "memory"
+    };
     let reported = client
         .send(
             "POST",
@@ -580,6 +643,14 @@ async fn finish(
         &file.opfs_name.clone().map_or(JsValue::NULL, JsValue::from),
     );
     let _ = Reflect::set(&stats, &"worker".into(), &in_worker().into());
+    let _ = Reflect::set(&stats, &"packWorker".into(), &packed.into());
+    if packed {
+        let _ = Reflect::set(
+            &stats,
+            &"packWasmMemoryBytes".into(),
+            &file.wasm_memory.into(),
+        );
+    }
     let _ = Reflect::set(&stats, &"timing".into(), &timing.to_js());
     let opfs_name = file.opfs_name;
     let release = Closure::<dyn FnMut() -> js_sys::Promise>::new(move || {

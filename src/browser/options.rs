@@ -99,10 +99,28 @@ export interface ExportResult {
   release(): Promise<void>;
   stats: {
     storage: "opfs" | "memory";
-    /** Bytes of the WebAssembly memory of the module that built the file. */
+    /** Name of the file in the Origin Private File System directory `handover`, or null. */
+    opfsName: string | null;
+    /** Bytes of the WebAssembly memory of the module that fetched and wrote the rows. */
     wasmMemoryBytes: number;
-    /** Whether the file was built in a worker. */
+    /** Whether the export ran in a worker. */
     worker: boolean;
+    /** Whether a second worker assembled, hashed and stored the file (XLSX: deflated it). */
+    packWorker: boolean;
+    /** With packWorker: bytes of that worker's WebAssembly memory. */
+    packWasmMemoryBytes?: number;
+    /** Where the time went, in milliseconds. */
+    timing: {
+      waitMs: number;
+      decodeMs: number;
+      writeMs: number;
+      /** Handing chunks to the packing worker, and waiting while it is behind. */
+      handOverMs: number;
+      /** Assembling the zip package (in the packing worker). */
+      packMs: number;
+      hashMs: number;
+      storeMs: number;
+    };
   };
 }
 

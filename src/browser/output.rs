@@ -23,6 +23,8 @@ use web_sys::{
 };
 
 use super::error::export_error;
+use super::export::now;
+use crate::Sha256Stream;
 
 /// The OPFS directory of export files.
 pub(crate) const OPFS_DIR: &str = "handover";
@@ -194,11 +196,6 @@ impl Sink {
         })
     }
 
-    /// Whether the file goes to OPFS.
-    pub(crate) fn is_opfs(&self) -> bool {
-        matches!(self, Self::Opfs { .. })
-    }
-
     /// Appends a chunk.
     ///
     /// # Errors
@@ -323,6 +320,160 @@ impl Sink {
         {
             handle.close();
             let _ = wait(dir.remove_entry(&name)).await;
+        }
+    }
+}
+
+/// The file as it grows: each chunk goes to the sink at once (Rust never
+/// holds the file), with its checksum and size.
+pub(crate) struct FileOut {
+    sink: Sink,
+    sha: Sha256Stream,
+    bytes: u64,
+    hash_ms: f64,
+    store_ms: f64,
+}
+
+/// The finished file, with what the server is told of it.
+pub(crate) struct FileDone {
+    pub blob: Blob,
+    pub opfs_name: Option<String>,
+    pub bytes: u64,
+    pub sha256: String,
+    pub hash_ms: f64,
+    pub store_ms: f64,
+    /// Time spent assembling the zip package, where another worker did.
+    pub pack_ms: f64,
+    /// Bytes of the `WebAssembly.Memory` of the instance that built the file.
+    pub wasm_memory: f64,
+}
+
+impl FileOut {
+    /// Opens the file `name` of type `mime` in `storage`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sink::open`].
+    pub(crate) async fn open(storage: Storage, name: &str, mime: &str) -> Result<Self, JsValue> {
+        Ok(Self {
+            sink: Sink::open(storage, name, mime).await?,
+            sha: Sha256Stream::default(),
+            bytes: 0,
+            hash_ms: 0.0,
+            store_ms: 0.0,
+        })
+    }
+
+    /// Appends a chunk of the file.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sink::write`].
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<(), JsValue> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let t = now();
+        self.sha.update(chunk);
+        let h = now();
+        self.bytes += chunk.len() as u64;
+        self.sink.write(chunk)?;
+        self.hash_ms += h - t;
+        self.store_ms += now() - h;
+        Ok(())
+    }
+
+    /// Bytes of the file so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Completes the file.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sink::finish`].
+    pub(crate) async fn finish(self) -> Result<FileDone, JsValue> {
+        let sha256 = self.sha.finish_hex();
+        let file = self.sink.finish().await?;
+        Ok(FileDone {
+            blob: file.blob,
+            opfs_name: file.opfs_name,
+            bytes: self.bytes,
+            sha256,
+            hash_ms: self.hash_ms,
+            store_ms: self.store_ms,
+            pack_ms: 0.0,
+            wasm_memory: super::export::wasm_memory_bytes(),
+        })
+    }
+
+    /// Drops the file (a failed or cancelled export).
+    pub(crate) async fn discard(self) {
+        self.sink.discard().await;
+    }
+}
+
+impl FileDone {
+    /// As a plain object, to cross from the packing worker.
+    pub(crate) fn to_js(&self) -> JsValue {
+        let o = js_sys::Object::new();
+        let set = |k: &str, v: JsValue| {
+            let _ = Reflect::set(&o, &k.into(), &v);
+        };
+        set("blob", self.blob.clone().into());
+        set(
+            "opfsName",
+            self.opfs_name.clone().map_or(JsValue::NULL, JsValue::from),
+        );
+        set("byteSize", JsValue::from_f64(self.bytes as f64));
+        set("sha256", self.sha256.clone().into());
+        set("hashMs", self.hash_ms.into());
+        set("storeMs", self.store_ms.into());
+        set("packMs", self.pack_ms.into());
+        set("wasmMemoryBytes", self.wasm_memory.into());
+        o.into()
+    }
+
+    /// Back from [`to_js`](Self::to_js).
+    ///
+    /// # Errors
+    ///
+    /// `WORKER_ERROR` when the object is not one.
+    pub(crate) fn from_js(v: &JsValue) -> Result<Self, JsValue> {
+        let get = |k: &str| Reflect::get(v, &k.into()).unwrap_or(JsValue::UNDEFINED);
+        let bad = || export_error("WORKER_ERROR", "the packing worker gave no file");
+        let num = |k: &str| get(k).as_f64().unwrap_or(0.0);
+        Ok(Self {
+            blob: get("blob").dyn_into().map_err(|_| bad())?,
+            opfs_name: get("opfsName").as_string(),
+            bytes: get("byteSize").as_f64().ok_or_else(bad)? as u64,
+            sha256: get("sha256").as_string().ok_or_else(bad)?,
+            hash_ms: num("hashMs"),
+            store_ms: num("storeMs"),
+            pack_ms: num("packMs"),
+            wasm_memory: num("wasmMemoryBytes"),
+        })
+    }
+}
+
+impl Storage {
+    /// The option's name (`auto`, `memory`, `opfs`), to cross to the
+    /// packing worker.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Memory => "memory",
+            Self::Opfs => "opfs",
+        }
+    }
+
+    /// Back from [`name`](Self::name); anything else is `Auto`.
+    pub(crate) fn from_name(name: &str) -> Self {
+        match name {
+            "memory" => Self::Memory,
+            "opfs" => Self::Opfs,
+            _ => Self::Auto,
         }
     }
 }

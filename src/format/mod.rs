@@ -41,6 +41,7 @@ pub(crate) use cell::{push_float, push_json_cell, push_json_str};
 pub use error::FormatError;
 pub use layout::{columns_from_kinds, infer_manifest, kind_bits};
 pub(crate) use layout::{json_type, needs_neutralizing, TypeLayout};
+pub use xlsx::ZipAssembler;
 
 use crate::model::{ExportInfo, Manifest, Record};
 
@@ -128,6 +129,11 @@ impl Default for FormatOptions {
 /// What a format needs to implement; [`ExportWriter`] handles ordering,
 /// validation and counting around it. Output goes into `out`.
 pub(crate) trait Backend {
+    /// Makes the output zip instructions for a [`ZipAssembler`] (before
+    /// `begin`); `false` for a format that is not a zip.
+    fn defer_zip(&mut self) -> bool {
+        false
+    }
     fn begin(&mut self, layouts: &[TypeLayout], out: &mut Vec<u8>) -> Result<(), FormatError>;
     fn open_type(
         &mut self,
@@ -304,6 +310,27 @@ impl ExportWriter {
             bytes: 0,
             out: Vec::new(),
         }
+    }
+
+    /// For an XLSX file: from now on the output is not the file's bytes but
+    /// instructions to build it, which a [`ZipAssembler`] (in another
+    /// thread) turns into exactly the bytes this writer would have given.
+    /// The deflating and checksumming of the sheets then run there. Returns
+    /// whether the output is instructions: `false` for CSV and JSON, whose
+    /// output stays the file, and once [`begin`](Self::begin) was called.
+    ///
+    /// ```
+    /// use handover::format::{ExportFormat, ExportWriter, FormatOptions};
+    /// use handover::model::{ExportInfo, Manifest};
+    /// let info = ExportInfo::new("export_1", time::OffsetDateTime::UNIX_EPOCH);
+    /// let opts = FormatOptions::default();
+    /// let mut csv = ExportWriter::new(ExportFormat::Csv, &Manifest::default(), &info, &opts).unwrap();
+    /// assert!(!csv.defer_zip());
+    /// let mut xlsx = ExportWriter::new(ExportFormat::Xlsx, &Manifest::default(), &info, &opts).unwrap();
+    /// assert!(xlsx.defer_zip());
+    /// ```
+    pub fn defer_zip(&mut self) -> bool {
+        self.stage == Stage::New && self.backend.defer_zip()
     }
 
     /// Starts the file; returns the bytes produced.

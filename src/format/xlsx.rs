@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 pub(crate) use stream::StreamingXlsx;
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use workbook::ConstantMemoryXlsx;
+pub use zip::ZipAssembler;
 
 use super::{needs_neutralizing, Cell, FormatError, TypeLayout};
 use crate::model::{parse_timestamp, ColumnKind, ExportInfo, EXPORT_VERSION};

@@ -244,6 +244,11 @@ fn check_styles(styles: &[u8]) -> Result<(), FormatError> {
 }
 
 impl Backend for StreamingXlsx {
+    fn defer_zip(&mut self) -> bool {
+        self.zip = ZipWriter::deferred();
+        true
+    }
+
     fn begin(&mut self, layouts: &[TypeLayout], _out: &mut Vec<u8>) -> Result<(), FormatError> {
         self.type_sheets = vec![Vec::new(); layouts.len()];
         Ok(())

@@ -42,17 +42,46 @@ pub(crate) struct ZipWriter {
     /// Bytes written so far (the offset of the next header).
     written: u64,
     entries: Vec<Entry>,
+    /// Whether the package goes out as instructions for a [`ZipAssembler`]
+    /// elsewhere (another worker) instead of as bytes: the deflating and
+    /// checksumming then happen there, beside the writing of the rows.
+    deferred: bool,
+}
+
+/// The steps of a deferred package, each a tag byte and its fields
+/// (little-endian), as [`ZipAssembler::feed`] reads them.
+mod op {
+    /// Starts a deflated entry: level (u8), name length (u16), name.
+    pub(super) const START: u8 = 1;
+    /// Data of the open entry: length (u32), bytes.
+    pub(super) const DATA: u8 = 2;
+    /// Ends the open entry.
+    pub(super) const END: u8 = 3;
+    /// An entry copied as it is: flags (u16), method (u16), CRC (u32),
+    /// uncompressed size (u64), name length (u16), name, data length
+    /// (u32), data.
+    pub(super) const COPY: u8 = 4;
+    /// Ends the package (the central directory).
+    pub(super) const FINISH: u8 = 5;
+}
+
+/// The deflate stream and checksum of an entry deflated here.
+struct Deflating {
+    deflate: Compress,
+    crc: crc32fast::Hasher,
 }
 
 /// An entry whose data is deflated as it arrives.
 pub(crate) struct DeflatedEntry {
     name: String,
     offset: u64,
-    deflate: Compress,
-    crc: crc32fast::Hasher,
+    /// `None` when the package is deferred: the data goes out as it is.
+    here: Option<Deflating>,
     /// Data not yet deflated: rows arrive a few hundred bytes at a time, and
     /// one deflate call per row cost more than the deflating itself.
     pending: Vec<u8>,
+    /// Uncompressed bytes deflated (or sent on) so far.
+    passed: u64,
 }
 
 /// How much data an entry collects before deflating it.
@@ -62,8 +91,8 @@ impl std::fmt::Debug for DeflatedEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeflatedEntry")
             .field("name", &self.name)
-            .field("in", &self.deflate.total_in())
-            .field("out", &self.deflate.total_out())
+            .field("in", &self.uncompressed())
+            .field("deferred", &self.here.is_none())
             .finish()
     }
 }
@@ -84,7 +113,20 @@ fn zip32(v: u64) -> Result<u32, FormatError> {
     u32::try_from(v).map_err(|_| too_large())
 }
 
+fn length_u16(n: usize) -> Result<u16, FormatError> {
+    u16::try_from(n).map_err(|_| FormatError::Xlsx("a zip entry name is too long".into()))
+}
+
 impl ZipWriter {
+    /// A writer whose package goes out as instructions for a
+    /// [`ZipAssembler`] (see [`ExportWriter::defer_zip`](crate::format::ExportWriter::defer_zip)).
+    pub(crate) fn deferred() -> Self {
+        Self {
+            deferred: true,
+            ..Self::default()
+        }
+    }
+
     fn local_header(&self, e: &Entry, out: &mut Vec<u8>) -> Result<(), FormatError> {
         let known = e.flags & FLAG_DESCRIPTOR == 0;
         u32le(out, LOCAL_HEADER);
@@ -109,6 +151,19 @@ impl ZipWriter {
         level: u32,
         out: &mut Vec<u8>,
     ) -> Result<DeflatedEntry, FormatError> {
+        if self.deferred {
+            out.push(op::START);
+            out.push(level.min(9) as u8);
+            u16le(out, length_u16(name.len())?);
+            out.extend_from_slice(name.as_bytes());
+            return Ok(DeflatedEntry {
+                name: name.to_string(),
+                offset: 0,
+                here: None,
+                pending: Vec::with_capacity(PENDING_BYTES),
+                passed: 0,
+            });
+        }
         let e = Entry {
             name: name.to_string(),
             flags: FLAG_DESCRIPTOR | FLAG_UTF8,
@@ -124,9 +179,12 @@ impl ZipWriter {
         Ok(DeflatedEntry {
             name: name.to_string(),
             offset: e.offset,
-            deflate: Compress::new(Compression::new(level), false),
-            crc: crc32fast::Hasher::new(),
+            here: Some(Deflating {
+                deflate: Compress::new(Compression::new(level), false),
+                crc: crc32fast::Hasher::new(),
+            }),
             pending: Vec::with_capacity(PENDING_BYTES),
+            passed: 0,
         })
     }
 
@@ -138,13 +196,17 @@ impl ZipWriter {
     ) -> Result<(), FormatError> {
         let before = out.len();
         entry.flush_pending(FlushCompress::Finish, out)?;
+        let Some(here) = entry.here else {
+            out.push(op::END);
+            return Ok(());
+        };
         let e = Entry {
             name: entry.name,
             flags: FLAG_DESCRIPTOR | FLAG_UTF8,
             method: DEFLATE,
-            crc: entry.crc.finalize(),
-            compressed: entry.deflate.total_out(),
-            uncompressed: entry.deflate.total_in(),
+            crc: here.crc.finalize(),
+            compressed: here.deflate.total_out(),
+            uncompressed: here.deflate.total_in(),
             offset: entry.offset,
         };
         u32le(out, DATA_DESCRIPTOR);
@@ -162,6 +224,18 @@ impl ZipWriter {
         from: &CopiedEntry<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
+        if self.deferred {
+            out.push(op::COPY);
+            u16le(out, from.flags);
+            u16le(out, from.method);
+            u32le(out, from.crc);
+            out.extend_from_slice(&from.uncompressed.to_le_bytes());
+            u16le(out, length_u16(from.name.len())?);
+            out.extend_from_slice(from.name.as_bytes());
+            u32le(out, zip32(from.data.len() as u64)?);
+            out.extend_from_slice(from.data);
+            return Ok(());
+        }
         let e = Entry {
             name: from.name.to_string(),
             flags: from.flags & FLAG_UTF8,
@@ -181,6 +255,10 @@ impl ZipWriter {
 
     /// Writes the central directory: the package is complete.
     pub(crate) fn finish(self, out: &mut Vec<u8>) -> Result<(), FormatError> {
+        if self.deferred {
+            out.push(op::FINISH);
+            return Ok(());
+        }
         let start = self.written;
         let before = out.len();
         for e in &self.entries {
@@ -216,8 +294,12 @@ impl ZipWriter {
         Ok(())
     }
 
-    /// Counts bytes written by a deflated entry's `write`.
+    /// Counts bytes written by a deflated entry's `write` (a deferred
+    /// package is counted, and held to the limit, where it is assembled).
     pub(crate) fn wrote(&mut self, n: usize) -> Result<(), FormatError> {
+        if self.deferred {
+            return Ok(());
+        }
         self.written += n as u64;
         if self.written > MAX_ZIP32 {
             return Err(too_large());
@@ -237,8 +319,7 @@ impl DeflatedEntry {
         let before = out.len();
         self.flush_pending(FlushCompress::None, out)?;
         if data.len() > PENDING_BYTES {
-            self.crc.update(data);
-            self.deflate(data, FlushCompress::None, out)?;
+            self.pass(data, FlushCompress::None, out)?;
         } else {
             self.pending.extend_from_slice(data);
         }
@@ -253,18 +334,41 @@ impl DeflatedEntry {
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
         let pending = std::mem::take(&mut self.pending);
-        self.crc.update(&pending);
-        let deflated = self.deflate(&pending, flush, out);
+        let passed = self.pass(&pending, flush, out);
         self.pending = pending;
         self.pending.clear();
-        deflated
+        passed
+    }
+
+    /// Deflates and checksums `data` here, or sends it on as it is when
+    /// the package is deferred.
+    fn pass(
+        &mut self,
+        data: &[u8],
+        flush: FlushCompress,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        self.passed += data.len() as u64;
+        let Some(here) = self.here.as_mut() else {
+            // Pieces of at most 1 GiB, so each length fits its field.
+            for piece in data.chunks(1 << 30) {
+                out.push(op::DATA);
+                u32le(out, piece.len() as u32);
+                out.extend_from_slice(piece);
+            }
+            return Ok(());
+        };
+        here.crc.update(data);
+        here.deflate(data, flush, out)
     }
 
     /// Uncompressed bytes so far.
     pub(crate) fn uncompressed(&self) -> u64 {
-        self.deflate.total_in() + self.pending.len() as u64
+        self.passed + self.pending.len() as u64
     }
+}
 
+impl Deflating {
     fn deflate(
         &mut self,
         mut data: &[u8],
@@ -379,4 +483,169 @@ pub(crate) fn inflate(entry: &CopiedEntry<'_>) -> Result<Vec<u8>, FormatError> {
     d.decompress_vec(entry.data, &mut out, flate2::FlushDecompress::Finish)
         .map_err(|e| FormatError::Xlsx(format!("inflate {}: {e}", entry.name)))?;
     Ok(out)
+}
+
+/// Builds the zip package from the instructions of a deferred
+/// [`ExportWriter`](crate::format::ExportWriter) (see
+/// [`ExportWriter::defer_zip`](crate::format::ExportWriter::defer_zip)):
+/// it deflates and checksums the entries' data, so that this work can run
+/// in another thread (the browser's second worker) while the rows are
+/// written. Fed the writer's outputs in order, it gives the same bytes as
+/// the writer would have.
+#[derive(Debug, Default)]
+pub struct ZipAssembler {
+    zip: ZipWriter,
+    entry: Option<DeflatedEntry>,
+    finished: bool,
+}
+
+/// Reads the fields of one instruction.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(malformed("an instruction is cut short"));
+        };
+        let piece = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(piece)
+    }
+
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        Ok(u16::from_le_bytes([self.u8()?, self.u8()?]))
+    }
+
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes([
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+        ]))
+    }
+
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from(self.u32()?) | (u64::from(self.u32()?) << 32))
+    }
+
+    fn name(&mut self) -> Result<&'a str, FormatError> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| malformed("an entry name is not UTF-8"))
+    }
+}
+
+fn malformed(what: &str) -> FormatError {
+    FormatError::Xlsx(format!("the package instructions are malformed: {what}"))
+}
+
+impl ZipAssembler {
+    /// An assembler at the start of a package.
+    ///
+    /// ```
+    /// let a = handover::format::ZipAssembler::new();
+    /// assert!(!a.is_finished());
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads one output of the deferred writer (whole instructions, as
+    /// `take_output`, `begin` and `finish` return them) and appends the
+    /// package bytes that are ready to `out`.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Xlsx`] when the instructions are malformed or out of
+    /// order, or the package would pass 4 GiB (no Zip64).
+    ///
+    /// ```
+    /// use handover::format::{ExportFormat, ExportWriter, FormatOptions, ZipAssembler};
+    /// use handover::model::{ExportInfo, Manifest};
+    /// let info = ExportInfo::new("export_1", time::OffsetDateTime::UNIX_EPOCH);
+    /// let mut w = ExportWriter::new(ExportFormat::Xlsx, &Manifest::default(), &info, &FormatOptions::default()).unwrap();
+    /// assert!(w.defer_zip());
+    /// let mut a = ZipAssembler::new();
+    /// let mut file = Vec::new();
+    /// a.feed(&w.begin().unwrap(), &mut file).unwrap();
+    /// a.feed(&w.finish().unwrap(), &mut file).unwrap();
+    /// assert!(a.is_finished());
+    /// assert_eq!(&file[..2], b"PK");
+    /// ```
+    pub fn feed(&mut self, ops: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
+        let mut r = Reader { bytes: ops, at: 0 };
+        while r.at < ops.len() {
+            if self.finished {
+                return Err(malformed("instructions after the end of the package"));
+            }
+            match r.u8()? {
+                op::START => {
+                    let level = u32::from(r.u8()?);
+                    let name = r.name()?;
+                    if self.entry.is_some() {
+                        return Err(malformed("an entry starts inside another"));
+                    }
+                    self.entry = Some(self.zip.start_deflated(name, level, out)?);
+                }
+                op::DATA => {
+                    let n = r.u32()? as usize;
+                    let data = r.take(n)?;
+                    let entry = self
+                        .entry
+                        .as_mut()
+                        .ok_or_else(|| malformed("data outside an entry"))?;
+                    let wrote = entry.write(data, out)?;
+                    self.zip.wrote(wrote)?;
+                }
+                op::END => {
+                    let entry = self
+                        .entry
+                        .take()
+                        .ok_or_else(|| malformed("an entry ends that did not start"))?;
+                    self.zip.finish_deflated(entry, out)?;
+                }
+                op::COPY => {
+                    let (flags, method, crc) = (r.u16()?, r.u16()?, r.u32()?);
+                    let uncompressed = r.u64()?;
+                    let name = r.name()?;
+                    let n = r.u32()? as usize;
+                    let data = r.take(n)?;
+                    if self.entry.is_some() {
+                        return Err(malformed("an entry is copied inside another"));
+                    }
+                    let from = CopiedEntry {
+                        name,
+                        flags,
+                        method,
+                        crc,
+                        uncompressed,
+                        data,
+                    };
+                    self.zip.copy(&from, out)?;
+                }
+                op::FINISH => {
+                    if self.entry.is_some() {
+                        return Err(malformed("the package ends inside an entry"));
+                    }
+                    std::mem::take(&mut self.zip).finish(out)?;
+                    self.finished = true;
+                }
+                _ => return Err(malformed("an unknown instruction")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the package is complete (its central directory written).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
 }
