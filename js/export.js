@@ -60,11 +60,29 @@ function inWorker(options) {
       resolve(undefined);
       return;
     }
+    // A second worker builds the file beside the first (see worker.js);
+    // they talk over their own channel. Without it, the first builds it.
+    let packer = null;
+    let channel = null;
+    try {
+      packer = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+      channel = new MessageChannel();
+      packer.onerror = (event) => {
+        event.preventDefault?.();
+        worker.postMessage({ type: "pack:gone", message: event.message || "the packing worker failed" });
+      };
+      packer.postMessage({ type: "pack:port", port: channel.port2 }, [channel.port2]);
+    } catch {
+      packer?.terminate();
+      packer = null;
+      channel = null;
+    }
     let started = false;
     const onAbort = () => worker.postMessage({ type: "abort" });
     const finish = () => {
       signal?.removeEventListener("abort", onAbort);
       worker.terminate();
+      packer?.terminate();
     };
     signal?.addEventListener("abort", onAbort);
     worker.onmessage = (event) => {
@@ -107,7 +125,8 @@ function inWorker(options) {
       }
     };
     try {
-      worker.postMessage({ type: "start", options: rest, aborted: signal?.aborted ?? false });
+      const port = channel?.port1;
+      worker.postMessage({ type: "start", options: rest, aborted: signal?.aborted ?? false, port }, port ? [port] : []);
     } catch (e) {
       finish();
       reject(new ExportError("INVALID_OPTIONS", `options cannot be sent to the export worker: ${e?.message ?? e}`));

@@ -1,19 +1,28 @@
 // The module worker behind exportData(): runs the export off the page's
 // thread and reports progress, the result or the error by message.
 //
-// Where a worker can start a worker of its own, the export has two: this
-// one fetches, decodes and writes the rows, and a second one (this same
-// script, spoken to with "pack:" messages) assembles the file: the XLSX
-// zip's deflate and CRC, the SHA-256, the OPFS or Blob storage. The two
-// cores then share the work of one export.
+// The page starts two of them for an export: this one fetches, decodes and
+// writes the rows, and a second one (this same script, handed a
+// MessagePort with "pack:port" and spoken to over it with "pack:"
+// messages) assembles the file: the XLSX zip's deflate and CRC, the
+// SHA-256, the OPFS or Blob storage. The two cores then share the work of
+// one export. Without the second one, this one does it all.
 import init, { exportDataHere, FilePacker, ExportError } from "./handover.js";
 
 let controller = null;
 
 self.onmessage = (event) => {
   const msg = event.data ?? {};
-  if (typeof msg.type === "string" && msg.type.startsWith("pack:")) {
-    packing = packing.then(() => pack(msg));
+  if (msg.type === "pack:port") {
+    // This is the packing worker: its orders come over the port.
+    const port = msg.port;
+    port.onmessage = (e) => {
+      packing = packing.then(() => pack(e.data ?? {}, port));
+    };
+    return;
+  }
+  if (msg.type === "pack:gone") {
+    link?.fail(new ExportError("WORKER_ERROR", msg.message), true);
     return;
   }
   if (msg.type === "abort") {
@@ -23,13 +32,18 @@ self.onmessage = (event) => {
   if (msg.type === "start") run(msg);
 };
 
+/** The export's packing worker, while there is one. */
+let link = null;
+
 async function run(msg) {
   controller = new AbortController();
   if (msg.aborted) controller.abort();
   let packer = null;
+  // The packing worker compiles the module while this one does.
+  const starting = msg.port ? PackingWorker.start(msg.port) : Promise.resolve(null);
   try {
     await init();
-    packer = await PackingWorker.start();
+    packer = await starting;
     self.postMessage({ type: "started" });
     const result = await exportDataHere(
       {
@@ -47,8 +61,6 @@ async function run(msg) {
     self.postMessage({ type: "done", result });
   } catch (err) {
     self.postMessage({ type: "error", error: plainError(err) });
-  } finally {
-    packer?.close();
   }
 }
 
@@ -76,39 +88,30 @@ const MAX_IN_FLIGHT = 4;
  * MAX_IN_FLIGHT of them are unanswered, so chunks do not pile up.
  */
 class PackingWorker {
-  /** A started packing worker, or null where there can be none. */
-  static async start() {
-    if (typeof Worker === "undefined") return null;
-    let worker;
-    try {
-      worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
-    } catch {
-      return null;
-    }
-    const packer = new PackingWorker(worker);
+  /** The packing worker behind `port`, once it is ready; null if it cannot start. */
+  static async start(port) {
+    const packer = new PackingWorker(port);
+    link = packer;
     try {
       await packer.request({ type: "pack:hello" });
       return packer;
     } catch {
-      // The script did not load there (no nested workers, a bundler that
-      // did not ship it): this worker builds the file itself.
-      packer.close();
+      // Its script did not load (a bundler that did not ship it, a
+      // content security policy): this worker builds the file itself.
+      link = null;
       return null;
     }
   }
 
-  constructor(worker) {
-    this.worker = worker;
+  constructor(port) {
+    this.port = port;
     this.bytesWritten = 0;
     this.inFlight = 0;
     this.error = null;
+    this.gone = false;
     this.waiting = null;
     this.replies = [];
-    worker.onmessage = (event) => this.receive(event.data ?? {});
-    worker.onerror = (event) => {
-      event.preventDefault?.();
-      this.fail(new ExportError("WORKER_ERROR", event.message || "the packing worker failed"));
-    };
+    port.onmessage = (event) => this.receive(event.data ?? {});
   }
 
   receive(msg) {
@@ -128,19 +131,24 @@ class PackingWorker {
     }
   }
 
-  /** The worker is gone or a chunk failed: everything waiting hears of it. */
-  fail(err) {
+  /**
+   * A chunk failed (the packing worker still answers every request, with
+   * that error), or the worker is gone (nothing will answer): the writer
+   * stops, and with `gone` every request waiting hears of it.
+   */
+  fail(err, gone = false) {
     this.error ??= err;
+    this.gone ||= gone;
     this.waiting?.reject(this.error);
     this.waiting = null;
-    for (const r of this.replies.splice(0)) r.reject(this.error);
+    if (gone) for (const r of this.replies.splice(0)) r.reject(this.error);
   }
 
   request(msg, transfer = []) {
-    if (this.error) return Promise.reject(this.error);
+    if (this.gone) return Promise.reject(this.error);
     return new Promise((resolve, reject) => {
       this.replies.push({ resolve, reject });
-      this.worker.postMessage(msg, transfer);
+      this.port.postMessage(msg, transfer);
     });
   }
 
@@ -150,7 +158,7 @@ class PackingWorker {
 
   write(chunk) {
     if (this.error) throw this.error;
-    this.worker.postMessage({ type: "pack:write", chunk }, [chunk.buffer]);
+    this.port.postMessage({ type: "pack:write", chunk }, [chunk.buffer]);
     this.inFlight += 1;
     if (this.inFlight < MAX_IN_FLIGHT) return undefined;
     return new Promise((resolve, reject) => { this.waiting = { resolve, reject }; });
@@ -163,13 +171,13 @@ class PackingWorker {
   discard() {
     // After a failure too: the packing worker still removes the file.
     return new Promise((resolve) => {
+      if (this.gone) {
+        resolve();
+        return;
+      }
       this.replies.push({ resolve, reject: resolve });
-      this.worker.postMessage({ type: "pack:discard" });
+      this.port.postMessage({ type: "pack:discard" });
     });
-  }
-
-  close() {
-    this.worker.terminate();
   }
 }
 
@@ -178,9 +186,9 @@ let packing = Promise.resolve();
 let file = null;
 let failed = null;
 
-async function pack(msg) {
-  const reply = (value) => self.postMessage({ type: "pack:reply", ok: true, value });
-  const refuse = (err) => self.postMessage({ type: "pack:reply", ok: false, error: plainError(err) });
+async function pack(msg, port) {
+  const reply = (value) => port.postMessage({ type: "pack:reply", ok: true, value });
+  const refuse = (err) => port.postMessage({ type: "pack:reply", ok: false, error: plainError(err) });
   try {
     if (msg.type === "pack:hello") {
       await init();
@@ -193,10 +201,10 @@ async function pack(msg) {
       try {
         if (failed) throw failed;
         if (!file) throw new ExportError("WORKER_ERROR", "no file is open in the packing worker");
-        self.postMessage({ type: "pack:ack", bytes: file.write(msg.chunk) });
+        port.postMessage({ type: "pack:ack", bytes: file.write(msg.chunk) });
       } catch (err) {
         failed ??= err;
-        self.postMessage({ type: "pack:ack", error: plainError(err) });
+        port.postMessage({ type: "pack:ack", error: plainError(err) });
       }
     } else if (msg.type === "pack:finish") {
       const f = file;
