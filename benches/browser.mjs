@@ -74,7 +74,9 @@ async function withPage(web, fn) {
 
 /** The bench user makes far more exports than a user may in an hour. */
 function resetLimits(db) {
-  execFileSync("sqlite3", [db.file, "DELETE FROM rate_events; DELETE FROM export_requests;"], { stdio: "ignore" });
+  // The server checkpoints its write-ahead log every second: wait for its
+  // lock (up to 10 s) instead of failing at once with SQLITE_BUSY.
+  execFileSync("sqlite3", ["-cmd", ".timeout 10000", db.file, "DELETE FROM rate_events; DELETE FROM export_requests;"], { stdio: "ignore" });
 }
 
 /** exportData in the page; returns its figures, and the renderer's peak memory. */

@@ -42,7 +42,8 @@ async function removeOpfsFile(name) {
   }
 }
 
-function errorFrom(e) {
+/** The ExportError a worker sent as a plain object (worker.js uses it too). */
+export function errorFrom(e) {
   return new ExportError(e.code, e.message, { status: e.status ?? undefined, retryAfter: e.retryAfter ?? undefined, details: e.details });
 }
 

@@ -8,6 +8,7 @@
 // SHA-256, the OPFS or Blob storage. The two cores then share the work of
 // one export. Without the second one, this one does it all.
 import init, { exportDataHere, FilePacker, ExportError } from "./handover.js";
+import { errorFrom } from "./export.js";
 
 let controller = null;
 
@@ -17,7 +18,10 @@ self.onmessage = (event) => {
     // This is the packing worker: its orders come over the port.
     const port = msg.port;
     port.onmessage = (e) => {
-      packing = packing.then(() => pack(e.data ?? {}, port));
+      // pack() answers every message itself; the catch only keeps one
+      // unexpected throw from stopping the queue (and the export's worker
+      // waiting for ever).
+      packing = packing.then(() => pack(e.data ?? {}, port)).catch(() => {});
     };
     return;
   }
@@ -72,10 +76,6 @@ function plainError(err) {
     retryAfter: err?.retryAfter ?? null,
     details: err?.details ?? null,
   };
-}
-
-function errorFrom(e) {
-  return new ExportError(e.code, e.message, { status: e.status ?? undefined, retryAfter: e.retryAfter ?? undefined, details: e.details });
 }
 
 /** Chunks on their way to the packing worker before the writer waits. */
@@ -218,7 +218,15 @@ async function pack(msg, port) {
     } else if (msg.type === "pack:discard") {
       const f = file;
       file = null;
-      await f?.discard();
+      try {
+        await f?.discard();
+      } catch {
+        // The module trapped while it held the file: ending this worker
+        // closes the file's handle, and the next export's sweep removes it.
+        reply(null);
+        self.close();
+        return;
+      }
       reply(null);
     }
   } catch (err) {

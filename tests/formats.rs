@@ -840,9 +840,19 @@ fn malformed_package_instructions_are_refused_not_panicked_on() {
     a.feed(&all, &mut out).unwrap();
     let after = a.feed(&all[..1], &mut out).unwrap_err();
     assert!(after.to_string().contains("after the end"), "{after}");
-    for bad in [&[9u8][..], &[2, 1, 0, 0, 0, b'x'], &[3], &[1, 1, 200, 0]] {
-        let err = ZipAssembler::new().feed(bad, &mut Vec::new()).unwrap_err();
+    for bad in [
+        &[9u8][..],
+        &[2, 1, 0, 0, 0, b'x'],
+        &[3],
+        &[1, 1, 200, 0],
+        &[1, 10, 1, 0, b'x'],
+    ] {
+        let mut a = ZipAssembler::new();
+        let err = a.feed(bad, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, FormatError::Xlsx(_)), "{bad:?}: {err}");
+        // Nothing is accepted after a failure, not even a whole package.
+        assert!(a.feed(&all, &mut Vec::new()).is_err());
+        assert!(!a.is_finished());
     }
 }
 

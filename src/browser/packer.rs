@@ -79,7 +79,7 @@ impl FilePacker {
     }
 
     /// Completes the file: `{blob, opfsName, byteSize, sha256, hashMs,
-    /// storeMs, packMs}`.
+    /// storeMs, packMs, wasmMemoryBytes}`.
     ///
     /// # Errors
     ///

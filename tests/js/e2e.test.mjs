@@ -157,6 +157,19 @@ test("an export in the worker and one on the page give byte-identical files", as
     ...(await inPage(body, { formats: ["csv", "json"] }, { user: "user_0002", company: "company_789" })),
     ...(await inPage(body, { formats: ["xlsx"] })),
   };
+  // The packing worker with the file in memory: a Blob made in a worker
+  // that ends with the export.
+  const memory = await inPage(`
+    const r = await exportData({ ...base, format: "xlsx", download: false, storage: "memory" });
+    const digest = await crypto.subtle.digest("SHA-256", await r.blob.arrayBuffer());
+    const sha = Array.from(new Uint8Array(digest)).map((b) => b.toString(16).padStart(2, "0")).join("");
+    return { stats: r.stats, sha, reported: r.sha256, size: r.blob.size, byteSize: r.byteSize,
+      zip: Array.from(new Uint8Array(await r.blob.slice(0, 2).arrayBuffer())) };
+  `, {}, { user: "user_0002", company: "company_789" });
+  assert.deepEqual([memory.stats.worker, memory.stats.packWorker, memory.stats.storage], [true, true, "memory"]);
+  assert.equal(memory.sha, memory.reported, "the in-memory file is the one reported");
+  assert.equal(memory.size, memory.byteSize);
+  assert.deepEqual(memory.zip, [0x50, 0x4b], "a zip package");
   assert.deepEqual(Object.keys(out), ["csv", "json", "xlsx"]);
   // CSV carries no request id or time, so the two files are the same bytes
   // (the XLSX package's assembly elsewhere is proved byte for byte in

@@ -497,6 +497,8 @@ pub struct ZipAssembler {
     zip: ZipWriter,
     entry: Option<DeflatedEntry>,
     finished: bool,
+    /// An error left the package unusable: every later feed is refused.
+    failed: bool,
 }
 
 /// Reads the fields of one instruction.
@@ -581,6 +583,15 @@ impl ZipAssembler {
     /// assert_eq!(&file[..2], b"PK");
     /// ```
     pub fn feed(&mut self, ops: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
+        if self.failed {
+            return Err(malformed("an earlier instruction failed"));
+        }
+        let fed = self.apply(ops, out);
+        self.failed = fed.is_err();
+        fed
+    }
+
+    fn apply(&mut self, ops: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
         let mut r = Reader { bytes: ops, at: 0 };
         while r.at < ops.len() {
             if self.finished {
@@ -589,6 +600,9 @@ impl ZipAssembler {
             match r.u8()? {
                 op::START => {
                     let level = u32::from(r.u8()?);
+                    if level > 9 {
+                        return Err(malformed("a deflate level above 9"));
+                    }
                     let name = r.name()?;
                     if self.entry.is_some() {
                         return Err(malformed("an entry starts inside another"));
