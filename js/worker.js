@@ -80,6 +80,8 @@ function plainError(err) {
 
 /** Chunks on their way to the packing worker before the writer waits. */
 const MAX_IN_FLIGHT = 4;
+/** Smallest chunk buffer: most chunks (one page) fit, so few are made. */
+const MIN_BUFFER = 1 << 20;
 
 /**
  * The export's handle on the packing worker: what exportDataHere calls
@@ -111,12 +113,21 @@ class PackingWorker {
     this.gone = false;
     this.waiting = null;
     this.replies = [];
+    // Buffers the packing worker gave back, for the next chunks.
+    this.pool = [];
     port.onmessage = (event) => this.receive(event.data ?? {});
   }
 
   receive(msg) {
     if (msg.type === "pack:ack") {
       this.inFlight -= 1;
+      if (msg.buffer instanceof ArrayBuffer) {
+        this.pool.push(msg.buffer);
+        // No more than can be in flight at once: a larger one replaces the smallest.
+        if (this.pool.length > MAX_IN_FLIGHT + 1) {
+          this.pool.sort((a, b) => a.byteLength - b.byteLength).shift();
+        }
+      }
       if (msg.error) this.fail(errorFrom(msg.error));
       else this.bytesWritten = msg.bytes;
       if (this.waiting && this.inFlight < MAX_IN_FLIGHT) {
@@ -154,6 +165,12 @@ class PackingWorker {
 
   open(storage, name, mime, zip) {
     return this.request({ type: "pack:open", storage, name, mime, zip });
+  }
+
+  buffer(len) {
+    const i = this.pool.findIndex((b) => b.byteLength >= len);
+    const buf = i >= 0 ? this.pool.splice(i, 1)[0] : new ArrayBuffer(Math.max(len, MIN_BUFFER));
+    return new Uint8Array(buf, 0, len);
   }
 
   write(chunk) {
@@ -201,7 +218,10 @@ async function pack(msg, port) {
       try {
         if (failed) throw failed;
         if (!file) throw new ExportError("WORKER_ERROR", "no file is open in the packing worker");
-        port.postMessage({ type: "pack:ack", bytes: file.write(msg.chunk) });
+        const bytes = file.write(msg.chunk);
+        // The buffer goes back for the next chunk.
+        const buffer = msg.chunk.buffer;
+        port.postMessage({ type: "pack:ack", bytes, buffer }, [buffer]);
       } catch (err) {
         failed ??= err;
         port.postMessage({ type: "pack:ack", error: plainError(err) });

@@ -118,6 +118,12 @@ extern "C" {
         zip: bool,
     ) -> Result<Promise, JsValue>;
 
+    /// A view of `len` bytes on a buffer the packing worker gave back (or
+    /// a new one): chunks reuse a few buffers instead of leaving one
+    /// behind each, which the collector would free only now and then.
+    #[wasm_bindgen(method, catch)]
+    fn buffer(this: &RemotePacker, len: u32) -> Result<Uint8Array, JsValue>;
+
     /// Sends a chunk (its buffer is transferred); a promise when the
     /// packer is behind and the writer should wait.
     #[wasm_bindgen(method, catch)]
@@ -157,7 +163,11 @@ impl RemotePacker {
     ///
     /// The packing worker's `ExportError`, from this chunk or an earlier one.
     pub(crate) async fn send(&self, chunk: &[u8]) -> Result<(), JsValue> {
-        let waiting = self.write(Uint8Array::from(chunk))?;
+        let len = u32::try_from(chunk.len())
+            .map_err(|_| export_error("XLSX_ERROR", "a chunk of the file passed 4 GiB"))?;
+        let view = self.buffer(len)?;
+        view.copy_from(chunk);
+        let waiting = self.write(view)?;
         if let Some(p) = waiting.dyn_ref::<Promise>() {
             JsFuture::from(p.clone()).await?;
         }
