@@ -580,8 +580,7 @@ async fn finish(
     let mut timing = out.timing;
     // The file is complete before the server hears of it.
     let file = out.finish().await?;
-    let FileDone { sha256, bytes, .. } = &file;
-    let (sha256, bytes) = (sha256.clone(), *bytes);
+    let (sha256, bytes) = (file.sha256.clone(), file.bytes);
     timing.hash = file.hash_ms;
     timing.store = file.store_ms;
     timing.pack = file.pack_ms;
