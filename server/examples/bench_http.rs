@@ -422,12 +422,17 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
                 .build()
                 .expect("a runtime for the flooders");
             rt.block_on(async move {
+                // The clients are built before the flood starts: building
+                // one loads the TLS roots, which is the attacker's start-up
+                // cost, not the flood (it took the first measured calls'
+                // cores for tens of milliseconds).
+                let clients: Vec<reqwest::Client> =
+                    (0..32).map(|_| reqwest::Client::new()).collect();
                 let mut flooders = Vec::new();
-                for _ in 0..32 {
+                for client in clients {
                     let (stop, sent) = (stop.clone(), sent.clone());
                     let path = format!("{base}/api/data/export/{}", "a".repeat(30_000));
                     flooders.push(tokio::spawn(async move {
-                        let client = reqwest::Client::new();
                         // Bounded: at most 100,000 requests per flooder.
                         for _ in 0..100_000 {
                             if stop.load(std::sync::atomic::Ordering::Relaxed) {

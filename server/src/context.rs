@@ -256,6 +256,9 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     }));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // What the audit log and the log lines keep of it: a flood's 30 KB
+    // paths must not fill either.
+    let stored_path = capped(&path, MAX_STORED_PATH);
     let authorization = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -270,9 +273,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             state.settings.unauth_per_minute,
             authorization.as_deref(),
         ) {
-            let _ = state
-                .guard
-                .refused(&ip_key, &capped(&path, MAX_STORED_PATH), true);
+            let _ = state.guard.refused(&ip_key, &stored_path, true);
             state.metrics.observe_request(429, ctx.0.started.elapsed());
             let mut r = throttled_error(&state, retry_after).into_response();
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
@@ -286,7 +287,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     req.extensions_mut().insert(ctx.clone());
 
     // Every log line of the handler carries the request id.
-    let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, %path);
+    let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, path = %stored_path);
     if path.starts_with("/api/") {
         if let Some(lane) = state.guard.lane(
             &ip_key,
@@ -318,9 +319,9 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     if let Some(InternalErrorText(text)) = response.extensions().get::<InternalErrorText>() {
         if status.is_server_error() {
-            tracing::error!(request_id = %ctx.request_id(), %method, %path, error = %text, "request failed");
+            tracing::error!(request_id = %ctx.request_id(), %method, path = %stored_path, error = %text, "request failed");
         } else {
-            tracing::info!(request_id = %ctx.request_id(), %method, %path, reason = %text, "request refused");
+            tracing::info!(request_id = %ctx.request_id(), %method, path = %stored_path, reason = %text, "request refused");
         }
     }
     let headers = response.headers_mut();
@@ -356,7 +357,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     let elapsed = ctx.0.started.elapsed();
     state.metrics.observe_request(status.as_u16(), elapsed);
     tracing::info!(
-        request_id = %ctx.request_id(), %method, %path, status = status.as_u16(),
+        request_id = %ctx.request_id(), %method, path = %stored_path, status = status.as_u16(),
         ms = elapsed.as_millis() as u64, "request"
     );
 
@@ -373,10 +374,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             // 429 without an actor is the throttle answering in the lane:
             // counted, never a row of its own.
             let throttled = status == axum::http::StatusCode::TOO_MANY_REQUESTS;
-            let (own_row, finished) =
-                state
-                    .guard
-                    .refused(&ip_key, &capped(&path, MAX_STORED_PATH), throttled);
+            let (own_row, finished) = state.guard.refused(&ip_key, &stored_path, throttled);
             if let Err(e) = write_tallies(&state, finished).await {
                 tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
             }
@@ -393,7 +391,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         };
         let mut details = learned.details;
         details.insert("method".into(), json!(method.as_str()));
-        details.insert("path".into(), json!(capped(&path, MAX_STORED_PATH)));
+        details.insert("path".into(), json!(stored_path.as_str()));
         if let Some(code) = code {
             details.insert("code".into(), json!(code));
         }

@@ -63,6 +63,17 @@ pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>
 /// The previous-hash of the first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Rows in one group commit, at most.
+const MAX_BATCH: usize = 256;
+
+/// Requests' rows waiting for a group commit ([`Store::audit`]).
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    waiting: Vec<(AuditEntry, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    /// Whether a task is committing them.
+    draining: bool,
+}
+
 /// One row to append (time, sequence number and hashes are added).
 #[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
@@ -247,14 +258,97 @@ impl Store {
         Ok(())
     }
 
-    /// Appends `entry` on its own (a request's row).
+    /// Appends `entry` on its own (a request's row), and returns once it
+    /// is committed.
+    ///
+    /// Rows of concurrent requests are committed together: while one
+    /// transaction writes, the rows that arrive queue, and the next
+    /// transaction takes them all. A burst (ten refused requests of a
+    /// flood at once, say) then costs the writer one or two commits, not
+    /// ten, so the rows of other requests do not wait behind it. The
+    /// transaction runs in a task of its own, so a request that goes away
+    /// while it waits neither loses its row nor breaks the others'.
     ///
     /// # Errors
     ///
     /// Database errors.
     pub async fn audit(&self, entry: AuditEntry) -> anyhow::Result<()> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        {
+            let mut queue = self
+                .audit_queue
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the audit queue is poisoned"))?;
+            queue.waiting.push((entry, done));
+            if !queue.draining {
+                queue.draining = true;
+                tokio::spawn(self.clone().drain_audit_queue());
+            }
+        }
+        match committed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+            Err(_) => anyhow::bail!("the audit writer stopped before committing the row"),
+        }
+    }
+
+    /// Commits queued rows, a batch per transaction, until none are left.
+    async fn drain_audit_queue(self) {
+        // Should this task end any other way (a panic, the runtime shutting
+        // down), the rows still waiting fail and the next row starts a new
+        // task, instead of every later request waiting for ever.
+        struct Abandon<'q>(&'q std::sync::Mutex<Queue>);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut queue) = self.0.lock() {
+                    queue.waiting.clear();
+                    queue.draining = false;
+                }
+            }
+        }
+        let abandon = Abandon(&self.audit_queue);
+        loop {
+            let batch = {
+                let Ok(mut queue) = self.audit_queue.lock() else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    queue.draining = false;
+                    std::mem::forget(abandon);
+                    return;
+                }
+                let take = queue.waiting.len().min(MAX_BATCH);
+                queue.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            let entries: Vec<AuditEntry> = batch.iter().map(|(e, _)| e.clone()).collect();
+            match self.append_batch(entries).await {
+                Ok(()) => {
+                    for (_, done) in batch {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                // One row that cannot be written must not fail the others:
+                // each goes on its own.
+                Err(_) if batch.len() > 1 => {
+                    for (entry, done) in batch {
+                        let alone = self.append_batch(vec![entry]).await;
+                        let _ = done.send(alone.map_err(|e| format!("{e:#}")));
+                    }
+                }
+                Err(e) => {
+                    for (_, done) in batch {
+                        let _ = done.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn append_batch(&self, entries: Vec<AuditEntry>) -> anyhow::Result<()> {
         let mut tx = self.write().await?;
-        self.append_audit(&mut tx, entry).await?;
+        for entry in entries {
+            self.append_audit(&mut tx, entry).await?;
+        }
         tx.commit().await
     }
 

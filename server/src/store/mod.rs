@@ -71,6 +71,8 @@ pub struct Store {
     /// An append-only file outside the database that receives each new
     /// head of the audit chain, so that removing the newest rows shows.
     head_file: Option<std::sync::Arc<std::path::PathBuf>>,
+    /// Requests' audit rows waiting for the next group commit.
+    audit_queue: std::sync::Arc<std::sync::Mutex<audit::Queue>>,
 }
 
 /// A write transaction; on SQLite it also holds the process's writer turn.
@@ -169,6 +171,7 @@ impl Store {
             writer: Default::default(),
             audit_key: None,
             head_file: None,
+            audit_queue: Default::default(),
         })
     }
 

@@ -558,3 +558,50 @@ async fn a_throttled_address_waits_in_the_tarpit_for_its_answer() {
         t0.elapsed()
     );
 }
+
+#[tokio::test]
+async fn rows_of_concurrent_requests_share_a_commit_and_the_chain_holds() {
+    use handover_server::store::audit::AuditEntry;
+    let app = spawn_app().await;
+    let head_file = app.db.dir.path().join("audit.head");
+    let before_rows = app.count("SELECT COUNT(*) FROM audit_log").await;
+    let before_commits = std::fs::read_to_string(&head_file)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    // Fifty rows queued at once (this test's runtime has one thread, so
+    // all are queued before the writer's task first runs).
+    let rows = (0..50).map(|i| {
+        app.state.store.audit(AuditEntry {
+            action: "test.burst".into(),
+            outcome: "refused".into(),
+            resource: Some(format!("row_{i}")),
+            ..Default::default()
+        })
+    });
+    for r in futures_util::future::join_all(rows).await {
+        r.expect("each row committed");
+    }
+    // Every row is stored once it returns, each exactly once.
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT resource FROM audit_log WHERE action = 'test.burst'")
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 50);
+    assert_eq!(stored.iter().collect::<HashSet<_>>().len(), 50);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM audit_log").await,
+        before_rows + 50
+    );
+    // In far fewer commits than rows: each commit appends one head.
+    let commits = std::fs::read_to_string(&head_file).unwrap().lines().count() - before_commits;
+    assert!(commits <= 2, "{commits} commits for 50 rows");
+    let head = handover_server::store::audit::last_head(&head_file)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        app.state.store.verify_audit(Some(head)).await.unwrap(),
+        Verification::Intact { .. }
+    ));
+}
