@@ -2,7 +2,33 @@
 // has one, so the page only ever handles progress messages; elsewhere (and
 // with `worker: false`) it runs on the calling thread. Progress, cancel,
 // retries, the result and the download behave the same either way.
-import { exportDataHere, checkExportOptions, ExportError } from "./handover.js";
+import { exportDataHere, checkExportOptions, ExportError, compiledWasmModule } from "./handover.js";
+
+/** The module this page compiled, for the workers; undefined where it cannot be had. */
+function compiledModule() {
+  try {
+    const module = compiledWasmModule();
+    return module instanceof WebAssembly.Module ? module : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Posts `msg` with the compiled module beside it, or without it where the
+ * browser cannot clone a module to a worker (the worker then loads its own).
+ */
+function postWithModule(target, msg, transfer, module) {
+  if (module) {
+    try {
+      target.postMessage({ ...msg, module }, transfer);
+      return;
+    } catch (e) {
+      if (e?.name !== "DataCloneError") throw e;
+    }
+  }
+  target.postMessage(msg, transfer);
+}
 
 const OPFS_DIR = "handover";
 
@@ -65,6 +91,7 @@ function inWorker(options) {
     // they talk over their own channel. Without it, the first builds it.
     let packer = null;
     let channel = null;
+    const module = compiledModule();
     try {
       packer = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
       channel = new MessageChannel();
@@ -72,7 +99,7 @@ function inWorker(options) {
         event.preventDefault?.();
         worker.postMessage({ type: "pack:gone", message: event.message || "the packing worker failed" });
       };
-      packer.postMessage({ type: "pack:port", port: channel.port2 }, [channel.port2]);
+      postWithModule(packer, { type: "pack:port", port: channel.port2 }, [channel.port2], module);
     } catch {
       packer?.terminate();
       packer = null;
@@ -127,7 +154,7 @@ function inWorker(options) {
     };
     try {
       const port = channel?.port1;
-      worker.postMessage({ type: "start", options: rest, aborted: signal?.aborted ?? false, port }, port ? [port] : []);
+      postWithModule(worker, { type: "start", options: rest, aborted: signal?.aborted ?? false, port }, port ? [port] : [], module);
     } catch (e) {
       finish();
       reject(new ExportError("INVALID_OPTIONS", `options cannot be sent to the export worker: ${e?.message ?? e}`));

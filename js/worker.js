@@ -11,12 +11,16 @@ import init, { exportDataHere, FilePacker, ExportError } from "./handover.js";
 import { errorFrom } from "./export.js";
 
 let controller = null;
+/** The page's compiled module, when it sent one (see export.js). */
+let module;
+const initialised = () => init(module ? { module_or_path: module } : undefined);
 
 self.onmessage = (event) => {
   const msg = event.data ?? {};
   if (msg.type === "pack:port") {
     // This is the packing worker: its orders come over the port.
     const port = msg.port;
+    module = msg.module;
     port.onmessage = (e) => {
       // pack() answers every message itself; the catch only keeps one
       // unexpected throw from stopping the queue (and the export's worker
@@ -40,13 +44,14 @@ self.onmessage = (event) => {
 let link = null;
 
 async function run(msg) {
+  module = msg.module;
   controller = new AbortController();
   if (msg.aborted) controller.abort();
   let packer = null;
-  // The packing worker compiles the module while this one does.
+  // The packing worker starts while this one does.
   const starting = msg.port ? PackingWorker.start(msg.port) : Promise.resolve(null);
   try {
-    await init();
+    await initialised();
     packer = await starting;
     self.postMessage({ type: "started" });
     const result = await exportDataHere(
@@ -208,7 +213,7 @@ async function pack(msg, port) {
   const refuse = (err) => port.postMessage({ type: "pack:reply", ok: false, error: plainError(err) });
   try {
     if (msg.type === "pack:hello") {
-      await init();
+      await initialised();
       reply(null);
     } else if (msg.type === "pack:open") {
       file = await FilePacker.open(msg.storage, msg.name, msg.mime, msg.zip);

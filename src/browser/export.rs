@@ -492,6 +492,15 @@ pub fn wasm_memory_bytes() -> f64 {
     js_sys::ArrayBuffer::from(memory.buffer()).byte_length() as f64
 }
 
+/// This instance's compiled `WebAssembly.Module`. The page hands it to the
+/// export's workers, so that they neither download nor compile the module
+/// again (1.6 MB, twice, on every export: through a slow link that was
+/// most of the time before the first record).
+#[wasm_bindgen(js_name = compiledWasmModule, skip_typescript)]
+pub fn wasm_module() -> JsValue {
+    wasm_bindgen::module()
+}
+
 async fn run(
     client: &Client,
     opts: &ExportOptions,

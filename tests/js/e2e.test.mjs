@@ -153,10 +153,21 @@ test("an export in the worker and one on the page give byte-identical files", as
     }
     return runs;
   `;
-  const out = {
-    ...(await inPage(body, { formats: ["csv", "json"] }, { user: "user_0002", company: "company_789" })),
-    ...(await inPage(body, { formats: ["xlsx"] })),
-  };
+  // The page compiled the module when it loaded; the export's workers get
+  // it from the page instead of fetching (and compiling) it again.
+  const wasmFetches = [];
+  const onRequest = (r) => { if (new URL(r.url()).pathname.endsWith(".wasm")) wasmFetches.push(r.url()); };
+  page.on("request", onRequest);
+  let out;
+  try {
+    out = {
+      ...(await inPage(body, { formats: ["csv", "json"] }, { user: "user_0002", company: "company_789" })),
+      ...(await inPage(body, { formats: ["xlsx"] })),
+    };
+  } finally {
+    page.off("request", onRequest);
+  }
+  assert.deepEqual(wasmFetches, [], "the workers fetched the module again");
   // The packing worker with the file in memory: a Blob made in a worker
   // that ends with the export.
   const memory = await inPage(`

@@ -271,6 +271,7 @@ mod tests {
 
     /// The character-by-character escape this module had before copying
     /// runs whole: the reference the fast one must match.
+    #[cfg(not(target_arch = "wasm32"))]
     fn escaped_by_char(text: &str) -> String {
         let mut out = String::new();
         for (at, ch) in text.char_indices() {
@@ -288,6 +289,8 @@ mod tests {
         out
     }
 
+    // proptest is a native dev-dependency only.
+    #[cfg(not(target_arch = "wasm32"))]
     proptest::proptest! {
         #[test]
         fn copying_runs_escapes_like_the_character_loop(
