@@ -13,7 +13,16 @@ import { errorFrom } from "./export.js";
 let controller = null;
 /** The page's compiled module, when it sent one (see export.js). */
 let module;
-const initialised = () => init(module ? { module_or_path: module } : undefined);
+// A module that does not link with this glue (a page and a worker served
+// from different builds) is dropped for the worker's own.
+const initialised = () => (module ? init({ module_or_path: module }).catch(() => init()) : init());
+
+// A message from the page that cannot be received (a module this browser
+// cannot clone in): failing as a worker that did not load makes the page
+// run the export itself, or the export's worker build the file itself.
+self.onmessageerror = () => {
+  throw new Error("a message from the page could not be received");
+};
 
 self.onmessage = (event) => {
   const msg = event.data ?? {};

@@ -462,6 +462,9 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
     let (f50, f99, fe) = authenticated_latency(during, CALLS).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || flood.join()).await;
+    if sent.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        return Err("the flood did not start: no request was sent".into());
+    }
     println!("| alone | {CALLS} | 0 | {p50:.1} | {p99:.1} | 1.00 | {e} |");
     println!(
         "| during the flood | {CALLS} | {} | {f50:.1} | {f99:.1} | {:.2} | {fe} |",

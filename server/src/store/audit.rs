@@ -74,6 +74,33 @@ pub(crate) struct Queue {
     draining: bool,
 }
 
+/// Why a group commit failed: one of its rows, or the transaction itself
+/// (it could not begin or commit: the database is away or locked).
+enum BatchError {
+    Row(anyhow::Error),
+    Tx(anyhow::Error),
+}
+
+/// Resets the audit queue when its task ends any other way than by
+/// emptying it (a panic, a runtime shutting down): the rows still waiting
+/// fail, and the next row starts a new task, instead of every later
+/// request waiting for ever.
+pub(crate) struct Abandon {
+    queue: std::sync::Arc<std::sync::Mutex<Queue>>,
+    finished: bool,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Ok(mut queue) = self.queue.lock() {
+                queue.waiting.clear();
+                queue.draining = false;
+            }
+        }
+    }
+}
+
 /// One row to append (time, sequence number and hashes are added).
 #[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
@@ -274,16 +301,22 @@ impl Store {
     /// Database errors.
     pub async fn audit(&self, entry: AuditEntry) -> anyhow::Result<()> {
         let (done, committed) = tokio::sync::oneshot::channel();
-        {
+        let start = {
             let mut queue = self
                 .audit_queue
                 .lock()
                 .map_err(|_| anyhow::anyhow!("the audit queue is poisoned"))?;
             queue.waiting.push((entry, done));
-            if !queue.draining {
-                queue.draining = true;
-                tokio::spawn(self.clone().drain_audit_queue());
-            }
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if start {
+            // Made before the task: it resets the queue even if the task is
+            // dropped before it first runs (a runtime shutting down).
+            let abandon = Abandon {
+                queue: self.audit_queue.clone(),
+                finished: false,
+            };
+            tokio::spawn(self.clone().drain_audit_queue(abandon));
         }
         match committed.await {
             Ok(Ok(())) => Ok(()),
@@ -293,20 +326,7 @@ impl Store {
     }
 
     /// Commits queued rows, a batch per transaction, until none are left.
-    async fn drain_audit_queue(self) {
-        // Should this task end any other way (a panic, the runtime shutting
-        // down), the rows still waiting fail and the next row starts a new
-        // task, instead of every later request waiting for ever.
-        struct Abandon<'q>(&'q std::sync::Mutex<Queue>);
-        impl Drop for Abandon<'_> {
-            fn drop(&mut self) {
-                if let Ok(mut queue) = self.0.lock() {
-                    queue.waiting.clear();
-                    queue.draining = false;
-                }
-            }
-        }
-        let abandon = Abandon(&self.audit_queue);
+    async fn drain_audit_queue(self, mut abandon: Abandon) {
         loop {
             let batch = {
                 let Ok(mut queue) = self.audit_queue.lock() else {
@@ -314,7 +334,7 @@ impl Store {
                 };
                 if queue.waiting.is_empty() {
                     queue.draining = false;
-                    std::mem::forget(abandon);
+                    abandon.finished = true;
                     return;
                 }
                 let take = queue.waiting.len().min(MAX_BATCH);
@@ -327,29 +347,48 @@ impl Store {
                         let _ = done.send(Ok(()));
                     }
                 }
-                // One row that cannot be written must not fail the others:
-                // each goes on its own.
-                Err(_) if batch.len() > 1 => {
+                // A row that cannot be written must not fail the others:
+                // each goes on its own, until the transaction itself fails.
+                Err(BatchError::Row(e)) if batch.len() > 1 => {
+                    tracing::warn!(error = %format!("{e:#}"), rows = batch.len(), "an audit row failed its batch; committing the rows one by one");
+                    let mut broken: Option<String> = None;
                     for (entry, done) in batch {
-                        let alone = self.append_batch(vec![entry]).await;
-                        let _ = done.send(alone.map_err(|e| format!("{e:#}")));
+                        let alone = match &broken {
+                            Some(e) => Err(e.clone()),
+                            None => match self.append_batch(vec![entry]).await {
+                                Ok(()) => Ok(()),
+                                Err(BatchError::Row(e)) => Err(format!("{e:#}")),
+                                Err(BatchError::Tx(e)) => {
+                                    let e = format!("{e:#}");
+                                    broken = Some(e.clone());
+                                    Err(e)
+                                }
+                            },
+                        };
+                        let _ = done.send(alone);
                     }
                 }
-                Err(e) => {
+                // The database itself failed: every row of the batch fails
+                // at once, not one wait after another.
+                Err(BatchError::Row(e) | BatchError::Tx(e)) => {
+                    let e = format!("{e:#}");
+                    tracing::error!(error = %e, rows = batch.len(), "an audit batch could not be committed");
                     for (_, done) in batch {
-                        let _ = done.send(Err(format!("{e:#}")));
+                        let _ = done.send(Err(e.clone()));
                     }
                 }
             }
         }
     }
 
-    async fn append_batch(&self, entries: Vec<AuditEntry>) -> anyhow::Result<()> {
-        let mut tx = self.write().await?;
+    async fn append_batch(&self, entries: Vec<AuditEntry>) -> Result<(), BatchError> {
+        let mut tx = self.write().await.map_err(BatchError::Tx)?;
         for entry in entries {
-            self.append_audit(&mut tx, entry).await?;
+            self.append_audit(&mut tx, entry)
+                .await
+                .map_err(BatchError::Row)?;
         }
-        tx.commit().await
+        tx.commit().await.map_err(BatchError::Tx)
     }
 
     /// Walks the whole chain in order and reports the first bad row. With
