@@ -66,10 +66,13 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// Rows in one group commit, at most.
 const MAX_BATCH: usize = 256;
 
+/// A row, and where to say whether it was committed.
+type Waiting = (AuditEntry, tokio::sync::oneshot::Sender<Result<(), String>>);
+
 /// Requests' rows waiting for a group commit ([`Store::audit`]).
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
-    waiting: Vec<(AuditEntry, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    waiting: Vec<Waiting>,
     /// Whether a task is committing them.
     draining: bool,
 }
@@ -347,26 +350,10 @@ impl Store {
                         let _ = done.send(Ok(()));
                     }
                 }
-                // A row that cannot be written must not fail the others:
-                // each goes on its own, until the transaction itself fails.
+                // A row that cannot be written must not fail the others.
                 Err(BatchError::Row(e)) if batch.len() > 1 => {
                     tracing::warn!(error = %format!("{e:#}"), rows = batch.len(), "an audit row failed its batch; committing the rows one by one");
-                    let mut broken: Option<String> = None;
-                    for (entry, done) in batch {
-                        let alone = match &broken {
-                            Some(e) => Err(e.clone()),
-                            None => match self.append_batch(vec![entry]).await {
-                                Ok(()) => Ok(()),
-                                Err(BatchError::Row(e)) => Err(format!("{e:#}")),
-                                Err(BatchError::Tx(e)) => {
-                                    let e = format!("{e:#}");
-                                    broken = Some(e.clone());
-                                    Err(e)
-                                }
-                            },
-                        };
-                        let _ = done.send(alone);
-                    }
+                    self.commit_each(batch).await;
                 }
                 // The database itself failed: every row of the batch fails
                 // at once, not one wait after another.
@@ -378,6 +365,23 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+
+    /// Commits each row of a failed batch on its own, until the
+    /// transaction itself fails: then the rest fail with it at once.
+    async fn commit_each(&self, batch: Vec<Waiting>) {
+        let mut broken: Option<String> = None;
+        for (entry, done) in batch {
+            let alone = match &broken {
+                Some(e) => Err(e.clone()),
+                None => match self.append_batch(vec![entry]).await {
+                    Ok(()) => Ok(()),
+                    Err(BatchError::Row(e)) => Err(format!("{e:#}")),
+                    Err(BatchError::Tx(e)) => Err(broken.insert(format!("{e:#}")).clone()),
+                },
+            };
+            let _ = done.send(alone);
         }
     }
 

@@ -194,43 +194,30 @@ fn push_escaped(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
     let mut copied = 0;
     let mut at = 0;
+    // A control character's `_x00HH_`, filled in below.
+    let mut control = *b"_x0000_";
     while at < bytes.len() {
         let b = bytes[at];
         if !NEEDS_CARE[b as usize] {
             at += 1;
             continue;
         }
-        // What replaces the bytes from `at`, and how many it replaces.
+        // What replaces the bytes from `at`, and how many it replaces; an
+        // underscore or a 0xEF lead byte that starts nothing to escape
+        // stays in the run.
         let (with, len): (&[u8], usize) = match b {
             b'&' => (b"&amp;", 1),
             b'<' => (b"&lt;", 1),
             b'>' => (b"&gt;", 1),
             b'_' if is_escape_at(bytes, at) => (b"_x005F_", 1),
-            // U+FFFE and U+FFFF (EF BF BE, EF BF BF).
-            0xef if bytes.get(at + 1) == Some(&0xbf)
-                && matches!(bytes.get(at + 2), Some(0xbe | 0xbf)) =>
-            {
-                (
-                    if bytes[at + 2] == 0xbe {
-                        b"_xFFFE_"
-                    } else {
-                        b"_xFFFF_"
-                    },
-                    3,
-                )
-            }
+            // U+FFFE and U+FFFF.
+            0xef if bytes.get(at + 1..at + 3) == Some(&[0xbf, 0xbe]) => (b"_xFFFE_", 3),
+            0xef if bytes.get(at + 1..at + 3) == Some(&[0xbf, 0xbf]) => (b"_xFFFF_", 3),
             0x00..=0x08 | 0x0b..=0x1f => {
-                out.extend_from_slice(&bytes[copied..at]);
-                out.extend_from_slice(b"_x00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-                out.push(b'_');
-                at += 1;
-                copied = at;
-                continue;
+                control[4] = HEX[usize::from(b >> 4)];
+                control[5] = HEX[usize::from(b & 0xf)];
+                (&control, 1)
             }
-            // An underscore or a 0xEF lead byte that starts nothing to
-            // escape stays in the run.
             _ => {
                 at += 1;
                 continue;
