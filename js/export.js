@@ -118,7 +118,10 @@ function inWorker(options) {
       if (msg.type === "started") {
         started = true;
       } else if (msg.type === "progress") {
-        try { onProgress?.(msg.progress); } catch { /* a throwing callback must not break the export */ }
+        // The worker sends the events of up to 50 ms together (see worker.js).
+        for (const progress of msg.events) {
+          try { onProgress?.(progress); } catch { /* a throwing callback must not break the export */ }
+        }
       } else if (msg.type === "done") {
         finish();
         const result = msg.result;

@@ -52,6 +52,40 @@ self.onmessage = (event) => {
 /** The export's packing worker, while there is one. */
 let link = null;
 
+/** How often, at most, progress events go to the page. */
+const PROGRESS_EVERY_MS = 50;
+
+/**
+ * Progress events for the page, posted together at most every
+ * PROGRESS_EVERY_MS: the first at once, the ones that follow within that
+ * time in one message after it. A message per page of records woke the
+ * page's thread a few hundred times a second, and on a busy machine each
+ * of those tasks is one the scheduler can pause half-way, which is how the
+ * page's frames became long tasks. The page calls onProgress for every
+ * event, in order, as before.
+ */
+const progressPost = {
+  pending: [],
+  timer: null,
+  add(progress) {
+    this.pending.push(progress);
+    if (this.timer === null) this.flush();
+  },
+  /** Posts what is pending now (always before "done" or "error"). */
+  flush() {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    if (!this.pending.length) return;
+    self.postMessage({ type: "progress", events: this.pending });
+    this.pending = [];
+    // Events until then wait for the next message.
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.flush();
+    }, PROGRESS_EVERY_MS);
+  },
+};
+
 async function run(msg) {
   module = msg.module;
   controller = new AbortController();
@@ -68,10 +102,10 @@ async function run(msg) {
         ...msg.options,
         download: false,
         signal: controller.signal,
-        onProgress: (progress) => self.postMessage({ type: "progress", progress }),
+        onProgress: (progress) => progressPost.add(progress),
       },
       packer ?? undefined,
-    );
+    ).finally(() => progressPost.flush());
     // Functions do not cross to the page; it makes its own release().
     delete result.release;
     // Nor do an Error's own fields: the page rebuilds the ExportError.

@@ -174,7 +174,19 @@ async function showCopy(result) {
   $("copy-expires").textContent = details ? new Date(details.expires_at).toLocaleDateString() : "it expires";
 }
 
+// The latest progress not yet drawn. Events can come many to a frame (one
+// per page of records); only the last is drawn, once, at the next frame.
+let undrawn = null;
+
 function showProgress(p) {
+  if (undrawn === null) requestAnimationFrame(drawProgress);
+  undrawn = p;
+}
+
+function drawProgress() {
+  const p = undrawn;
+  if (p === null) return;
+  undrawn = null;
   $("progress").value = p.percentage;
   $("progress-pct").textContent = `${p.percentage}%`;
   $("progress-type").textContent = p.currentType ? `${LABELS[p.currentType] ?? p.currentType} · ${p.recordsProcessed.toLocaleString()} of ${p.totalRecords.toLocaleString()} records` : "finishing";
@@ -195,6 +207,7 @@ async function runExport(event) {
   $("progress-box").hidden = false;
   $("copy-box").hidden = true;
   showProgress({ percentage: 0, currentType: null, recordsProcessed: 0, totalRecords: 0 });
+  drawProgress();
   $("progress-type").textContent = "starting";
   say("");
   try {
@@ -205,6 +218,7 @@ async function runExport(event) {
       ...(offered?.length ? { dataTypes: offered } : {}), dateRange, metadata: { purpose: "gdpr_request", source: "privacy-settings" },
       onProgress: showProgress, signal: controller.signal, keepCopy: $("keep-copy").checked,
     });
+    drawProgress();
     const done = `Your download has started: ${result.filename} (${result.recordCount.toLocaleString()} records, ${(result.byteSize / 1024).toFixed(1)} KB).`;
     if (result.copy) await showCopy(result);
     if (result.copyError) say(`${done} The encrypted copy could not be kept: ${explain(result.copyError)}`, "error");

@@ -39,6 +39,9 @@ export interface ExportOptions {
   dateRange?: { start?: string | null; end?: string | null };
   /** Stored with the request (at most 4 KiB). */
   metadata?: Record<string, unknown>;
+  /** Called once per page of records and once at the end, in order. From
+   * a worker, the events of up to 50 ms reach the page together, so that
+   * a fast export does not wake the page's thread for every page. */
   onProgress?: (progress: ExportProgress) => void;
   /** Cancels the export: the in-flight request is aborted too; rejects with code "ABORTED". */
   signal?: AbortSignal;

@@ -140,15 +140,18 @@ test("an export in the worker and one on the page give byte-identical files", as
   const body = `
     const runs = {};
     for (const format of options.formats) {
-      const w = await exportData({ ...base, format, download: false });
-      const h = await exportData({ ...base, format, download: false, worker: false });
+      // Small pages, so that many progress events come close together.
+      const progress = { w: [], h: [] };
+      const seen = (list) => (p) => list.push([p.currentType, p.recordsProcessed, p.totalRecords, p.percentage]);
+      const w = await exportData({ ...base, format, download: false, pageSize: 25, onProgress: seen(progress.w) });
+      const h = await exportData({ ...base, format, download: false, worker: false, pageSize: 25, onProgress: seen(progress.h) });
       const same = JSON.stringify(await bytes(w.blob)) === JSON.stringify(await bytes(h.blob));
       const hex = async (blob) => Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer())))
         .map((b) => b.toString(16).padStart(2, "0")).join("");
       const blobShas = [await hex(w.blob), await hex(h.blob)];
       const files = await opfsFiles();
       await w.release();
-      runs[format] = { same, w: w.stats, h: h.stats, sizes: [w.byteSize, h.byteSize, w.blob.size],
+      runs[format] = { same, progress, records: w.recordCount, w: w.stats, h: h.stats, sizes: [w.byteSize, h.byteSize, w.blob.size],
         shas: [w.sha256, h.sha256], blobShas, name: w.requestId + "." + format, filesBefore: files, filesAfter: await opfsFiles() };
     }
     return runs;
@@ -188,6 +191,12 @@ test("an export in the worker and one on the page give byte-identical files", as
   assert.equal(out.csv.same, true, "csv: byte-identical");
   assert.equal(out.csv.shas[0], out.csv.shas[1]);
   for (const [format, run] of Object.entries(out)) {
+    // The worker sends progress to the page in batches; every event still
+    // reaches onProgress, in order, the same as on the page.
+    assert.deepEqual(run.progress.w, run.progress.h, `${format}: the worker's progress events are the page's`);
+    assert.ok(run.progress.w.length >= run.records / 25 && run.records >= 250,
+      `${format}: at least one event per page of 25 (${run.progress.w.length} events, ${run.records} records)`);
+    assert.deepEqual(run.progress.w.at(-1).slice(1), [run.progress.w.at(-1)[1], run.progress.w.at(-1)[1], 100]);
     assert.deepEqual(run.blobShas, run.shas, `${format}: sha256 is the file's`);
     assert.equal(run.sizes[0], run.sizes[2], `${format}: byteSize is the file's size`);
     assert.deepEqual([run.w.worker, run.w.storage], [true, "opfs"], `${format}: the default runs in a worker, on disk`);
