@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use handover_server::store::audit::Verification;
-use handover_server::store::Store;
+use handover_server::store::{Engine, Store};
 use sqlx::Row;
 
 use crate::helpers::*;
@@ -604,4 +604,104 @@ async fn rows_of_concurrent_requests_share_a_commit_and_the_chain_holds() {
         app.state.store.verify_audit(Some(head)).await.unwrap(),
         Verification::Intact { .. }
     ));
+}
+
+#[tokio::test]
+async fn a_row_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_kept() {
+    use handover_server::store::audit::AuditEntry;
+    let app = spawn_app().await;
+    // The database refuses one row (a real constraint, as a full disk or a
+    // bad value would): its batch fails, and the rows are committed again
+    // one by one.
+    match engine() {
+        Engine::Sqlite => {
+            app.exec_plain(
+                "CREATE TRIGGER poison BEFORE INSERT ON audit_log WHEN NEW.resource = 'poison' \
+                 BEGIN SELECT RAISE(ABORT, 'a poisoned row'); END",
+            )
+            .await
+        }
+        Engine::Postgres => {
+            app.exec_plain(
+                "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.resource = 'poison' THEN RAISE EXCEPTION 'a poisoned row'; END IF; \
+                 RETURN NEW; END $$ LANGUAGE plpgsql",
+            )
+            .await;
+            app.exec_plain(
+                "CREATE TRIGGER poison BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION poison()",
+            )
+            .await
+        }
+    }
+    let head_file = app.db.dir.path().join("audit.head");
+    let commits = || {
+        std::fs::read_to_string(&head_file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let before_commits = commits();
+    let names: Vec<String> = (0..20)
+        .map(|i| {
+            if i == 6 {
+                "poison".to_string()
+            } else {
+                format!("row_{i}")
+            }
+        })
+        .collect();
+    // Queued at once (one runtime thread), so they meet in one batch.
+    let results = futures_util::future::join_all(names.iter().map(|name| {
+        app.state.store.audit(AuditEntry {
+            action: "test.poison".into(),
+            outcome: "refused".into(),
+            resource: Some(name.clone()),
+            ..Default::default()
+        })
+    }))
+    .await;
+    for (name, r) in names.iter().zip(&results) {
+        assert_eq!(r.is_err(), name == "poison", "{name}: {r:?}");
+    }
+    let mut stored: Vec<String> = sqlx::query_scalar(
+        "SELECT resource FROM audit_log WHERE action = 'test.poison' ORDER BY seq",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    let mut expected: Vec<String> = names.iter().filter(|n| *n != "poison").cloned().collect();
+    stored.sort();
+    expected.sort();
+    assert_eq!(
+        stored, expected,
+        "every other row once, the refused one not at all"
+    );
+    // The failed batch committed nothing; each row then had its own commit.
+    assert_eq!(commits() - before_commits, 19);
+    let head = handover_server::store::audit::last_head(&head_file)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        app.state.store.verify_audit(Some(head)).await.unwrap(),
+        Verification::Intact { .. }
+    ));
+    // And the queue goes on batching afterwards.
+    let before = commits();
+    let later = (0..10).map(|i| {
+        app.state.store.audit(AuditEntry {
+            action: "test.after".into(),
+            outcome: "ok".into(),
+            resource: Some(format!("after_{i}")),
+            ..Default::default()
+        })
+    });
+    for r in futures_util::future::join_all(later).await {
+        r.expect("committed");
+    }
+    assert!(
+        commits() - before <= 2,
+        "{} commits for 10 rows",
+        commits() - before
+    );
 }

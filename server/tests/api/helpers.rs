@@ -387,12 +387,12 @@ impl TestApp {
         out
     }
 
-    /// Runs a statement with one text parameter.
     /// A statement without parameters (e.g. DDL).
     pub async fn exec_plain(&self, sql: &str) {
         sqlx::query(sql).execute(self.pool()).await.unwrap();
     }
 
+    /// Runs a statement with one text parameter.
     pub async fn exec(&self, sql: &str, param: &str) {
         sqlx::query(sql)
             .bind(param)
