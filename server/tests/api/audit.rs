@@ -561,25 +561,11 @@ async fn a_throttled_address_waits_in_the_tarpit_for_its_answer() {
 
 #[tokio::test]
 async fn rows_of_concurrent_requests_share_a_commit_and_the_chain_holds() {
-    use handover_server::store::audit::AuditEntry;
     let app = spawn_app().await;
-    let head_file = app.db.dir.path().join("audit.head");
     let before_rows = app.count("SELECT COUNT(*) FROM audit_log").await;
-    let before_commits = std::fs::read_to_string(&head_file)
-        .unwrap_or_default()
-        .lines()
-        .count();
-    // Fifty rows queued at once (this test's runtime has one thread, so
-    // all are queued before the writer's task first runs).
-    let rows = (0..50).map(|i| {
-        app.state.store.audit(AuditEntry {
-            action: "test.burst".into(),
-            outcome: "refused".into(),
-            resource: Some(format!("row_{i}")),
-            ..Default::default()
-        })
-    });
-    for r in futures_util::future::join_all(rows).await {
+    let before_commits = commits(&app);
+    let names: Vec<String> = (0..50).map(|i| format!("row_{i}")).collect();
+    for r in audit_at_once(&app, "test.burst", &names).await {
         r.expect("each row committed");
     }
     // Every row is stored once it returns, each exactly once.
@@ -595,20 +581,13 @@ async fn rows_of_concurrent_requests_share_a_commit_and_the_chain_holds() {
         before_rows + 50
     );
     // In far fewer commits than rows: each commit appends one head.
-    let commits = std::fs::read_to_string(&head_file).unwrap().lines().count() - before_commits;
+    let commits = commits(&app) - before_commits;
     assert!(commits <= 2, "{commits} commits for 50 rows");
-    let head = handover_server::store::audit::last_head(&head_file)
-        .unwrap()
-        .unwrap();
-    assert!(matches!(
-        app.state.store.verify_audit(Some(head)).await.unwrap(),
-        Verification::Intact { .. }
-    ));
+    assert_chain_holds_to_its_head(&app).await;
 }
 
 #[tokio::test]
 async fn a_row_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_kept() {
-    use handover_server::store::audit::AuditEntry;
     let app = spawn_app().await;
     // The database refuses one row (a real constraint, as a full disk or a
     // bad value would): its batch fails, and the rows are committed again
@@ -634,14 +613,7 @@ async fn a_row_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_k
             .await
         }
     }
-    let head_file = app.db.dir.path().join("audit.head");
-    let commits = || {
-        std::fs::read_to_string(&head_file)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
-    let before_commits = commits();
+    let before_commits = commits(&app);
     let names: Vec<String> = (0..20)
         .map(|i| {
             if i == 6 {
@@ -651,16 +623,7 @@ async fn a_row_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_k
             }
         })
         .collect();
-    // Queued at once (one runtime thread), so they meet in one batch.
-    let results = futures_util::future::join_all(names.iter().map(|name| {
-        app.state.store.audit(AuditEntry {
-            action: "test.poison".into(),
-            outcome: "refused".into(),
-            resource: Some(name.clone()),
-            ..Default::default()
-        })
-    }))
-    .await;
+    let results = audit_at_once(&app, "test.poison", &names).await;
     for (name, r) in names.iter().zip(&results) {
         assert_eq!(r.is_err(), name == "poison", "{name}: {r:?}");
     }
@@ -678,30 +641,50 @@ async fn a_row_that_cannot_be_written_fails_alone_and_the_rest_of_its_batch_is_k
         "every other row once, the refused one not at all"
     );
     // The failed batch committed nothing; each row then had its own commit.
-    assert_eq!(commits() - before_commits, 19);
+    assert_eq!(commits(&app) - before_commits, 19);
+    assert_chain_holds_to_its_head(&app).await;
+    // And the queue goes on batching afterwards.
+    let before = commits(&app);
+    let later: Vec<String> = (0..10).map(|i| format!("after_{i}")).collect();
+    for r in audit_at_once(&app, "test.after", &later).await {
+        r.expect("committed");
+    }
+    let after = commits(&app) - before;
+    assert!(after <= 2, "{after} commits for 10 rows");
+}
+
+/// Queues an audit row per name at once and waits for each. This suite's
+/// runtime has one thread, so all are queued before the writer's task
+/// first runs, and meet in one batch.
+async fn audit_at_once(app: &TestApp, action: &str, names: &[String]) -> Vec<anyhow::Result<()>> {
+    use handover_server::store::audit::AuditEntry;
+    futures_util::future::join_all(names.iter().map(|name| {
+        app.state.store.audit(AuditEntry {
+            action: action.into(),
+            outcome: "refused".into(),
+            resource: Some(name.clone()),
+            ..Default::default()
+        })
+    }))
+    .await
+}
+
+/// The chain verifies, up to the head last written outside the database.
+async fn assert_chain_holds_to_its_head(app: &TestApp) {
+    let head_file = app.db.dir.path().join("audit.head");
     let head = handover_server::store::audit::last_head(&head_file)
         .unwrap()
-        .unwrap();
+        .expect("a head was written");
     assert!(matches!(
         app.state.store.verify_audit(Some(head)).await.unwrap(),
         Verification::Intact { .. }
     ));
-    // And the queue goes on batching afterwards.
-    let before = commits();
-    let later = (0..10).map(|i| {
-        app.state.store.audit(AuditEntry {
-            action: "test.after".into(),
-            outcome: "ok".into(),
-            resource: Some(format!("after_{i}")),
-            ..Default::default()
-        })
-    });
-    for r in futures_util::future::join_all(later).await {
-        r.expect("committed");
-    }
-    assert!(
-        commits() - before <= 2,
-        "{} commits for 10 rows",
-        commits() - before
-    );
+}
+
+/// Commits of audit rows so far: each appends a line to the head file.
+fn commits(app: &TestApp) -> usize {
+    std::fs::read_to_string(app.db.dir.path().join("audit.head"))
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
