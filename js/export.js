@@ -118,8 +118,11 @@ function inWorker(options) {
       if (msg.type === "started") {
         started = true;
       } else if (msg.type === "progress") {
-        // The worker sends the events of up to 50 ms together (see worker.js).
-        for (const progress of msg.events) {
+        // The worker sends the events of up to 50 ms together (see
+        // worker.js; a worker of an older build sends one). None is passed
+        // on once the caller has cancelled, as on the calling thread.
+        for (const progress of msg.events ?? [msg.progress]) {
+          if (signal?.aborted) break;
           try { onProgress?.(progress); } catch { /* a throwing callback must not break the export */ }
         }
       } else if (msg.type === "done") {

@@ -60,29 +60,28 @@ const PROGRESS_EVERY_MS = 50;
  * PROGRESS_EVERY_MS: the first at once, the ones that follow within that
  * time in one message after it. A message per page of records woke the
  * page's thread a few hundred times a second, and on a busy machine each
- * of those tasks is one the scheduler can pause half-way, which is how the
- * page's frames became long tasks. The page calls onProgress for every
- * event, in order, as before.
+ * of those tasks is one the scheduler can pause half-way. The page calls
+ * onProgress for every event, in order, as before.
  */
 const progressPost = {
   pending: [],
   timer: null,
   add(progress) {
     this.pending.push(progress);
-    if (this.timer === null) this.flush();
+    if (this.timer === null) this.post(true);
   },
-  /** Posts what is pending now (always before "done" or "error"). */
-  flush() {
-    if (this.timer !== null) clearTimeout(this.timer);
+  /**
+   * Posts what is pending. With `more`, events of the next
+   * PROGRESS_EVERY_MS wait for the next message; without (before "done"
+   * or "error"), nothing is posted later.
+   */
+  post(more) {
+    clearTimeout(this.timer);
     this.timer = null;
-    if (!this.pending.length) return;
+    if (this.pending.length === 0) return;
     self.postMessage({ type: "progress", events: this.pending });
     this.pending = [];
-    // Events until then wait for the next message.
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.flush();
-    }, PROGRESS_EVERY_MS);
+    if (more) this.timer = setTimeout(() => this.post(true), PROGRESS_EVERY_MS);
   },
 };
 
@@ -105,7 +104,7 @@ async function run(msg) {
         onProgress: (progress) => progressPost.add(progress),
       },
       packer ?? undefined,
-    ).finally(() => progressPost.flush());
+    ).finally(() => progressPost.post(false));
     // Functions do not cross to the page; it makes its own release().
     delete result.release;
     // Nor do an Error's own fields: the page rebuilds the ExportError.

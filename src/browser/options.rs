@@ -39,9 +39,11 @@ export interface ExportOptions {
   dateRange?: { start?: string | null; end?: string | null };
   /** Stored with the request (at most 4 KiB). */
   metadata?: Record<string, unknown>;
-  /** Called once per page of records and once at the end, in order. From
-   * a worker, the events of up to 50 ms reach the page together, so that
-   * a fast export does not wake the page's thread for every page. */
+  /** Called as the export starts, after every page of records and at the
+   * end (100 %), in order. From a worker, the events of up to 50 ms reach
+   * the page together, so that a fast export does not wake the page's
+   * thread for every page; a cancel made in the callback then takes
+   * effect up to that much later. No event follows a cancel. */
   onProgress?: (progress: ExportProgress) => void;
   /** Cancels the export: the in-flight request is aborted too; rejects with code "ABORTED". */
   signal?: AbortSignal;
