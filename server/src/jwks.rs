@@ -111,8 +111,21 @@ impl JwksCache {
             allowed_url(url),
             "HANDOVER_JWT_JWKS_URL must be an https URL (http only to localhost), got {url:?}"
         );
+        // A redirect is followed only to where the keys could have been
+        // configured: one to plain http elsewhere would hand the key set,
+        // and so every login, to whoever answers there.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            if attempt.previous().len() >= 5 {
+                attempt.error("too many redirects")
+            } else if allowed_url(attempt.url().as_str()) {
+                attempt.follow()
+            } else {
+                attempt.error("a redirect to a URL that may not serve keys (https, or http only to localhost)")
+            }
+        });
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
+            .redirect(redirects)
             .build()
             .context("building the JWKS client")?;
         Ok(Self {

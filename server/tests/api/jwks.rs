@@ -25,6 +25,10 @@ struct Provider {
 }
 
 async fn provider(initial: &'static str) -> Provider {
+    provider_at("127.0.0.1:0", initial).await
+}
+
+async fn provider_at(addr: &str, initial: &'static str) -> Provider {
     let set = Arc::new(Mutex::new(initial));
     let fetches = Arc::new(AtomicUsize::new(0));
     let (s, f) = (set.clone(), fetches.clone());
@@ -39,13 +43,29 @@ async fn provider(initial: &'static str) -> Provider {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!(
         "http://{}/.well-known/jwks.json",
         listener.local_addr().unwrap()
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Provider { url, set, fetches }
+}
+
+/// An address on 127.0.0.1 that redirects (302) to `to`.
+async fn redirect_to(to: &str) -> String {
+    let to = to.to_string();
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let to = to.clone();
+            async move { (axum::http::StatusCode::FOUND, [("location", to)]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
 }
 
 fn token(kid: Option<&str>, pem: &[u8], alg: Algorithm) -> String {
@@ -191,4 +211,35 @@ async fn the_server_refuses_a_jwks_url_over_plain_http_to_another_host() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HANDOVER_JWT_JWKS_URL"), "{err}");
+}
+
+#[tokio::test]
+async fn keys_are_fetched_through_a_redirect_only_to_where_they_could_be_configured() {
+    let a = token(Some("key-2026-a"), KEY_A, Algorithm::RS256);
+    // To another local address the server may fetch from: followed.
+    let idp = provider(JWKS_A).await;
+    let app = spawn_jwks(
+        &redirect_to(&idp.url).await,
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(status(&app, &a).await, 200);
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), 1);
+    // To plain http on a host that is not this machine's name for itself
+    // (127.0.0.2 is reachable here, but not an address keys may come from
+    // over http): not followed, so no key and no login.
+    let elsewhere = provider_at("127.0.0.2:0", JWKS_A).await;
+    let app = spawn_jwks(
+        &redirect_to(&elsewhere.url).await,
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(status(&app, &a).await, 401);
+    assert_eq!(
+        elsewhere.fetches.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
 }
