@@ -7,7 +7,8 @@
 // bytes alone need on the emulated link.
 //
 // BENCH_RECORDS (default 1000000) sizes the demo user; BENCH_SECTIONS picks
-// sections (default "export,link,contenders,loops,longtask,huge");
+// sections (default "export,link,contenders,loops,longtask,trace,huge";
+// trace: the demo page's main-thread tasks, their CPU beside their wall time);
 // BENCH_HUGE (default 10000000) sizes the huge CSV export.
 import { execFileSync } from "node:child_process";
 import { readFileSync, readdirSync, writeFileSync, mkdtempSync, mkdirSync, rmSync } from "node:fs";
@@ -21,7 +22,7 @@ import { startServer, ROOT } from "../tests/js/support/server.mjs";
 const BIN = join(ROOT, "target/release/handover-server");
 const RECORDS = Number(process.env.BENCH_RECORDS ?? 1_000_000);
 const HUGE = Number(process.env.BENCH_HUGE ?? 10_000_000);
-const SECTIONS = new Set((process.env.BENCH_SECTIONS ?? "export,link,contenders,loops,longtask,huge").split(","));
+const SECTIONS = new Set((process.env.BENCH_SECTIONS ?? "export,link,contenders,loops,longtask,trace,huge").split(","));
 const dir = mkdtempSync(join(tmpdir(), "handover-bench-"));
 const QUERY = "SELECT id, user_id, membership_id, amount_cents, currency, status, payment_method, failure_reason, created_at " +
   "FROM demo_payments WHERE user_id = 'user_456' AND company_id = 'company_123' ORDER BY id";
@@ -101,6 +102,50 @@ function timingOf(stats) {
   const t = stats.timing;
   const s = (keys) => keys.map((k) => ((t[k] ?? 0) / 1000).toFixed(1)).join(" / ");
   return `${s(["waitMs", "decodeMs", "writeMs", "handOverMs"])} · ${s(["packMs", "hashMs", "storeMs"])}`;
+}
+
+/** A fresh browser on the demo page, ready; resolves to `fn(page, browser)`. */
+async function onDemoPage(demo, fn) {
+  resetLimits(db);
+  const browser = await launchWithProfile({ acceptDownloads: true });
+  try {
+    const page = await browser.newPage();
+    await page.goto(demo.url);
+    await page.waitForSelector("body[data-ready=true]", { timeout: 60000 });
+    return await fn(page, browser);
+  } finally {
+    await browser.close();
+  }
+}
+
+/** Exports `format` with the demo page's button, until the page says it is done. */
+async function clickExport(page, format) {
+  await page.check(`input[name=format][value=${format}]`);
+  await Promise.all([page.waitForEvent("download", { timeout: 600000 }), page.click("#export-button")]);
+  await page.waitForFunction(() => document.querySelector("#status").classList.contains("ok"), null, { timeout: 60000 });
+}
+
+const TRACE_CATEGORIES = ["toplevel", "devtools.timeline", "disabled-by-default-devtools.timeline", "v8.execute", "blink"];
+
+/** The page's main-thread tasks in a Chromium trace, longest first (wall and CPU ms). */
+function mainThreadTasks(events) {
+  const names = new Map();
+  const count = new Map();
+  for (const e of events) {
+    const key = `${e.pid}:${e.tid}`;
+    if (e.ph === "M" && e.name === "thread_name") names.set(key, e.args.name);
+    count.set(key, (count.get(key) ?? 0) + 1);
+  }
+  // The page's renderer is the busiest thread of that name.
+  const main = [...names].filter(([, n]) => n === "CrRendererMain").map(([k]) => k)
+    .sort((a, b) => count.get(b) - count.get(a))[0];
+  const all = events.filter((e) => `${e.pid}:${e.tid}` === main && e.ph === "X" && e.name === "ThreadControllerImpl::RunTask")
+    .sort((a, b) => a.ts - b.ts);
+  // A task can run a nested one of the same name: count the outer only.
+  const outer = [];
+  for (const e of all) if (!outer.length || e.ts >= outer.at(-1).ts + outer.at(-1).dur) outer.push(e);
+  return outer.map((e) => ({ wall: e.dur / 1000, cpu: (e.tdur ?? 0) / 1000, source: e.args?.src_func ?? "?" }))
+    .sort((a, b) => b.wall - a.wall);
 }
 
 const web = await serveStatic(ROOT);
@@ -197,35 +242,50 @@ try {
     console.log();
   }
 
-  if (SECTIONS.has("longtask")) {
+  if (SECTIONS.has("longtask") || SECTIONS.has("trace")) {
     const demo = await startServer(db, { extraEnv: { HANDOVER_LOG: "info" }, bin: BIN, args: ["--demo", "--www-dir", join(ROOT, "www"), "--pkg-dir", join(ROOT, "pkg")] });
     try {
-      console.log("### The demo page's main thread during an export\n");
-      console.log("| format | longest main-thread task ms | long tasks (> 50 ms) |");
-      console.log("|---|--:|--:|");
-      for (const format of ["csv", "xlsx"]) {
-        resetLimits(db);
-        const r = await (async () => {
-          const browser = await launchWithProfile({ acceptDownloads: true });
-          try {
-            const page = await browser.newPage();
-            await page.goto(demo.url);
-            await page.waitForSelector("body[data-ready=true]", { timeout: 60000 });
+      if (SECTIONS.has("longtask")) {
+        console.log("### The demo page's main thread during an export\n");
+        console.log("| format | longest main-thread task ms | long tasks (> 50 ms) |");
+        console.log("|---|--:|--:|");
+        for (const format of ["csv", "xlsx"]) {
+          const r = await onDemoPage(demo, async (page) => {
             await page.evaluate(() => {
               window.__long = [];
               new PerformanceObserver((l) => { for (const e of l.getEntries()) window.__long.push(e.duration); }).observe({ type: "longtask" });
             });
-            await page.check(`input[name=format][value=${format}]`);
-            await Promise.all([page.waitForEvent("download", { timeout: 600000 }), page.click("#export-button")]);
-            await page.waitForFunction(() => document.querySelector("#status").classList.contains("ok"), null, { timeout: 60000 });
+            await clickExport(page, format);
             return await page.evaluate(() => window.__long);
-          } finally {
-            await browser.close();
-          }
-        })();
-        console.log(`| ${format} | ${r.length ? Math.max(...r).toFixed(0) : "none over 50"} | ${r.length} |`);
+          });
+          console.log(`| ${format} | ${r.length ? Math.max(...r).toFixed(0) : "none over 50"} | ${r.length} |`);
+        }
+        console.log();
       }
-      console.log();
+      if (SECTIONS.has("trace")) {
+        // Traced apart from the long-task runs: tracing costs the renderer time.
+        console.log("### The demo page's main thread during an export, traced\n");
+        console.log("Tasks of the page's thread (Chromium trace); a task with far less CPU than wall time was waiting for a core.\n");
+        console.log("| format | tasks | CPU ms | longest tasks: wall / CPU ms (what) |");
+        console.log("|---|--:|--:|---|");
+        for (const format of ["csv", "xlsx"]) {
+          const tasks = await onDemoPage(demo, async (page, browser) => {
+            const cdp = await browser.newCDPSession(page);
+            const events = [];
+            cdp.on("Tracing.dataCollected", (e) => events.push(...e.value));
+            const complete = new Promise((ok) => cdp.once("Tracing.tracingComplete", ok));
+            await cdp.send("Tracing.start", { transferMode: "ReportEvents", traceConfig: { includedCategories: TRACE_CATEGORIES } });
+            await clickExport(page, format);
+            await cdp.send("Tracing.end");
+            await complete;
+            return mainThreadTasks(events);
+          });
+          const cpu = tasks.reduce((sum, t) => sum + t.cpu, 0);
+          const longest = tasks.slice(0, 3).map((t) => `${t.wall.toFixed(1)} / ${t.cpu.toFixed(1)} (${t.source})`).join(", ");
+          console.log(`| ${format} | ${tasks.length} | ${cpu.toFixed(0)} | ${longest} |`);
+        }
+        console.log();
+      }
     } finally {
       await demo.stop();
     }

@@ -7,9 +7,7 @@
 #      (benches/server.py; anchors: `sqlite3 -csv` of the same query and
 #      rust_xlsxwriter alone);
 #   2. the format writers natively;
-#   3. exportData in headless Chromium against a release server;
-#   4. with the longtask section: the demo page's main thread during an
-#      export, from a Chromium trace (its tasks' CPU beside their wall time).
+#   3. exportData in headless Chromium against a release server.
 #
 # BENCH_RECORDS (default 1000000) sizes the demo user; BENCH_REPEAT (3) the
 # runs per figure (the median is printed).
@@ -39,11 +37,3 @@ echo "## exportData in Chromium"
 echo
 scripts/build-pkg.sh > /dev/null
 node benches/browser.mjs
-if [[ ",${BENCH_SECTIONS:-longtask}," == *",longtask,"* ]]; then
-  echo
-  echo "### The demo page's main thread during an export, traced"
-  echo
-  echo "Tasks of the page's thread (Chromium trace); a task with far less CPU than wall time was waiting for a core."
-  echo
-  node benches/main-thread.mjs
-fi

@@ -135,6 +135,23 @@ async function inPage(body, options, { user = "user_0001", company = "company_45
   }, { body, options, token, company });
 }
 
+/**
+ * Lets the first two requests for records through and holds later ones
+ * until the returned function is called (bounded: released after 15 s in
+ * any case), so that a cancel reliably lands mid-export.
+ */
+async function holdPagesAfterTwo() {
+  let pages = 0;
+  let release;
+  const gate = new Promise((ok) => { release = ok; setTimeout(ok, 15000); });
+  await page.route("**/records/**", async (route) => {
+    pages += 1;
+    if (pages > 2) await gate;
+    await route.continue().catch(() => { /* aborted by the cancel */ });
+  });
+  return release;
+}
+
 test("an export in the worker and one on the page give byte-identical files", async () => {
   // Two users: each may create five exports an hour.
   const body = `
@@ -224,17 +241,8 @@ test("the Origin Private File System file goes after a download and after a canc
   assert.equal(out.storage, "opfs");
   assert.ok(out.files[0].includes(out.name), "the downloaded file was on disk");
   assert.ok(!out.files[1].includes(out.name), "removed after the download");
-  // The cancel: pages after the second are held until the export has been
-  // cancelled (bounded: released after 15 s in any case), so it is caught
-  // mid-way however fast this machine pages.
-  let pages = 0;
-  let release;
-  const gate = new Promise((ok) => { release = ok; setTimeout(ok, 15000); });
-  await page.route("**/records/**", async (route) => {
-    pages += 1;
-    if (pages > 2) await gate;
-    await route.continue().catch(() => { /* aborted by the cancel */ });
-  });
+  // The cancel: caught mid-way however fast this machine pages.
+  const release = await holdPagesAfterTwo();
   let cancelled;
   try {
     cancelled = await inPage(`
@@ -257,17 +265,9 @@ test("the Origin Private File System file goes after a download and after a canc
 });
 
 test("progress, cancel and the during/after screenshots", async () => {
-  // The first two pages pass; later ones are held until the test has
-  // clicked Cancel (bounded: released after 15 s in any case), so the
-  // export is reliably caught mid-way.
-  let pages = 0;
-  let release;
-  const gate = new Promise((ok) => { release = ok; setTimeout(ok, 15000); });
-  await page.route("**/records/**", async (route) => {
-    pages += 1;
-    if (pages > 2) await gate;
-    await route.continue().catch(() => { /* aborted by the cancel */ });
-  });
+  // Held until the test has clicked Cancel, so the export is reliably
+  // caught mid-way.
+  const release = await holdPagesAfterTwo();
   await page.check("input[name=format][value=xlsx]");
   await page.click("#export-button");
   await page.waitForFunction(() => Number(document.querySelector("#progress").value) >= 10, null, { timeout: 30000 });
