@@ -174,22 +174,32 @@ async function showCopy(result) {
   $("copy-expires").textContent = details ? new Date(details.expires_at).toLocaleDateString() : "it expires";
 }
 
-// The latest progress not yet drawn. Events can come many to a frame (one
-// per page of records); only the last is drawn, once, at the next frame.
+// Progress is drawn at most every DRAW_EVERY_MS, at a frame: events can come
+// many to a frame (one per page of records) and each frame costs the page's
+// thread layout and paint; ten a second still reads as live.
+const DRAW_EVERY_MS = 100;
+const counts = new Intl.NumberFormat();
+// The latest progress not yet drawn, and whether a draw is due.
 let undrawn = null;
+let drawDue = false;
+let drawnAt = 0;
 
 function showProgress(p) {
-  if (undrawn === null) requestAnimationFrame(drawProgress);
   undrawn = p;
+  if (drawDue) return;
+  drawDue = true;
+  setTimeout(() => requestAnimationFrame(drawProgress), Math.max(0, drawnAt + DRAW_EVERY_MS - performance.now()));
 }
 
 function drawProgress() {
+  drawDue = false;
   const p = undrawn;
   if (p === null) return;
   undrawn = null;
+  drawnAt = performance.now();
   $("progress").value = p.percentage;
   $("progress-pct").textContent = `${p.percentage}%`;
-  $("progress-type").textContent = p.currentType ? `${LABELS[p.currentType] ?? p.currentType} · ${p.recordsProcessed.toLocaleString()} of ${p.totalRecords.toLocaleString()} records` : "finishing";
+  $("progress-type").textContent = p.currentType ? `${LABELS[p.currentType] ?? p.currentType} · ${counts.format(p.recordsProcessed)} of ${counts.format(p.totalRecords)} records` : "finishing";
   $("progress-label").textContent = p.percentage === 100 ? "Export ready" : "Preparing export…";
 }
 
