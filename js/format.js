@@ -122,7 +122,13 @@ class Packer {
     const base = this.rows * this.width;
     this.tags.fill(T_NULL, base, base + this.width);
     this.pending = [];
-    this.place(record, "", base, n, 0);
+    try {
+      this.place(record, "", base, n, 0);
+    } catch (e) {
+      // A getter or toJSON of the caller's that throws.
+      if (e instanceof ExportError) throw e;
+      throw invalid("INVALID_RECORD", `${this.dataType} record ${n}: ${e?.message ?? e}`);
+    }
     // Text goes in column order, as the writer reads it.
     this.pending.sort((a, b) => a[0] - b[0]);
     for (const [, s] of this.pending) this.text.push(s);

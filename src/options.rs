@@ -17,7 +17,7 @@ struct Raw {
     company_id: Option<String>,
     format: Option<String>,
     data_types: Option<Vec<Value>>,
-    date_range: Option<DateRange>,
+    date_range: Option<RawDateRange>,
     metadata: Option<Value>,
     download: Option<bool>,
     filename: Option<String>,
@@ -34,6 +34,41 @@ struct Raw {
     keep_copy: Option<bool>,
     copy_link_base: Option<String>,
     copy_part_bytes: Option<u32>,
+}
+
+/// `dateRange` as a caller gives it: strict, so that `{ from, to }` is an
+/// error rather than an export of everything.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDateRange {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+impl RawDateRange {
+    /// The range, once both ends are ISO-8601 and in order.
+    pub(crate) fn check(self, name: &str) -> Result<DateRange, OptionsError> {
+        for v in [&self.start, &self.end].into_iter().flatten() {
+            if parse_timestamp(v).is_none() {
+                return Err(refuse(
+                    "DATE_RANGE_INVALID",
+                    format!("{name}: {v:?} is not an ISO-8601 date-time"),
+                ));
+            }
+        }
+        if let (Some(s), Some(e)) = (&self.start, &self.end) {
+            if parse_timestamp(s) > parse_timestamp(e) {
+                return Err(refuse(
+                    "DATE_RANGE_INVALID",
+                    format!("{name}: start is after end"),
+                ));
+            }
+        }
+        Ok(DateRange {
+            start: self.start,
+            end: self.end,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +148,28 @@ fn required(v: Option<String>, name: &str) -> Result<String, OptionsError> {
     }
 }
 
+/// The server's limits on `metadata` (its JSON text, and its keys).
+const MAX_METADATA_BYTES: usize = 4096;
+const MAX_METADATA_KEYS: usize = 50;
+
+/// `token` and `companyId` travel in request headers: printable ASCII only
+/// (a line break or a non-Latin-1 character would make the browser refuse
+/// the header, after the checks), and a token has no spaces.
+fn header_safe(v: String, name: &str, spaces: bool) -> Result<String, OptionsError> {
+    let ok = v
+        .bytes()
+        .all(|b| b.is_ascii_graphic() || (spaces && b == b' '))
+        && v.trim() == v;
+    if ok {
+        Ok(v)
+    } else {
+        Err(invalid(format!(
+            "options.{name} must be printable ASCII{} without surrounding spaces (it is sent in a header)",
+            if spaces { "" } else { ", with no spaces," }
+        )))
+    }
+}
+
 fn is_http_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
@@ -156,8 +213,8 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
             "options.baseUrl {base_url:?} must be an http(s) URL"
         )));
     }
-    let token = required(raw.token, "token")?;
-    let company_id = required(raw.company_id, "companyId")?;
+    let token = header_safe(required(raw.token, "token")?, "token", false)?;
+    let company_id = header_safe(required(raw.company_id, "companyId")?, "companyId", true)?;
     let format: ExportFormat = raw
         .format
         .as_deref()
@@ -189,27 +246,22 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
             }
         }
     }
-    if let Some(r) = &raw.date_range {
-        for v in [&r.start, &r.end].into_iter().flatten() {
-            if parse_timestamp(v).is_none() {
-                return Err(refuse(
-                    "DATE_RANGE_INVALID",
-                    format!("options.dateRange: {v:?} is not an ISO-8601 date-time"),
-                ));
-            }
-        }
-        if let (Some(s), Some(e)) = (&r.start, &r.end) {
-            if parse_timestamp(s) > parse_timestamp(e) {
-                return Err(refuse(
-                    "DATE_RANGE_INVALID",
-                    "options.dateRange: start is after end",
-                ));
-            }
-        }
-    }
+    let date_range = raw
+        .date_range
+        .map(|r| r.check("options.dateRange"))
+        .transpose()?;
     if let Some(m) = &raw.metadata {
-        if !m.is_object() {
-            return Err(invalid("options.metadata must be an object"));
+        match m {
+            Value::Object(keys)
+                if keys.len() > MAX_METADATA_KEYS
+                    || m.to_string().len() > MAX_METADATA_BYTES =>
+            {
+                return Err(invalid(format!(
+                    "options.metadata must be at most {MAX_METADATA_BYTES} bytes of JSON and {MAX_METADATA_KEYS} keys"
+                )))
+            }
+            Value::Object(_) => {}
+            _ => return Err(invalid("options.metadata must be an object")),
         }
     }
     let page_size = raw.page_size.unwrap_or(1000);
@@ -271,7 +323,7 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
         company_id,
         format,
         data_types,
-        date_range: raw.date_range,
+        date_range,
         metadata: raw.metadata,
         download: raw.download.unwrap_or(true),
         filename: raw.filename,

@@ -477,12 +477,47 @@ async fn bad_options_are_rejected_before_any_request() {
         ),
         (Box::new(|o| set(o, "signal", 5)), "INVALID_OPTIONS"),
         (Box::new(|o| set(o, "fromat", "csv")), "INVALID_OPTIONS"),
+        // What JSON text would drop: a misspelt callback, a NaN.
+        (
+            Box::new(|o| set(o, "onprogress", js_sys::Function::new_no_args(""))),
+            "INVALID_OPTIONS",
+        ),
+        (
+            Box::new(|o| set(o, "pageSize", f64::NAN)),
+            "INVALID_OPTIONS",
+        ),
+        (
+            Box::new(|o| {
+                set(
+                    o,
+                    "dateRange",
+                    JSON::parse(r#"{"from":"2024-01-01T00:00:00Z"}"#).unwrap(),
+                )
+            }),
+            "INVALID_OPTIONS",
+        ),
+        // What a header cannot carry.
+        (Box::new(|o| set(o, "token", "hov_a\nb")), "INVALID_OPTIONS"),
+        (
+            Box::new(|o| set(o, "companyId", "compañía")),
+            "INVALID_OPTIONS",
+        ),
+        (
+            Box::new(|o| {
+                let metadata = js_sys::Object::new();
+                set(&metadata, "note", "x".repeat(5000));
+                set(o, "metadata", metadata)
+            }),
+            "INVALID_OPTIONS",
+        ),
+        // This test runs on the page, which has no OPFS.
+        (Box::new(|o| set(o, "storage", "opfs")), "STORAGE_ERROR"),
     ];
     for (break_it, code) in cases {
         let o = options(server(), "user_0007", "csv", &TYPES);
         break_it(&o);
         let err = export_data(o).await.unwrap_err();
-        assert_eq!(code_of(&err), code);
+        assert_eq!(code_of(&err), code, "{:?}", get(&err, "message"));
     }
     assert_eq!(
         code_of(&export_data(JsValue::UNDEFINED).await.unwrap_err()),

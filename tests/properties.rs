@@ -175,3 +175,58 @@ proptest! {
         prop_assert!(e.message.contains("pageSize"));
     }
 }
+
+proptest! {
+    #[test]
+    fn values_a_header_cannot_carry_are_refused_before_any_request(
+        field in prop_oneof![Just("token"), Just("companyId")],
+        bad in "[a-z]{0,4}[\r\n\u{0}\u{7f}\u{e9}\u{2603}][a-z]{0,4}",
+    ) {
+        let mut o = json!({"token": "hov_t", "companyId": "c"});
+        o[field] = json!(bad);
+        let e = parse_options(&o.to_string()).unwrap_err();
+        prop_assert_eq!(e.code, "INVALID_OPTIONS");
+        prop_assert!(e.message.contains(field), "{}", e.message);
+    }
+}
+
+#[test]
+fn a_date_range_with_other_keys_is_refused_not_ignored() {
+    let e = parse_options(
+        &json!({"token": "t", "companyId": "c", "dateRange": {"from": "2024-01-01T00:00:00Z"}})
+            .to_string(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, "INVALID_OPTIONS");
+    assert!(e.message.contains("from"), "{}", e.message);
+    let o = parse_options(
+        &json!({"token": "t", "companyId": "c", "dateRange": {"start": "2024-01-01T00:00:00Z"}})
+            .to_string(),
+    )
+    .unwrap();
+    assert_eq!(
+        o.date_range.and_then(|r| r.start).as_deref(),
+        Some("2024-01-01T00:00:00Z")
+    );
+}
+
+#[test]
+fn metadata_over_the_servers_limits_is_refused_before_any_request() {
+    let big = json!({"note": "x".repeat(4096)});
+    let many: serde_json::Map<String, Value> =
+        (0..51).map(|i| (format!("k{i}"), json!(i))).collect();
+    for metadata in [big, Value::Object(many)] {
+        let e = parse_options(
+            &json!({"token": "t", "companyId": "c", "metadata": metadata}).to_string(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "INVALID_OPTIONS");
+        assert!(e.message.contains("metadata"), "{}", e.message);
+    }
+    let fits: serde_json::Map<String, Value> =
+        (0..50).map(|i| (format!("k{i}"), json!(i))).collect();
+    assert!(
+        parse_options(&json!({"token": "t", "companyId": "c", "metadata": fits}).to_string())
+            .is_ok()
+    );
+}

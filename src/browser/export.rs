@@ -413,6 +413,7 @@ pub async fn export_data_packed(options: JsValue, packer: JsValue) -> Result<JsV
         request_timeout_ms: opts.request_timeout_ms,
         idempotency_key: super::http::new_idempotency_key(),
     };
+    super::output::check_storage(opts.storage).await?;
     let range = opts.date_range.clone().unwrap_or_default();
     let data_types = if opts.data_types.is_empty() {
         all_data_types(&client).await?

@@ -10,7 +10,8 @@ use super::error::export_error;
 use crate::format::{
     columns_from_kinds, infer_manifest, write_all, Cell, ExportFormat, ExportWriter, FormatOptions,
 };
-use crate::model::{parse_timestamp, Column, DateRange, ExportInfo, Manifest};
+use crate::model::{parse_timestamp, Column, ExportInfo, Manifest};
+use crate::options::RawDateRange;
 
 #[wasm_bindgen(typescript_custom_section)]
 const TS_FORMAT_RECORDS: &'static str = r#"
@@ -62,7 +63,7 @@ struct Options {
     output: Option<String>,
     request_id: Option<String>,
     generated_at: Option<String>,
-    date_range: Option<DateRange>,
+    date_range: Option<RawDateRange>,
     user_id: Option<String>,
     columns: Option<IndexMap<String, Vec<Column>>>,
     neutralize_formulas: Option<bool>,
@@ -138,24 +139,16 @@ fn check_options(options: &JsValue) -> Result<Checked, JsValue> {
                 .ok_or_else(|| export_error("INTERNAL_ERROR", "the clock gave no valid time"))?
         }
     };
-    for end in options
+    let date_range = options
         .date_range
-        .iter()
-        .flat_map(|r| [&r.start, &r.end])
-        .flatten()
-    {
-        if parse_timestamp(end).is_none() {
-            return Err(export_error(
-                "DATE_RANGE_INVALID",
-                &format!("dateRange {end:?} is not an ISO-8601 timestamp"),
-            ));
-        }
-    }
+        .map(|r| r.check("dateRange"))
+        .transpose()
+        .map_err(|e| export_error(e.code, &e.message))?;
     let mut info = ExportInfo::new(
         options.request_id.unwrap_or_else(|| "local".into()),
         generated_at,
     );
-    info.date_range = options.date_range;
+    info.date_range = date_range;
     info.user_id = options.user_id;
     Ok(Checked {
         format,

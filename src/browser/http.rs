@@ -338,8 +338,20 @@ impl Client {
             )
         })?;
         let headers = request.headers();
-        headers.set("Authorization", &format!("Bearer {}", self.token))?;
-        headers.set("X-Company-ID", &self.company)?;
+        // parse_options keeps both to printable ASCII; should a browser
+        // still refuse one, the caller gets an ExportError all the same.
+        let unsendable = |_| {
+            export_error(
+                "INVALID_OPTIONS",
+                "the token or companyId cannot be sent in a header",
+            )
+        };
+        headers
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .map_err(unsendable)?;
+        headers
+            .set("X-Company-ID", &self.company)
+            .map_err(unsendable)?;
         headers.set("Accept", "application/json")?;
         match body {
             Some(Body::Json(_)) => headers.set("Content-Type", "application/json")?,

@@ -24,20 +24,19 @@ export interface ExportProgress {
 }
 
 export interface ExportOptions {
-  /** Where handover-server answers, e.g. "https://api.example.com" ("" = this page's origin). */
-  baseUrl: string;
+  /** Where handover-server answers, e.g. "https://api.example.com"; default "" (this page's origin). */
+  baseUrl?: string;
   /** Bearer token: an API token (hov_…) or a JWT from your identity provider. */
   token: string;
   /** Sent as X-Company-ID; must be one of the token's companies. */
   companyId: string;
   /** Default "json". */
   format?: ExportFormat;
-  /** Data types to export, e.g. ["user_profile", "payment_history"]. */
-  /** The data types to export; leave out for every type the server offers. */
+  /** The data types to export, e.g. ["user_profile", "payment_history"]; leave out for every type the server offers. */
   dataTypes?: string[];
   /** ISO-8601 bounds, both optional. */
   dateRange?: { start?: string | null; end?: string | null };
-  /** Stored with the request (at most 4 KiB). */
+  /** Stored with the request (at most 4 KiB of JSON and 50 keys). */
   metadata?: Record<string, unknown>;
   /** Called as the export starts, after every page of records and at the
    * end (100 %), in order. From a worker, the events of up to 50 ms reach
@@ -170,6 +169,32 @@ fn invalid(msg: &str) -> JsValue {
     export_error("INVALID_OPTIONS", msg)
 }
 
+/// Refuses what JSON text would silently drop or change, so that it cannot
+/// pass unseen: a function (a callback under a misspelt name such as
+/// `onprogress`), a symbol, or a number that is not finite (`NaN` would
+/// become `null`, and `null` the default). Followed `depth` levels down.
+fn lost_in_json(v: &JsValue, path: &str, depth: u32) -> Result<(), JsValue> {
+    if v.is_function() {
+        return Err(invalid(&format!(
+            "{path} is a function; only options.onProgress takes one"
+        )));
+    }
+    if v.is_symbol() {
+        return Err(invalid(&format!("{path} is a symbol")));
+    }
+    if v.as_f64().is_some_and(|n| !n.is_finite()) {
+        return Err(invalid(&format!("{path} must be a finite number")));
+    }
+    if depth > 0 && v.is_object() {
+        for key in Object::keys(v.unchecked_ref::<Object>()).iter() {
+            let value = Reflect::get(v, &key).unwrap_or(JsValue::UNDEFINED);
+            let name = key.as_string().unwrap_or_default();
+            lost_in_json(&value, &format!("{path}.{name}"), depth - 1)?;
+        }
+    }
+    Ok(())
+}
+
 /// Parses and checks `options`.
 ///
 /// # Errors
@@ -202,6 +227,7 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
     for k in ["onProgress", "signal"] {
         let _ = Reflect::delete_property(&copy, &k.into());
     }
+    lost_in_json(&copy, "options", 3)?;
     let text = js_sys::JSON::stringify(&copy)
         .ok()
         .and_then(|s| s.as_string())

@@ -79,6 +79,27 @@ async fn wait(p: Promise) -> Result<JsValue, JsValue> {
 
 /// The OPFS directory of export files, when this context has the OPFS and
 /// synchronous file access (workers).
+/// `storage: "opfs"` where there is none.
+fn no_opfs() -> JsValue {
+    export_error(
+        "STORAGE_ERROR",
+        "the Origin Private File System is not available here (it needs a worker)",
+    )
+}
+
+/// Refuses `storage: "opfs"` where there is no OPFS, before the export is
+/// created: afterwards it would have cost the caller one of their creates.
+///
+/// # Errors
+///
+/// `STORAGE_ERROR`.
+pub(crate) async fn check_storage(storage: Storage) -> Result<(), JsValue> {
+    if storage == Storage::Opfs && opfs_dir().await.is_none() {
+        return Err(no_opfs());
+    }
+    Ok(())
+}
+
 async fn opfs_dir() -> Option<FileSystemDirectoryHandle> {
     let global = js_sys::global();
     global.dyn_ref::<web_sys::WorkerGlobalScope>()?;
@@ -155,12 +176,7 @@ impl Sink {
                     sweep(&dir).await;
                     return Self::open_opfs(dir, name).await;
                 }
-                None if storage == Storage::Opfs => {
-                    return Err(export_error(
-                        "STORAGE_ERROR",
-                        "the Origin Private File System is not available here (it needs a worker)",
-                    ))
-                }
+                None if storage == Storage::Opfs => return Err(no_opfs()),
                 None => {}
             }
         }

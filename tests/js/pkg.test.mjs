@@ -62,6 +62,11 @@ test("release pkg throws real ExportError objects with stable codes", async () =
       [{ a: [1] }, { format: "csv" }],
       [{ a: [{ at: "nope" }] }, { format: "xlsx", columns: { a: [{ name: "at", kind: "datetime" }] } }],
       [{}, null],
+      // A getter of the caller's that throws, under declared columns.
+      [{ a: [{ get x() { throw new Error("boom"); } }] }, { format: "csv", columns: { a: [{ name: "x", kind: "string" }] } }],
+      [{ a: [] }, { format: "csv", dateRange: { start: "2025-02-01T00:00:00Z", end: "2025-01-01T00:00:00Z" } }],
+      // A misspelt range is an error, not a file without its range.
+      [{ a: [] }, { format: "csv", dateRange: { from: "2025-01-01T00:00:00Z" } }],
     ]) {
       try { formatRecords(data, options); out.push("no throw"); } catch (e) {
         out.push({ isError: e instanceof Error, isExportError: e instanceof ExportError, name: e.name,
@@ -70,7 +75,8 @@ test("release pkg throws real ExportError objects with stable codes", async () =
     }
     return out;
   });
-  assert.deepEqual(got.map((e) => e.code), ["INVALID_FORMAT", "INVALID_RECORD", "INVALID_DATE", "INVALID_OPTIONS"]);
+  assert.deepEqual(got.map((e) => e.code), ["INVALID_FORMAT", "INVALID_RECORD", "INVALID_DATE", "INVALID_OPTIONS",
+    "INVALID_RECORD", "DATE_RANGE_INVALID", "INVALID_OPTIONS"]);
   for (const e of got) {
     assert.equal(e.isError, true);
     assert.equal(e.isExportError, true);
