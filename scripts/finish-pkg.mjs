@@ -23,6 +23,14 @@ let js = readFileSync(mainJs, "utf8");
 const reexport = `export { ExportError } from "${errorsPath}";\nexport { exportData, exportDataInWorker } from "./export.js";\nexport { formatRecords } from "./format.js";\n`;
 if (!js.includes(reexport)) writeFileSync(mainJs, js + "\n" + reexport);
 
+// wasm-bindgen declares `[Symbol.dispose]` on its classes (the runtime adds
+// it only where the engine has the symbol). TypeScript knows the symbol
+// only with lib "esnext.disposable", so without skipLibCheck an app on
+// ES2022 + DOM would fail to type-check the package; the classes concerned
+// are the package's internals, freed by its own code.
+const dts = join(pkg, "handover.d.ts");
+writeFileSync(dts, readFileSync(dts, "utf8").replace(/^\s*\[Symbol\.dispose\]\(\): void;\n/gm, ""));
+
 const cargo = readFileSync(join(root, "Cargo.toml"), "utf8");
 const version = /\[package\][^[]*?\nversion = "([^"]+)"/s.exec(cargo)?.[1] ?? fail("no version in Cargo.toml");
 const extra = ["worker.js", "export.js", "format.js"];

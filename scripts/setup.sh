@@ -58,7 +58,7 @@ fi
 stamp=node_modules/.package-lock.sha
 sum=$(sha256sum package-lock.json | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
-  say "installing npm dev packages (binaryen, esbuild, playwright-core; papaparse, xlsx and wasm-xlsxwriter for the benchmark)"
+  say "installing npm dev packages (binaryen, esbuild, playwright-core, typescript; papaparse, xlsx and wasm-xlsxwriter for the benchmark)"
   npm ci --no-audit --no-fund --loglevel=error || die "npm ci failed"
   echo "$sum" > "$stamp"
 fi

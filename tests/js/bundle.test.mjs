@@ -89,3 +89,44 @@ test("a bundled app imports handover and runs every entry point", async () => {
   assert.deepEqual(out.optionError, [true, "INVALID_DATA_TYPE"]);
   assert.deepEqual(out.allTypes, ["user_profile", "payment_history", "membership_data", "recovery_cases", "consent_data"]);
 });
+
+test("the package's types check an app under strict TypeScript, and catch a misspelt option", () => {
+  // The README's uses, typed as an app written against ES2022 + DOM would be
+  // (no skipLibCheck: the package's declarations are checked too).
+  writeFileSync(join(app, "app.ts"), `
+    import init, { exportData, formatRecords, decryptExport, ExportError, type ExportProgress, type ExportResult } from "handover";
+    await init();
+    const bar = { value: 0 };
+    const controller = new AbortController();
+    const onProgress = (p: ExportProgress) => { bar.value = p.percentage; console.log(p.currentType, p.recordsProcessed, p.totalRecords, p.bytesWritten); };
+    try {
+      const result: ExportResult = await exportData({ baseUrl: "https://api.example.com", token: "hov_x", companyId: "company_123",
+        format: "csv", dataTypes: ["user_profile", "payment_history"], dateRange: { start: "2025-01-01T00:00:00Z" },
+        onProgress, signal: controller.signal });
+      console.log(result.requestId, result.filename, result.byteSize, result.recordCount, result.sha256, result.blob.size);
+    } catch (e) {
+      if (e instanceof ExportError && e.code === "RATE_LIMIT_EXCEEDED") console.log(e.retryAfter, e.status, e.details);
+    }
+    // baseUrl defaults to the page's origin.
+    await exportData({ token: "hov_x", companyId: "company_123" });
+    const bytes: Uint8Array = formatRecords({ payment_history: [{ id: "p1", amount_cents: 2999 }] }, { format: "xlsx" });
+    const blob: Blob = await decryptExport(bytes, "key");
+    console.log(bytes.length, blob.size);
+  `);
+  const tsc = join(ROOT, "node_modules/.bin/tsc");
+  const flags = ["--strict", "--noEmit", "--target", "ES2022", "--lib", "ES2022,DOM", "--module", "ESNext", "--moduleResolution", "bundler"];
+  const check = (file) => {
+    try {
+      execFileSync(tsc, [...flags, file], { cwd: app, encoding: "utf8", stdio: "pipe" });
+      return "";
+    } catch (e) {
+      return `${e.stdout}${e.stderr}`;
+    }
+  };
+  assert.equal(check("app.ts"), "");
+  writeFileSync(join(app, "typo.ts"), `
+    import { exportData } from "handover";
+    await exportData({ token: "hov_x", companyId: "company_123", onprogress: () => {} });
+  `);
+  assert.match(check("typo.ts"), /onprogress/);
+});
