@@ -273,7 +273,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             state.settings.unauth_per_minute,
             authorization.as_deref(),
         ) {
-            let _ = state.guard.refused(&ip_key, &stored_path, true);
+            let _ = state.guard.refused(&ip_key, &stored_path, true, None);
             state.metrics.observe_request(429, ctx.0.started.elapsed());
             let mut r = throttled_error(&state, retry_after).into_response();
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
@@ -374,7 +374,10 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             // 429 without an actor is the throttle answering in the lane:
             // counted, never a row of its own.
             let throttled = status == axum::http::StatusCode::TOO_MANY_REQUESTS;
-            let (own_row, finished) = state.guard.refused(&ip_key, &stored_path, throttled);
+            let (own_row, finished) =
+                state
+                    .guard
+                    .refused(&ip_key, &stored_path, throttled, authorization.as_deref());
             if let Err(e) = write_tallies(&state, finished).await {
                 tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
             }

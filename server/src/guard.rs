@@ -5,7 +5,12 @@
 //! authentication, for the rest of the minute. Credentials that
 //! authenticated recently still pass, so a legitimate user behind the same
 //! address keeps working, and authenticated traffic never waits on the
-//! audit lock behind a flood.
+//! audit lock behind a flood. So does a credential the address has not yet
+//! failed with, while it has failed with only a few distinct ones this
+//! minute (a user who just signed in, behind an address where a script sent
+//! one wrong token a hundred times): a flood that repeats a bad credential
+//! is refused before it is checked, and so is one that invents a new
+//! credential each time.
 //!
 //! A refused client that keeps knocking is also slowed down: its `429`
 //! waits a moment (the tarpit) before it is sent, which costs the server a
@@ -13,7 +18,7 @@
 //! request a second instead of thousands. The number of answers held back
 //! at once is bounded; past it they go at once, closing the connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -22,6 +27,10 @@ use sha2::{Digest, Sha256};
 
 /// Refusals of one IP that are still written one row each per minute.
 pub const LOGGED_PER_MINUTE: u64 = 10;
+
+/// Distinct failed credentials remembered per IP and minute; past them,
+/// every credential not known to work is throttled.
+pub const FAILED_REMEMBERED: usize = 16;
 
 /// Refused requests of one IP in one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +44,9 @@ pub struct Tally {
     pub throttled: u64,
     /// One of the paths asked for (capped).
     pub sample_path: String,
+    /// SHA-256 of the Authorization headers that failed (at most
+    /// [`FAILED_REMEMBERED`]; `None` once more did).
+    failed: Option<HashSet<[u8; 32]>>,
 }
 
 impl Tally {
@@ -45,7 +57,16 @@ impl Tally {
             refused: 0,
             throttled: 0,
             sample_path: path.to_string(),
+            failed: Some(HashSet::new()),
         }
+    }
+
+    /// Whether `authorization` may still be checked although the IP is over
+    /// its limit: a credential it has not failed with, while few have.
+    fn may_try(&self, authorization: &str) -> bool {
+        self.failed
+            .as_ref()
+            .is_some_and(|f| !f.contains(&digest(authorization)))
     }
 
     /// Whether it holds refusals that got no audit row of their own.
@@ -115,8 +136,8 @@ fn digest(header: &str) -> [u8; 32] {
 
 impl Guard {
     /// Seconds until `ip` may try again, when it is over `limit` failed
-    /// authentications this minute and `authorization` did not
-    /// authenticate recently.
+    /// authentications this minute and `authorization` neither
+    /// authenticated recently nor is new to it (see the module's comment).
     pub fn throttled(&self, ip: &str, limit: u64, authorization: Option<&str>) -> Option<u64> {
         if limit == 0 {
             return None;
@@ -124,6 +145,15 @@ impl Guard {
         let now = minute_now();
         if self.failures(ip, now) < limit || authorization.is_some_and(|a| self.is_known(a, now)) {
             return None;
+        }
+        if let Some(a) = authorization {
+            let new_here = self
+                .tallies
+                .lock()
+                .is_ok_and(|t| t.get(ip).is_some_and(|t| t.minute == now && t.may_try(a)));
+            if new_here {
+                return None;
+            }
         }
         let secs = 60
             - time::OffsetDateTime::now_utc()
@@ -195,10 +225,17 @@ impl Guard {
         }
     }
 
-    /// Counts a refusal (`throttled`: a 429 before authentication);
-    /// returns whether it should still get an audit row of its own, and
-    /// the tallies of earlier minutes that are now complete.
-    pub fn refused(&self, ip: &str, path: &str, throttled: bool) -> (bool, Vec<Tally>) {
+    /// Counts a refusal (`throttled`: a 429 before authentication) and
+    /// remembers the credential that failed; returns whether it should
+    /// still get an audit row of its own, and the tallies of earlier
+    /// minutes that are now complete.
+    pub fn refused(
+        &self,
+        ip: &str,
+        path: &str,
+        throttled: bool,
+        authorization: Option<&str>,
+    ) -> (bool, Vec<Tally>) {
         let now = minute_now();
         let Ok(mut tallies) = self.tallies.lock() else {
             return (true, Vec::new());
@@ -214,6 +251,12 @@ impl Guard {
             t.throttled += 1;
         } else {
             t.refused += 1;
+            if let (Some(a), Some(failed)) = (authorization, t.failed.as_mut()) {
+                failed.insert(digest(a));
+                if failed.len() > FAILED_REMEMBERED {
+                    t.failed = None;
+                }
+            }
         }
         let own_row = !throttled && t.refused <= LOGGED_PER_MINUTE;
         done.retain(Tally::unlogged);
@@ -268,11 +311,11 @@ mod tests {
     fn throttles_an_ip_past_its_limit_but_not_known_credentials() {
         let g = Guard::default();
         for i in 0..5 {
-            let (own, _) = g.refused("10.0.0.1", "/api/x", false);
+            let (own, _) = g.refused("10.0.0.1", "/api/x", false, Some("Bearer bad"));
             assert_eq!(own, i < LOGGED_PER_MINUTE);
         }
         assert_eq!(g.throttled("10.0.0.1", 6, None), None);
-        g.refused("10.0.0.1", "/api/x", false);
+        g.refused("10.0.0.1", "/api/x", false, Some("Bearer bad"));
         assert!(g.throttled("10.0.0.1", 6, None).is_some());
         assert!(g.throttled("10.0.0.1", 6, Some("Bearer bad")).is_some());
         g.authenticated("Bearer good");
@@ -286,13 +329,40 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_new_to_a_throttled_address_is_still_checked() {
+        let g = Guard::default();
+        for i in 0..30 {
+            g.refused(
+                "10.0.0.1",
+                "/api/x",
+                false,
+                Some(&format!("Bearer bad{}", i % 3)),
+            );
+        }
+        assert!(g.throttled("10.0.0.1", 20, Some("Bearer bad1")).is_some());
+        assert!(g.throttled("10.0.0.1", 20, None).is_some());
+        assert_eq!(g.throttled("10.0.0.1", 20, Some("Bearer new")), None);
+        // An address that failed with many distinct credentials (a flood
+        // inventing them) gets no such benefit.
+        for i in 0..=FAILED_REMEMBERED {
+            g.refused(
+                "10.0.0.2",
+                "/api/x",
+                false,
+                Some(&format!("Bearer made_up_{i}")),
+            );
+        }
+        assert!(g.throttled("10.0.0.2", 2, Some("Bearer new")).is_some());
+    }
+
+    #[test]
     fn a_failing_address_checks_one_credential_at_a_time() {
         let g = Guard::default();
         assert!(
             g.lane("10.0.0.1", 120, Some("Bearer x")).is_none(),
             "no failures yet"
         );
-        g.refused("10.0.0.1", "/api/x", false);
+        g.refused("10.0.0.1", "/api/x", false, Some("Bearer bad"));
         let lane = g.lane("10.0.0.1", 120, Some("Bearer x")).expect("a lane");
         assert_eq!(lane.available_permits(), 1);
         let same = g.lane("10.0.0.1", 120, None).expect("the same lane");

@@ -560,6 +560,63 @@ async fn a_throttled_address_waits_in_the_tarpit_for_its_answer() {
 }
 
 #[tokio::test]
+async fn a_token_new_to_a_throttled_address_still_works_and_the_bad_ones_stay_refused() {
+    let app = spawn_with(
+        Opts {
+            unauth_per_minute: Some(5),
+            tarpit: Some(std::time::Duration::ZERO),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    // A script checking its 401s with three wrong tokens, from this address.
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let bad = format!("hov_wrong_{}", i % 3);
+        let r = app
+            .raw(
+                Method::GET,
+                "/api/data/summary",
+                Some(&bad),
+                Some("company_123"),
+                None,
+            )
+            .await;
+        statuses.push(r.status.as_u16());
+    }
+    assert!(
+        statuses.contains(&429),
+        "the address is throttled: {statuses:?}"
+    );
+    // A token made just now, never used: checked, and it works.
+    let fresh = app
+        .token_for("user_456", &["company_123"], &["data:export"])
+        .await;
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&fresh),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The wrong ones are still answered before they are checked.
+    let r = app
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some("hov_wrong_1"),
+            Some("company_123"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 429);
+}
+
+#[tokio::test]
 async fn rows_of_concurrent_requests_share_a_commit_and_the_chain_holds() {
     let app = spawn_app().await;
     let before_rows = app.count("SELECT COUNT(*) FROM audit_log").await;
