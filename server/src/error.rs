@@ -158,6 +158,14 @@ impl ApiError {
     }
 }
 
+/// `Retry-After` and the `RateLimit-*` headers of a 429.
+fn limit_headers(headers: &mut axum::http::HeaderMap, limit: u64, retry_after: u64) {
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(0));
+    headers.insert("ratelimit-reset", HeaderValue::from(retry_after));
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, category, severity) = self.parts();
@@ -187,16 +195,13 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="handover", error="invalid_token""#),
                 );
             }
+            // Every 429 says when to come back, and the limit it hit (for
+            // the quota: records a day).
             Self::RateLimited {
                 retry_after, limit, ..
-            } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-                headers.insert("ratelimit-limit", HeaderValue::from(*limit));
-                headers.insert("ratelimit-remaining", HeaderValue::from(0));
-                headers.insert("ratelimit-reset", HeaderValue::from(*retry_after));
-            }
-            Self::QuotaExceeded { retry_after, .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            } => limit_headers(headers, u64::from(*limit), *retry_after),
+            Self::QuotaExceeded { retry_after, quota } => {
+                limit_headers(headers, *quota, *retry_after);
             }
             _ => {}
         }

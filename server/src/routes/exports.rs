@@ -432,6 +432,16 @@ pub(crate) async fn download(
     let scope = enter(&state, &ctx, &headers, ratelimit::DOWNLOAD).await?;
     let row = owned(&state, &scope, id).await?;
     ctx.set_action("export.download", Some(&row.id));
+    // Past its expiry the file is gone, or about to be at the next sweep:
+    // not served either way (timestamps of one format compare as text).
+    if row.status == Status::Expired
+        || (row.status == Status::Completed && row.expires_at <= crate::store::now())
+    {
+        return Err(ApiError::Conflict(
+            "EXPORT_NOT_READY",
+            format!("Export expired at {}: request a new one", row.expires_at),
+        ));
+    }
     if row.delivery == Delivery::Client && row.status == Status::Completed {
         if !matches!(q.get("format"), None | Some("original" | "")) {
             return Err(ApiError::validation(

@@ -393,6 +393,10 @@ async fn file_too_large_and_quota_exceeded_are_reachable() {
         (86_000..=86_400).contains(&retry),
         "space frees up in a day: {retry}"
     );
+    // Like every 429: the limit it hit, none left, and when it resets.
+    assert!(r.header("ratelimit-limit").parse::<u64>().unwrap() > 0);
+    assert_eq!(r.header("ratelimit-remaining"), "0");
+    assert_eq!(r.header("ratelimit-reset"), retry.to_string());
     let r = app
         .create(json!({"export_format": "json", "data_types": ["user_profile"]}))
         .await;

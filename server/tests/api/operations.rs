@@ -29,6 +29,23 @@ async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
         .execute(app.pool())
         .await
         .unwrap();
+    // Due, but not swept yet: not served already.
+    let r = app
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{done}/download"),
+            None,
+        )
+        .await;
+    assert_eq!(r.code(), "EXPORT_NOT_READY");
+    assert!(
+        r.body["error"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{}",
+        r.body
+    );
     handover_server::jobs::sweep(&app.state).await.unwrap();
     let r = app
         .call(Method::GET, &format!("/api/data/export/{open}"), None)
@@ -55,6 +72,14 @@ async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
         )
         .await;
     assert_eq!(r.code(), "EXPORT_NOT_READY");
+    assert!(
+        r.body["error"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{}",
+        r.body
+    );
     let r = app
         .call(Method::GET, "/api/data/export?status=expired", None)
         .await;
