@@ -29,9 +29,10 @@ pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportIn
     let mut info = ExportInfo::new(&row.id, generated);
     info.user_id = Some(row.user_id.clone());
     if row.date_start.is_some() || row.date_end.is_some() {
+        let range = row.range();
         info.date_range = Some(DateRange {
-            start: row.date_start.clone(),
-            end: row.date_end.clone(),
+            start: range.start,
+            end: range.end,
         });
     }
     info.article_15 = state.registry.article_15.clone();

@@ -3,7 +3,7 @@
 //! limit and the daily record quota. Used by the API and the CLI.
 
 use handover::format::ExportFormat;
-use handover::model::{format_timestamp, parse_timestamp, Manifest, TypeManifest};
+use handover::model::{parse_timestamp, Manifest, TypeManifest};
 use serde_json::{json, Map, Value};
 
 use crate::auth::Scope;
@@ -25,15 +25,15 @@ const MAX_METADATA_BYTES: usize = 4096;
 fn parse_date(body: &Map<String, Value>, field: &str) -> ApiResult<Option<String>> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_timestamp(s)
-            .map(|t| Some(format_timestamp(t)))
-            .ok_or_else(|| {
-                ApiError::validation(
-                    "DATE_RANGE_INVALID",
-                    field,
-                    format!("{field} must be an ISO 8601 date-time, got {s:?}"),
-                )
-            }),
+        // Kept as given (the API echoes it); `Range::canonical` is what the
+        // queries take.
+        Some(Value::String(s)) => parse_timestamp(s).map(|_| Some(s.clone())).ok_or_else(|| {
+            ApiError::validation(
+                "DATE_RANGE_INVALID",
+                field,
+                format!("{field} must be an ISO 8601 date-time, got {s:?}"),
+            )
+        }),
         Some(_) => Err(ApiError::validation(
             "DATE_RANGE_INVALID",
             field,

@@ -167,9 +167,10 @@ pub(super) async fn admit_create(
     req: plan::CreateRequest,
     key: Option<&IdempotencyKey>,
 ) -> ApiResult<Result<ExportRow, IdempotentExport>> {
-    let (manifest, estimated_bytes) = plan::plan(state, scope, &req.data_types, &req.range, None)
-        .await
-        .map_err(ApiError::CreationFailed)?;
+    let (manifest, estimated_bytes) =
+        plan::plan(state, scope, &req.data_types, &req.range.canonical(), None)
+            .await
+            .map_err(ApiError::CreationFailed)?;
     plan::check_size_and_quota(state, scope, &manifest, estimated_bytes).await?;
     let new = NewExport {
         user_id: scope.user_id.clone(),

@@ -270,12 +270,14 @@ impl ExportRow {
         })
     }
 
-    /// The date range as the data type queries take it.
+    /// The date range as the data type queries take it (stored as the
+    /// caller gave it).
     pub fn range(&self) -> Range {
         Range {
             start: self.date_start.clone(),
             end: self.date_end.clone(),
         }
+        .canonical()
     }
 
     /// Whether the export may still make progress.

@@ -27,9 +27,11 @@ async fn create_answers_with_the_seeds_fields_and_envelope() {
         d["data_types"],
         json!(["user_profile", "payment_history", "membership_data"])
     );
+    // Echoed as sent, as the API reference shows; the queries below still
+    // filter on the instants.
     assert_eq!(
         d["date_range"],
-        json!({"start": "2024-01-01T00:00:00.000Z", "end": "2025-10-25T19:50:00.000Z"})
+        json!({"start": "2024-01-01T00:00:00Z", "end": "2025-10-25T19:50:00Z"})
     );
     assert_eq!(
         d["metadata"],
@@ -61,6 +63,40 @@ async fn create_answers_with_the_seeds_fields_and_envelope() {
         d.get("manifest").is_none(),
         "server delivery has no manifest"
     );
+}
+
+#[tokio::test]
+async fn a_date_range_is_echoed_as_sent_and_filters_on_its_instants() {
+    let app = spawn_app().await;
+    let body = |start: &str, end: &str| {
+        json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client",
+               "date_range_start": start, "date_range_end": end})
+    };
+    let given = app
+        .create(body("2024-01-01", "2025-10-25T21:50:00+02:00"))
+        .await;
+    assert_eq!(given.status, 201, "{}", given.body);
+    let d = &given.body["data"];
+    assert_eq!(
+        d["date_range"],
+        json!({"start": "2024-01-01", "end": "2025-10-25T21:50:00+02:00"})
+    );
+    // The same instants written canonically select the same records, and
+    // the file states them canonically either way.
+    let canonical = app
+        .create(body("2024-01-01T00:00:00.000Z", "2025-10-25T19:50:00.000Z"))
+        .await;
+    assert_eq!(canonical.status, 201, "{}", canonical.body);
+    let c = &canonical.body["data"];
+    assert_eq!(d["estimated_records"], c["estimated_records"]);
+    let instants = json!({"start": "2024-01-01T00:00:00.000Z", "end": "2025-10-25T19:50:00.000Z"});
+    assert_eq!(d["export_info"]["date_range"], instants);
+    assert_eq!(c["export_info"]["date_range"], instants);
+    let id = d["request_id"].as_str().unwrap();
+    let details = app
+        .call(Method::GET, &format!("/api/data/export/{id}"), None)
+        .await;
+    assert_eq!(details.body["data"]["date_range"], d["date_range"]);
 }
 
 #[tokio::test]
