@@ -148,24 +148,26 @@ fn required(v: Option<String>, name: &str) -> Result<String, OptionsError> {
     }
 }
 
-/// The server's limits on `metadata` (its JSON text, and its keys).
-const MAX_METADATA_BYTES: usize = 4096;
-const MAX_METADATA_KEYS: usize = 50;
+/// The server's limits on `metadata`: its JSON text, and its keys (the
+/// server checks a create against the same constants).
+pub const MAX_METADATA_BYTES: usize = 4096;
+pub const MAX_METADATA_KEYS: usize = 50;
 
 /// `token` and `companyId` travel in request headers: printable ASCII only
 /// (a line break or a non-Latin-1 character would make the browser refuse
 /// the header, after the checks), and a token has no spaces.
 fn header_safe(v: String, name: &str, spaces: bool) -> Result<String, OptionsError> {
-    let ok = v
-        .bytes()
+    // Surrounding whitespace (a token read from a file, with its line
+    // break) is what the browser and the server trim from a header anyway.
+    let v = v.trim();
+    if v.bytes()
         .all(|b| b.is_ascii_graphic() || (spaces && b == b' '))
-        && v.trim() == v;
-    if ok {
-        Ok(v)
+    {
+        Ok(v.to_string())
     } else {
         Err(invalid(format!(
-            "options.{name} must be printable ASCII{} without surrounding spaces (it is sent in a header)",
-            if spaces { "" } else { ", with no spaces," }
+            "options.{name} must be printable ASCII{} (it is sent in a header)",
+            if spaces { "" } else { " without spaces" }
         )))
     }
 }

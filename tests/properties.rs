@@ -180,7 +180,7 @@ proptest! {
     #[test]
     fn values_a_header_cannot_carry_are_refused_before_any_request(
         field in prop_oneof![Just("token"), Just("companyId")],
-        bad in "[a-z]{0,4}[\r\n\u{0}\u{7f}\u{e9}\u{2603}][a-z]{0,4}",
+        bad in "[a-z]{1,4}[\r\n\u{0}\u{7f}\u{e9}\u{2603}][a-z]{1,4}",
     ) {
         let mut o = json!({"token": "hov_t", "companyId": "c"});
         o[field] = json!(bad);
@@ -188,6 +188,16 @@ proptest! {
         prop_assert_eq!(e.code, "INVALID_OPTIONS");
         prop_assert!(e.message.contains(field), "{}", e.message);
     }
+}
+
+#[test]
+fn surrounding_whitespace_is_trimmed_as_headers_are() {
+    let o = parse_options(&json!({"token": "hov_t\n", "companyId": " company_123 "}).to_string())
+        .unwrap();
+    assert_eq!(
+        (o.token.as_str(), o.company_id.as_str()),
+        ("hov_t", "company_123")
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use handover::format::ExportFormat;
 use handover::model::{parse_timestamp, Manifest, TypeManifest};
+use handover::options::{MAX_METADATA_BYTES, MAX_METADATA_KEYS};
 use serde_json::{json, Map, Value};
 
 use crate::auth::Scope;
@@ -20,7 +21,6 @@ const CREATE_FIELDS: [&str; 6] = [
     "metadata",
     "delivery",
 ];
-const MAX_METADATA_BYTES: usize = 4096;
 
 fn parse_date(body: &Map<String, Value>, field: &str) -> ApiResult<Option<String>> {
     match body.get(field) {
@@ -160,11 +160,11 @@ pub fn validate_create(registry: &Registry, body: &Map<String, Value>) -> ApiRes
     let metadata = match body.get("metadata") {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(m)) => {
-            if v.to_string().len() > MAX_METADATA_BYTES || m.len() > 50 {
+            if v.to_string().len() > MAX_METADATA_BYTES || m.len() > MAX_METADATA_KEYS {
                 return Err(ApiError::validation(
                     "INVALID_METADATA",
                     "metadata",
-                    format!("metadata must be at most {MAX_METADATA_BYTES} bytes and 50 keys"),
+                    format!("metadata must be at most {MAX_METADATA_BYTES} bytes and {MAX_METADATA_KEYS} keys"),
                 ));
             }
             v.clone()

@@ -169,30 +169,36 @@ fn invalid(msg: &str) -> JsValue {
     export_error("INVALID_OPTIONS", msg)
 }
 
-/// Refuses what JSON text would silently drop or change, so that it cannot
-/// pass unseen: a function (a callback under a misspelt name such as
-/// `onprogress`), a symbol, or a number that is not finite (`NaN` would
-/// become `null`, and `null` the default). Followed `depth` levels down.
-fn lost_in_json(v: &JsValue, path: &str, depth: u32) -> Result<(), JsValue> {
-    if v.is_function() {
-        return Err(invalid(&format!(
-            "{path} is a function; only options.onProgress takes one"
-        )));
-    }
-    if v.is_symbol() {
-        return Err(invalid(&format!("{path} is a symbol")));
-    }
-    if v.as_f64().is_some_and(|n| !n.is_finite()) {
-        return Err(invalid(&format!("{path} must be a finite number")));
-    }
-    if depth > 0 && v.is_object() {
-        for key in Object::keys(v.unchecked_ref::<Object>()).iter() {
-            let value = Reflect::get(v, &key).unwrap_or(JsValue::UNDEFINED);
-            let name = key.as_string().unwrap_or_default();
-            lost_in_json(&value, &format!("{path}.{name}"), depth - 1)?;
+/// The plain part of the options as JSON text, refusing what JSON would
+/// silently drop or change, so that it cannot pass unseen: a function (a
+/// callback under a misspelt name such as `onprogress`), a symbol, or a
+/// number that is not finite (`NaN` would become `null`, and `null` the
+/// default), at any depth. The replacer sees every value as `JSON.stringify`
+/// does (after `toJSON`), so nothing is walked twice.
+fn options_json(copy: &Object) -> Result<String, JsValue> {
+    let mut lost: Option<String> = None;
+    let mut replacer = |key: js_sys::JsString, value: JsValue| {
+        let what = if value.is_function() {
+            Some("a function (only onProgress takes one)")
+        } else if value.is_symbol() {
+            Some("a symbol")
+        } else if value.as_f64().is_some_and(|n| !n.is_finite()) {
+            Some("not a finite number")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            lost.get_or_insert_with(|| format!("options: {:?} is {what}", String::from(key)));
         }
+        Ok(Some(value))
+    };
+    let text = js_sys::JSON::stringify_with_replacer_func(copy, &mut replacer, None);
+    if let Some(msg) = lost {
+        return Err(invalid(&msg));
     }
-    Ok(())
+    text.ok()
+        .and_then(|s| s.as_string())
+        .ok_or_else(|| invalid("options cannot be read as JSON (BigInt or a cycle?)"))
 }
 
 /// Parses and checks `options`.
@@ -227,11 +233,7 @@ pub(crate) fn parse(options: &JsValue) -> Result<ExportOptions, JsValue> {
     for k in ["onProgress", "signal"] {
         let _ = Reflect::delete_property(&copy, &k.into());
     }
-    lost_in_json(&copy, "options", 3)?;
-    let text = js_sys::JSON::stringify(&copy)
-        .ok()
-        .and_then(|s| s.as_string())
-        .ok_or_else(|| invalid("options cannot be read as JSON (BigInt or a cycle?)"))?;
+    let text = options_json(&copy)?;
     let checked = parse_options(&text).map_err(|e| export_error(e.code, &e.message))?;
     let storage = match checked.storage {
         StoragePref::Auto => Storage::Auto,

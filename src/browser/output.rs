@@ -77,8 +77,6 @@ async fn wait(p: Promise) -> Result<JsValue, JsValue> {
     JsFuture::from(p).await
 }
 
-/// The OPFS directory of export files, when this context has the OPFS and
-/// synchronous file access (workers).
 /// `storage: "opfs"` where there is none.
 fn no_opfs() -> JsValue {
     export_error(
@@ -100,6 +98,8 @@ pub(crate) async fn check_storage(storage: Storage) -> Result<(), JsValue> {
     Ok(())
 }
 
+/// The OPFS directory of export files, when this context has the OPFS and
+/// synchronous file access (workers).
 async fn opfs_dir() -> Option<FileSystemDirectoryHandle> {
     let global = js_sys::global();
     global.dyn_ref::<web_sys::WorkerGlobalScope>()?;

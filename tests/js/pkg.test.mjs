@@ -142,3 +142,22 @@ test("records as objects: dates, BigInt, unknown fields, bad records", async () 
   assert.equal(got.cycle, "INVALID_RECORD");
   assert.equal(got.unicode, "data_type,s\r\nt,Zoë 😀 日本\r\nt,'=1+2\r\n");
 });
+
+test("exportData refuses what JSON would drop at any depth, and takes what toJSON gives", async () => {
+  const got = await page.evaluate(async () => {
+    const { default: init, exportData } = await import("/pkg/handover.js");
+    await init();
+    // Nothing listens on port 9: options that pass fail at the first request.
+    const base = { baseUrl: "http://127.0.0.1:9", token: "hov_x", companyId: "c", worker: false, retries: 1 };
+    const codes = [];
+    for (const extra of [
+      { metadata: { a: { b: { c: { d: NaN } } } } },
+      { onprogress: () => {} },
+      { metadata: { when: { toJSON() { return "x"; } } } },
+    ]) {
+      try { await exportData({ ...base, ...extra }); codes.push("resolved"); } catch (e) { codes.push(e.code); }
+    }
+    return codes;
+  });
+  assert.deepEqual(got, ["INVALID_OPTIONS", "INVALID_OPTIONS", "NETWORK_ERROR"]);
+});
