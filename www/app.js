@@ -179,20 +179,22 @@ async function showCopy(result) {
 // thread layout and paint; ten a second still reads as live.
 const DRAW_EVERY_MS = 100;
 const counts = new Intl.NumberFormat();
-// The latest progress not yet drawn, and whether a draw is due.
+// The latest progress not yet drawn, and the timer of the draw due.
 let undrawn = null;
-let drawDue = false;
+let drawTimer = null;
 let drawnAt = 0;
 
 function showProgress(p) {
   undrawn = p;
-  if (drawDue) return;
-  drawDue = true;
-  setTimeout(() => requestAnimationFrame(drawProgress), Math.max(0, drawnAt + DRAW_EVERY_MS - performance.now()));
+  if (drawTimer !== null) return;
+  drawTimer = setTimeout(() => requestAnimationFrame(drawProgress), Math.max(0, drawnAt + DRAW_EVERY_MS - performance.now()));
 }
 
+// At a frame, or at once (the start and the end): either way the draw due
+// is done, so its timer goes.
 function drawProgress() {
-  drawDue = false;
+  clearTimeout(drawTimer);
+  drawTimer = null;
   const p = undrawn;
   if (p === null) return;
   undrawn = null;
