@@ -340,7 +340,10 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         );
     }
     let learned = std::mem::take(&mut *ctx.learned());
-    if let Some(rate) = &learned.rate {
+    // A 429 that states its own limit (the daily quota, refused after the
+    // request was admitted by its rate limit) keeps it.
+    let states_its_limit = headers.contains_key("ratelimit-limit");
+    if let Some(rate) = learned.rate.as_ref().filter(|_| !states_its_limit) {
         headers.insert(
             HeaderName::from_static("ratelimit-limit"),
             HeaderValue::from(rate.limit),

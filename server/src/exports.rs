@@ -22,7 +22,7 @@ impl ExportRow {
             Delivery::Client => self.copy.stage == CopyStage::Kept,
             Delivery::Direct | Delivery::Cli => false,
         };
-        (self.status == Status::Completed && kept)
+        (self.status == Status::Completed && kept && !self.is_past_expiry())
             .then(|| format!("/api/data/export/{}/download", self.id))
     }
 

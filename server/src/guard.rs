@@ -63,10 +63,10 @@ impl Tally {
 
     /// Whether `authorization` may still be checked although the IP is over
     /// its limit: a credential it has not failed with, while few have.
-    fn may_try(&self, authorization: &str) -> bool {
+    fn may_try(&self, credential: &[u8; 32]) -> bool {
         self.failed
             .as_ref()
-            .is_some_and(|f| !f.contains(&digest(authorization)))
+            .is_some_and(|f| !f.contains(credential))
     }
 
     /// Whether it holds refusals that got no audit row of their own.
@@ -143,15 +143,17 @@ impl Guard {
             return None;
         }
         let now = minute_now();
-        if self.failures(ip, now) < limit || authorization.is_some_and(|a| self.is_known(a, now)) {
+        if self.failures(ip, now) < limit {
             return None;
         }
-        if let Some(a) = authorization {
-            let new_here = self
-                .tallies
-                .lock()
-                .is_ok_and(|t| t.get(ip).is_some_and(|t| t.minute == now && t.may_try(a)));
-            if new_here {
+        if let Some(credential) = authorization.map(digest) {
+            let new_here = || {
+                self.tallies.lock().is_ok_and(|t| {
+                    t.get(ip)
+                        .is_some_and(|t| t.minute == now && t.may_try(&credential))
+                })
+            };
+            if self.is_known(&credential, now) || new_here() {
                 return None;
             }
         }
@@ -171,11 +173,11 @@ impl Guard {
             .unwrap_or(0)
     }
 
-    /// Whether `authorization` authenticated this minute or the last.
-    fn is_known(&self, authorization: &str, now: i64) -> bool {
+    /// Whether the credential (its digest) authenticated this minute or the last.
+    fn is_known(&self, credential: &[u8; 32], now: i64) -> bool {
         self.known
             .lock()
-            .is_ok_and(|k| k.get(&digest(authorization)).is_some_and(|m| now - m <= 1))
+            .is_ok_and(|k| k.get(credential).is_some_and(|m| now - m <= 1))
     }
 
     /// The lane in which requests from `ip` check their credentials, one
@@ -198,7 +200,9 @@ impl Guard {
             return None;
         }
         let now = minute_now();
-        if self.failures(ip, now) == 0 || authorization.is_some_and(|a| self.is_known(a, now)) {
+        if self.failures(ip, now) == 0
+            || authorization.is_some_and(|a| self.is_known(&digest(a), now))
+        {
             return None;
         }
         let mut lanes = self.lanes.lock().ok()?;

@@ -434,10 +434,8 @@ pub(crate) async fn download(
     let row = owned(&state, &scope, id).await?;
     ctx.set_action("export.download", Some(&row.id));
     // Past its expiry the file is gone, or about to be at the next sweep:
-    // not served either way (timestamps of one format compare as text).
-    if row.status == Status::Expired
-        || (row.status == Status::Completed && row.expires_at <= crate::store::now())
-    {
+    // not served either way.
+    if row.status == Status::Expired || (row.status == Status::Completed && row.is_past_expiry()) {
         return Err(ApiError::Conflict(
             "EXPORT_NOT_READY",
             format!("Export expired at {}: request a new one", row.expires_at),

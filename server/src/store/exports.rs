@@ -280,6 +280,12 @@ impl ExportRow {
         .canonical()
     }
 
+    /// Whether its retention has ended (the sweeper expires it soon, if it
+    /// has not yet): timestamps of one format compare as text.
+    pub fn is_past_expiry(&self) -> bool {
+        self.expires_at < now()
+    }
+
     /// Whether the export may still make progress.
     pub fn is_open(&self) -> bool {
         self.status.is_open()

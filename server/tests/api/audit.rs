@@ -570,25 +570,26 @@ async fn a_token_new_to_a_throttled_address_still_works_and_the_bad_ones_stay_re
         None,
     )
     .await;
-    // A script checking its 401s with three wrong tokens, from this address.
-    let mut statuses = Vec::new();
-    for i in 0..12 {
-        let bad = format!("hov_wrong_{}", i % 3);
-        let r = app
-            .raw(
-                Method::GET,
-                "/api/data/summary",
-                Some(&bad),
-                Some("company_123"),
-                None,
-            )
-            .await;
-        statuses.push(r.status.as_u16());
+    // A script checking its 401s with three wrong tokens, from this address,
+    // until the address is throttled (bounded: the limit is 5 a minute, and
+    // a new minute starts the count again at most once).
+    let app = &app;
+    let knock = |i: usize| async move {
+        app.raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&format!("hov_wrong_{}", i % 3)),
+            Some("company_123"),
+            None,
+        )
+        .await
+        .status
+    };
+    let mut i = 0;
+    while knock(i).await != 429 {
+        i += 1;
+        assert!(i < 15, "the address is never throttled");
     }
-    assert!(
-        statuses.contains(&429),
-        "the address is throttled: {statuses:?}"
-    );
     // A token made just now, never used: checked, and it works.
     let fresh = app
         .token_for("user_456", &["company_123"], &["data:export"])
@@ -603,17 +604,12 @@ async fn a_token_new_to_a_throttled_address_still_works_and_the_bad_ones_stay_re
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // The wrong ones are still answered before they are checked.
-    let r = app
-        .raw(
-            Method::GET,
-            "/api/data/summary",
-            Some("hov_wrong_1"),
-            Some("company_123"),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 429);
+    // A wrong one is answered before it is checked again.
+    let mut tries = 1;
+    while knock(1).await != 429 {
+        tries += 1;
+        assert!(tries <= 7, "a token that failed is checked again and again");
+    }
 }
 
 #[tokio::test]

@@ -191,4 +191,9 @@ async fn re_reading_an_open_exports_pages_counts_against_the_daily_quota() {
         "{}",
         third.body
     );
+    // Its headers state the quota, not the page rate limit that admitted
+    // the request before the quota refused it.
+    assert_eq!(third.header("ratelimit-remaining"), "0");
+    assert_eq!(third.header("ratelimit-reset"), third.header("retry-after"));
+    assert_eq!(third.header("ratelimit-limit"), "100");
 }

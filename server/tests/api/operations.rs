@@ -29,7 +29,11 @@ async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
         .execute(app.pool())
         .await
         .unwrap();
-    // Due, but not swept yet: not served already.
+    // Due, but not swept yet: not offered, and not served, already.
+    let r = app
+        .call(Method::GET, &format!("/api/data/export/{done}"), None)
+        .await;
+    assert!(r.body["data"]["download_url"].is_null(), "{}", r.body);
     let r = app
         .call(
             Method::GET,
