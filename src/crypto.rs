@@ -49,6 +49,8 @@ pub enum CryptoError {
     TooLong,
     #[error("the key must be 43 characters of base64url (32 bytes)")]
     BadKey,
+    #[error("sealed value is malformed, was sealed for something else, or under another key")]
+    BadSealed,
 }
 
 /// The size of the encrypted file of `plain` plaintext bytes: the header,
@@ -168,6 +170,59 @@ impl DataKey {
             )
             .map_err(|_| CryptoError::BadWrappedKey)?;
         Ok([&nonce[..], &ct].concat())
+    }
+
+    /// Seals a small secret under this key, bound to `context` (what it
+    /// belongs to, so that a sealed value copied elsewhere does not open):
+    /// 12-byte nonce ‖ ciphertext ‖ tag.
+    ///
+    /// ```
+    /// use handover::crypto::DataKey;
+    /// let key = DataKey::generate().unwrap();
+    /// let sealed = key.seal(b"whsec_abc", b"webhook company_123").unwrap();
+    /// assert_eq!(key.open(&sealed, b"webhook company_123").unwrap(), b"whsec_abc");
+    /// assert!(key.open(&sealed, b"webhook company_456").is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::Random`].
+    pub fn seal(&self, plain: &[u8], context: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let ct = self
+            .cipher()
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: plain,
+                    aad: context,
+                },
+            )
+            .map_err(|_| CryptoError::BadSealed)?;
+        Ok([&nonce[..], &ct].concat())
+    }
+
+    /// Opens what [`DataKey::seal`] sealed with the same `context`.
+    ///
+    /// # Errors
+    ///
+    /// [`CryptoError::BadSealed`] for another key or context, or altered bytes.
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < 12 + TAG_SIZE {
+            return Err(CryptoError::BadSealed);
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| CryptoError::BadSealed)?;
+        self.cipher()
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: ct,
+                    aad: context,
+                },
+            )
+            .map_err(|_| CryptoError::BadSealed)
     }
 
     /// Unwraps a key made by [`DataKey::wrap`].

@@ -281,7 +281,7 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         }
     };
     match source {
-        Some(src) => store = store.with_audit_key(&config::master_key(&src, None)?),
+        Some(src) => store = store.with_master_key(&config::master_key(&src, None)?),
         // An unkeyed row would break the keyed chain the server writes.
         None => anyhow::ensure!(
             !writes,

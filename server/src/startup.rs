@@ -44,7 +44,7 @@ async fn keyed_store(
 ) -> anyhow::Result<Store> {
     let mut store = Store::connect(&o.database_url)
         .await?
-        .with_audit_key(master);
+        .with_master_key(master);
     if let Some(f) = &o.audit_head_file {
         if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -65,6 +65,13 @@ pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
     let exports_dir = o.data_dir.join("exports");
     let master = config::master_key(&o.master_key, Some(&exports_dir))?;
     let store = keyed_store(&o, &master).await?;
+    let sealed = store.seal_clear_webhook_secrets().await?;
+    if sealed > 0 {
+        tracing::info!(
+            sealed,
+            "webhook secrets stored in clear by an older version are now sealed"
+        );
+    }
     let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
     let storage = config::file_storage(o.file_storage.as_deref(), store.engine())?;
     let files = FileStore::new(exports_dir, master.clone(), storage, store.clone())?;

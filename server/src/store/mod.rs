@@ -68,6 +68,10 @@ pub struct Store {
     /// never stored in the database, so rows cannot be re-chained by
     /// someone who can only write the database.
     audit_key: Option<[u8; 32]>,
+    /// Seals secrets the server must read back (webhook signing secrets):
+    /// derived from the master key too, so a copy of the database alone
+    /// does not hold them.
+    secrets_key: Option<[u8; 32]>,
     /// An append-only file outside the database that receives each new
     /// head of the audit chain, so that removing the newest rows shows.
     head_file: Option<std::sync::Arc<std::path::PathBuf>>,
@@ -170,15 +174,18 @@ impl Store {
             engine,
             writer: Default::default(),
             audit_key: None,
+            secrets_key: None,
             head_file: None,
             audit_queue: Default::default(),
         })
     }
 
-    /// Keys the audit chain with a key derived from the master key.
+    /// Keys the audit chain, and the sealing of stored secrets, with keys
+    /// derived from the master key.
     #[must_use]
-    pub fn with_audit_key(mut self, master: &handover::crypto::DataKey) -> Self {
+    pub fn with_master_key(mut self, master: &handover::crypto::DataKey) -> Self {
         self.audit_key = Some(audit::derive_key(master));
+        self.secrets_key = Some(webhooks::derive_key(master));
         self
     }
 

@@ -3,10 +3,31 @@
 //! transition they report, so none is lost and none is sent for a
 //! transition that rolled back.
 
+use anyhow::Context as _;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
+use sha2::Sha256;
 
 use super::audit::AuditEntry;
 use super::{int, now, opt_int, text, Engine, Store, Tx};
+
+/// How a sealed secret starts in the database; a value without it is a
+/// secret stored in clear by an older version (sealed at the next start).
+const SEALED: &str = "sealed:v1:";
+
+/// The key that seals webhook secrets, derived from the master key.
+pub(crate) fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes()).expect("HMAC takes any key size");
+    mac.update(b"handover stored secrets v1");
+    mac.finalize().into_bytes().into()
+}
+
+/// What a sealed secret is bound to: its company's endpoint.
+fn context(company: &str) -> Vec<u8> {
+    format!("handover webhook secret {company}").into_bytes()
+}
 
 /// A company's webhook endpoint.
 #[derive(Debug, Clone)]
@@ -29,12 +50,76 @@ pub struct Delivery {
 }
 
 impl Store {
-    /// Sets (or replaces) `company`'s endpoint, audited as `webhook.configured`.
+    fn secrets_key(&self) -> anyhow::Result<handover::crypto::DataKey> {
+        self.secrets_key
+            .map(handover::crypto::DataKey::from_bytes)
+            .context("webhook secrets are stored sealed under the master key, which this store was not given")
+    }
+
+    fn seal_secret(&self, company: &str, secret: &str) -> anyhow::Result<String> {
+        let sealed = self
+            .secrets_key()?
+            .seal(secret.as_bytes(), &context(company))?;
+        Ok(format!(
+            "{SEALED}{}",
+            base64::engine::general_purpose::STANDARD.encode(sealed)
+        ))
+    }
+
+    fn open_secret(&self, company: &str, stored: &str) -> anyhow::Result<String> {
+        let Some(sealed) = stored.strip_prefix(SEALED) else {
+            return Ok(stored.to_string());
+        };
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .context("a sealed webhook secret is not base64")?;
+        let plain = self
+            .secrets_key()?
+            .open(&sealed, &context(company))
+            .with_context(|| {
+                format!("the webhook secret of {company} does not open under this master key")
+            })?;
+        String::from_utf8(plain).context("a webhook secret is not UTF-8")
+    }
+
+    /// Seals the webhook secrets an older version stored in clear; returns
+    /// how many. Run at start: each is replaced only if still the same.
     ///
     /// # Errors
     ///
-    /// Database errors.
+    /// Database errors, or no master key.
+    pub async fn seal_clear_webhook_secrets(&self) -> anyhow::Result<u64> {
+        let clear: Vec<(String, String)> = sqlx::query_as(
+            "SELECT company_id, secret FROM webhooks WHERE secret NOT LIKE 'sealed:v1:%'",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut sealed = 0;
+        for (company, secret) in clear {
+            let value = self.seal_secret(&company, &secret)?;
+            let mut tx = self.write().await?;
+            sealed += sqlx::query(
+                "UPDATE webhooks SET secret = $1 WHERE company_id = $2 AND secret = $3",
+            )
+            .bind(&value)
+            .bind(&company)
+            .bind(&secret)
+            .execute(&mut *tx.tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+        }
+        Ok(sealed)
+    }
+
+    /// Sets (or replaces) `company`'s endpoint, audited as
+    /// `webhook.configured`; the secret is stored sealed.
+    ///
+    /// # Errors
+    ///
+    /// Database errors, or no master key.
     pub async fn set_webhook(&self, e: &Endpoint, by: &str) -> anyhow::Result<()> {
+        let secret = self.seal_secret(&e.company_id, &e.secret)?;
         let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO webhooks (company_id, url, secret, created_at) VALUES ($1, $2, $3, $4) \
@@ -42,7 +127,7 @@ impl Store {
         )
         .bind(&e.company_id)
         .bind(&e.url)
-        .bind(&e.secret)
+        .bind(&secret)
         .bind(now())
         .execute(&mut *tx.tx)
         .await?;
@@ -93,22 +178,26 @@ impl Store {
         Ok(true)
     }
 
-    /// `company`'s endpoint, if any.
+    /// `company`'s endpoint, if any, its secret opened.
     ///
     /// # Errors
     ///
-    /// Database errors.
+    /// Database errors, or a sealed secret that does not open under this
+    /// master key.
     pub async fn webhook(&self, company: &str) -> anyhow::Result<Option<Endpoint>> {
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT url, secret FROM webhooks WHERE company_id = $1")
                 .bind(company)
                 .fetch_optional(self.pool())
                 .await?;
-        Ok(row.map(|(url, secret)| Endpoint {
-            company_id: company.to_string(),
-            url,
-            secret,
-        }))
+        row.map(|(url, stored)| {
+            Ok(Endpoint {
+                company_id: company.to_string(),
+                secret: self.open_secret(company, &stored)?,
+                url,
+            })
+        })
+        .transpose()
     }
 
     /// Queues `event_type` with `data` for `company`, inside the

@@ -162,7 +162,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
     let store = Store::connect(&db.url)
         .await
         .unwrap()
-        .with_audit_key(&DataKey::from_bytes([7; 32]))
+        .with_master_key(&DataKey::from_bytes([7; 32]))
         .with_head_file(db.dir.path().join("audit.head"));
     let registry = match &opts.config {
         Some(text) => Registry::parse(text).unwrap(),

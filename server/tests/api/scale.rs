@@ -117,7 +117,7 @@ async fn shared_db() -> (Arc<TestDb>, Store, Vec<String>) {
     let store = Store::connect(&db.url)
         .await
         .unwrap()
-        .with_audit_key(&handover::crypto::DataKey::from_bytes([7; 32]));
+        .with_master_key(&handover::crypto::DataKey::from_bytes([7; 32]));
     let registry = Registry::load_for(None, store.engine()).unwrap();
     handover_server::demo::load(&store, &db.url, &registry, 9, 40, 42)
         .await

@@ -263,3 +263,75 @@ async fn companies_without_a_webhook_get_none_and_a_dead_endpoint_is_given_up() 
         .unwrap();
     assert_eq!(status, "failed");
 }
+
+#[tokio::test]
+async fn signing_secrets_are_stored_sealed_and_old_clear_ones_are_sealed_at_start() {
+    let app = spawn_app().await;
+    let secret = handover_server::webhooks::new_secret();
+    let endpoint = |company: &str, secret: &str| Endpoint {
+        company_id: company.into(),
+        url: "https://hooks.example/handover".into(),
+        secret: secret.into(),
+    };
+    app.state
+        .store
+        .set_webhook(&endpoint("company_123", &secret), "tests")
+        .await
+        .unwrap();
+    let stored = |company: &'static str| {
+        let pool = app.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT secret FROM webhooks WHERE company_id = $1")
+                .bind(company)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let sealed = stored("company_123").await;
+    assert!(sealed.starts_with("sealed:v1:"), "{sealed}");
+    assert!(!sealed.contains(secret.trim_start_matches("whsec_")));
+    let read = app
+        .state
+        .store
+        .webhook("company_123")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.secret, secret, "the deliverer reads it back");
+
+    // A secret an older version kept in clear is sealed when the server
+    // starts, and reads back the same.
+    let old = handover_server::webhooks::new_secret();
+    sqlx::query(
+        "INSERT INTO webhooks (company_id, url, secret, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind("company_456")
+    .bind("https://hooks.example/old")
+    .bind(&old)
+    .bind("2025-01-01T00:00:00.000Z")
+    .execute(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        app.state.store.seal_clear_webhook_secrets().await.unwrap(),
+        1
+    );
+    assert!(stored("company_456").await.starts_with("sealed:v1:"));
+    let read = app
+        .state
+        .store
+        .webhook("company_456")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.secret, old);
+
+    // Sealed for one company, it does not open for another.
+    sqlx::query("UPDATE webhooks SET secret = $1 WHERE company_id = 'company_456'")
+        .bind(&sealed)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    assert!(app.state.store.webhook("company_456").await.is_err());
+}
