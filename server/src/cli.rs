@@ -259,14 +259,20 @@ struct ServeArgs {
     test_hold_builds: bool,
 }
 
+/// `HANDOVER_DATA_DIR` for the operator commands that have no flag for it
+/// (as `serve` defaults it).
+fn operator_data_dir() -> PathBuf {
+    std::env::var_os("HANDOVER_DATA_DIR")
+        .map_or_else(|| PathBuf::from("handover-data"), PathBuf::from)
+}
+
 /// The store for an operator command: the audit chain keyed when the
 /// master key is at hand (HANDOVER_MASTER_KEY, HANDOVER_MASTER_KEY_FILE, or
 /// DATA_DIR/master.key when it exists; never generated here). Commands
 /// that write to the log are refused without it.
 async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     let mut store = Store::connect(&cli.database).await?;
-    let data_dir = std::env::var_os("HANDOVER_DATA_DIR")
-        .map_or_else(|| PathBuf::from("handover-data"), PathBuf::from);
+    let data_dir = operator_data_dir();
     let source = match (
         std::env::var("HANDOVER_MASTER_KEY")
             .ok()
@@ -426,6 +432,8 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // Through `processing`, with its `export.started`, as every other build.
+    state.store.mark_started(&row, None).await?;
     let built = async {
         let b = jobs::build(
             &state,
@@ -565,7 +573,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit(AuditCommand::Verify) => {
             let store = operator_store(&cli, false).await?;
-            let head = match &cli.audit_head_file {
+            // The head file `serve` keeps by default, when none is named:
+            // without it, removing the newest rows would go unseen.
+            let head_file = cli
+                .audit_head_file
+                .clone()
+                .or_else(|| Some(operator_data_dir().join("audit.head")).filter(|f| f.exists()));
+            let head = match &head_file {
                 Some(f) => crate::store::audit::last_head(f)?,
                 None => None,
             };

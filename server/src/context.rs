@@ -97,11 +97,6 @@ impl Ctx {
         self.learned().rate = Some(rate);
     }
 
-    /// Client IP and user agent, for audit events written by handlers.
-    pub fn client(&self) -> (Option<String>, Option<String>) {
-        (self.0.ip.clone(), self.0.user_agent.clone())
-    }
-
     /// The success envelope around `data`.
     pub fn ok<T: Serialize>(&self, data: T) -> Json<Value> {
         Json(json!({
@@ -165,6 +160,19 @@ fn capped(s: &str, max: usize) -> String {
         c.push('…');
         c
     }
+}
+
+/// Gives a response that the request middleware never saw (a CORS
+/// preflight, answered outside it) a request id of its own: every response
+/// carries one.
+pub async fn ensure_request_id(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if !headers.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+            headers.insert(HeaderName::from_static("x-request-id"), v);
+        }
+    }
+    response
 }
 
 fn new_request_id() -> String {
@@ -297,7 +305,14 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             let _ = ctx.0.lane.set(lane);
         }
     }
-    let mut response = next.run(req).instrument(span).await;
+    let origin = crate::store::audit::RequestOrigin {
+        request_id: ctx.request_id().to_string(),
+        ip: ctx.0.ip.clone(),
+        user_agent: ctx.0.user_agent.clone(),
+    };
+    let mut response = crate::store::audit::REQUEST_ORIGIN
+        .scope(origin, next.run(req).instrument(span))
+        .await;
     // Whatever answered (a static file service, a layer), errors leave in
     // the envelope: a bare 405 or 404 becomes the API's own.
     let is_json = response

@@ -371,8 +371,9 @@ pub fn app(state: AppState) -> Router {
         .layer(compression())
         .with_state(state);
     // Outermost, so preflight requests are answered before routing.
-    match cors {
+    let router = match cors {
         Some(cors) => router.layer(cors),
         None => router,
-    }
+    };
+    router.layer(axum::middleware::map_response(context::ensure_request_id))
 }

@@ -73,6 +73,16 @@ pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
         );
     }
     let registry = Registry::load_for(o.data_types.as_deref(), store.engine())?;
+    if o.data_types.is_none() {
+        // The built-in config reads the demo tables: without them (a fresh
+        // database, no demo data loaded) every create would fail. Empty,
+        // they give each user no records, as the design says.
+        if let Some(demo) = &registry.demo {
+            if let Err(e) = store.execute_script(&demo.schema).await {
+                tracing::warn!(error = %format!("{e:#}"), "creating the built-in config's tables failed");
+            }
+        }
+    }
     let storage = config::file_storage(o.file_storage.as_deref(), store.engine())?;
     let files = FileStore::new(exports_dir, master.clone(), storage, store.clone())?;
     let source = Source::open(&o.database_url, &registry)?;

@@ -141,6 +141,22 @@ impl AuditEntry {
     }
 }
 
+/// The request a task is serving: the lifecycle events it causes are
+/// stamped with its id, address and user agent, as its own row is.
+#[derive(Debug, Clone)]
+pub struct RequestOrigin {
+    pub request_id: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+tokio::task_local! {
+    /// Set by the request middleware around each request's handler; absent
+    /// in background jobs and operator commands, whose events no request
+    /// caused.
+    pub static REQUEST_ORIGIN: RequestOrigin;
+}
+
 /// A stored row, as `GET /api/audit` returns it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditRow {
@@ -239,8 +255,15 @@ impl Store {
     pub(crate) async fn append_audit(
         &self,
         tx: &mut Tx<'_>,
-        entry: AuditEntry,
+        mut entry: AuditEntry,
     ) -> anyhow::Result<()> {
+        if entry.outcome == "event" {
+            let _ = REQUEST_ORIGIN.try_with(|o| {
+                entry.request_id.get_or_insert_with(|| o.request_id.clone());
+                entry.ip = entry.ip.take().or_else(|| o.ip.clone());
+                entry.user_agent = entry.user_agent.take().or_else(|| o.user_agent.clone());
+            });
+        }
         self.lock(tx, lock::AUDIT).await?;
         let head: Option<(i64, String)> =
             sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")

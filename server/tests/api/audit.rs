@@ -215,11 +215,13 @@ async fn every_request_is_audited_and_the_chain_verifies() {
         .all(|e| e["company_id"] == "company_789"));
 }
 
+/// `audit verify` on the chain alone (a data directory without a head file).
 async fn verify_cli(db: &TestDb) -> (bool, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["audit", "verify"])
         .env("DATABASE_URL", &db.url)
         .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", db.dir.path().join("no-head-here"))
         .output()
         .await
         .unwrap();
@@ -508,6 +510,19 @@ async fn re_chained_or_truncated_logs_fail_verification() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
+    // And with no head file named: the one `serve` keeps in its data
+    // directory by default.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", app.db.dir.path())
+        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     // Without the key, a keyed log cannot be vouched for.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["audit", "verify"])
@@ -740,4 +755,32 @@ fn commits(app: &TestApp) -> usize {
         .unwrap_or_default()
         .lines()
         .count()
+}
+
+#[tokio::test]
+async fn lifecycle_events_a_request_causes_carry_its_address_and_user_agent() {
+    let app = spawn_app().await;
+    let id = app
+        .create_id(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    let event = |action: &'static str| {
+        let (pool, id) = (app.pool().clone(), id.clone());
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<String>, Option<String>)>(
+                "SELECT request_id, ip, user_agent FROM audit_log WHERE action = $1 AND resource = $2",
+            )
+            .bind(action)
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (request_id, ip, ua) = event("export.created").await;
+    assert!(request_id.is_some_and(|r| r.starts_with("req_")));
+    assert_eq!(ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(ua.as_deref(), Some("handover-tests/1.0"));
+    // A build the job runner does on its own has no request behind it.
+    handover_server::jobs::drain(&app.state).await.unwrap();
+    assert_eq!(event("export.completed").await, (None, None, None));
 }

@@ -424,3 +424,37 @@ async fn an_unauthenticated_body_is_never_waited_for() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
 }
+
+#[tokio::test]
+async fn a_cors_preflight_is_answered_with_a_request_id_too() {
+    let app = spawn_with(
+        Opts {
+            cors_origins: vec!["http://app.example".into()],
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = app
+        .client
+        .request(Method::OPTIONS, format!("{}/api/data/export", app.base))
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,x-company-id,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let id = r.headers()["x-request-id"].to_str().unwrap();
+    assert!(id.starts_with("req_"), "{id}");
+    // An ordinary answer keeps the id the middleware gave it (the envelope's).
+    let r = app.call(Method::GET, "/api/data/summary", None).await;
+    assert_eq!(r.header("x-request-id"), r.body["meta"]["requestId"]);
+}

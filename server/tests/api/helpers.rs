@@ -44,6 +44,8 @@ pub struct Opts {
     pub demo_mode: bool,
     /// JWTs checked against this JWKS: (URL, cache TTL, least time between fetches).
     pub jwks: Option<(String, std::time::Duration, std::time::Duration)>,
+    /// Origins allowed cross-origin (HANDOVER_CORS_ORIGINS).
+    pub cors_origins: Vec<String>,
 }
 
 /// Where a test's data lives: a temporary directory (export files, the
@@ -232,6 +234,7 @@ pub async fn spawn_with(opts: Opts, db: Option<Arc<TestDb>>) -> TestApp {
             unauth_per_minute: opts.unauth_per_minute.unwrap_or(defaults.unauth_per_minute),
             tarpit: opts.tarpit.unwrap_or_default(),
             demo_token: opts.demo_mode.then(|| "demo".to_string()),
+            cors_origins: opts.cors_origins.clone(),
             ..Settings::default()
         },
         jobs: Default::default(),

@@ -144,6 +144,18 @@ async fn the_cli_export_is_the_same_file_and_audited() {
             .unwrap();
     assert_eq!(sha, sha256_hex(&std::fs::read(&out).unwrap()));
     assert_eq!(app.count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.completed' AND details LIKE '%\"cli\"%'").await, 1);
+    // Its lifecycle is every build's: created, started, completed.
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE resource = (SELECT id FROM export_requests WHERE delivery = 'cli') \
+         AND action LIKE 'export.%' ORDER BY seq",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        ["export.created", "export.started", "export.completed"]
+    );
 }
 
 #[tokio::test]
@@ -283,4 +295,38 @@ async fn the_binary_serves_demo_mode_from_the_environment() {
         "demo data loaded into the empty database"
     );
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fresh_database_without_demo_data_gives_a_user_an_empty_export() {
+    // No demo data loaded: the built-in config's tables are created empty
+    // when the server (here, the CLI's export) opens the database.
+    let db = TestDb::new().await;
+    let out = db.dir.path().join("alice.json");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args([
+            "export",
+            "--user",
+            "alice",
+            "--company",
+            "acme",
+            "--format",
+            "json",
+            "--out",
+        ])
+        .arg(&out)
+        .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", db.dir.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(v["metadata"]["total_records"], 0, "{v}");
+    assert_eq!(v["export"]["data"]["user_profile"], json!([]));
 }
