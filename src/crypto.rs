@@ -157,19 +157,7 @@ impl DataKey {
     ///
     /// [`CryptoError::Random`].
     pub fn wrap(&self, key: &DataKey) -> Result<Vec<u8>, CryptoError> {
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).map_err(|_| CryptoError::Random)?;
-        let ct = self
-            .cipher()
-            .encrypt(
-                &nonce.into(),
-                Payload {
-                    msg: &key.0,
-                    aad: b"handover key wrap",
-                },
-            )
-            .map_err(|_| CryptoError::BadWrappedKey)?;
-        Ok([&nonce[..], &ct].concat())
+        self.seal(&key.0, WRAP_CONTEXT)
     }
 
     /// Seals a small secret under this key, bound to `context` (what it
@@ -234,23 +222,16 @@ impl DataKey {
         if wrapped.len() != 12 + 32 + TAG_SIZE {
             return Err(CryptoError::BadWrappedKey);
         }
-        let nonce: [u8; 12] = wrapped[..12]
-            .try_into()
-            .map_err(|_| CryptoError::BadWrappedKey)?;
         let pt = self
-            .cipher()
-            .decrypt(
-                &nonce.into(),
-                Payload {
-                    msg: &wrapped[12..],
-                    aad: b"handover key wrap",
-                },
-            )
+            .open(wrapped, WRAP_CONTEXT)
             .map_err(|_| CryptoError::BadWrappedKey)?;
         let k: [u8; 32] = pt.try_into().map_err(|_| CryptoError::BadWrappedKey)?;
         Ok(DataKey(k))
     }
 }
+
+/// What a wrapped data key is bound to.
+const WRAP_CONTEXT: &[u8] = b"handover key wrap";
 
 fn nonce(prefix: &[u8; 7], counter: u32, last: bool) -> [u8; 12] {
     let mut n = [0u8; 12];

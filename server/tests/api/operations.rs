@@ -34,22 +34,19 @@ async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
         .call(Method::GET, &format!("/api/data/export/{done}"), None)
         .await;
     assert!(r.body["data"]["download_url"].is_null(), "{}", r.body);
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/data/export/{done}/download"),
-            None,
-        )
-        .await;
-    assert_eq!(r.code(), "EXPORT_NOT_READY");
-    assert!(
-        r.body["error"]["error"]
-            .as_str()
-            .unwrap()
-            .contains("expired"),
-        "{}",
-        r.body
-    );
+    let refused_as_expired = || async {
+        let r = app
+            .call(
+                Method::GET,
+                &format!("/api/data/export/{done}/download"),
+                None,
+            )
+            .await;
+        assert_eq!(r.code(), "EXPORT_NOT_READY");
+        let message = r.body["error"]["error"].as_str().unwrap();
+        assert!(message.contains("expired"), "{message}");
+    };
+    refused_as_expired().await;
     handover_server::jobs::sweep(&app.state).await.unwrap();
     let r = app
         .call(Method::GET, &format!("/api/data/export/{open}"), None)
@@ -68,22 +65,7 @@ async fn the_sweeper_fails_abandoned_and_expires_old_exports() {
         0,
         "expired files and keys are destroyed"
     );
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/data/export/{done}/download"),
-            None,
-        )
-        .await;
-    assert_eq!(r.code(), "EXPORT_NOT_READY");
-    assert!(
-        r.body["error"]["error"]
-            .as_str()
-            .unwrap()
-            .contains("expired"),
-        "{}",
-        r.body
-    );
+    refused_as_expired().await;
     let r = app
         .call(Method::GET, "/api/data/export?status=expired", None)
         .await;
