@@ -132,6 +132,27 @@ pub struct DateRange {
     pub end: Option<String>,
 }
 
+impl DateRange {
+    /// The bounds as UTC instants, written as the API writes timestamps
+    /// (what a file states); a bound that does not parse stays as it is.
+    ///
+    /// ```
+    /// use handover::model::DateRange;
+    /// let r = DateRange { start: Some("2025-01-01".into()), end: None };
+    /// assert_eq!(r.canonical().start.as_deref(), Some("2025-01-01T00:00:00.000Z"));
+    /// ```
+    pub fn canonical(&self) -> DateRange {
+        let one = |b: &Option<String>| {
+            b.as_ref()
+                .map(|s| canonical_timestamp(s).unwrap_or_else(|| s.clone()))
+        };
+        DateRange {
+            start: one(&self.start),
+            end: one(&self.end),
+        }
+    }
+}
+
 /// What a format writer needs to know about the export besides the records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExportInfo {
@@ -187,6 +208,19 @@ impl ExportInfo {
     pub fn generated_at_string(&self) -> String {
         format_timestamp(self.generated_at)
     }
+}
+
+/// A date-time or date in any form [`parse_timestamp`] reads, written the
+/// way the API writes timestamps; `None` when it does not parse.
+///
+/// ```
+/// use handover::model::canonical_timestamp;
+/// assert_eq!(canonical_timestamp("2025-01-01").as_deref(), Some("2025-01-01T00:00:00.000Z"));
+/// assert_eq!(canonical_timestamp("2025-01-31T23:00:00+01:00").as_deref(), Some("2025-01-31T22:00:00.000Z"));
+/// assert_eq!(canonical_timestamp("soon"), None);
+/// ```
+pub fn canonical_timestamp(s: &str) -> Option<String> {
+    parse_timestamp(s).map(format_timestamp)
 }
 
 /// Formats a timestamp the way the API does: UTC, milliseconds, `Z`.

@@ -53,37 +53,9 @@ pub struct DemoDef {
 }
 
 /// A date range: as the caller gave it (what the API echoes), or with
-/// canonical UTC bounds (what the queries and the files take).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Range {
-    pub start: Option<String>,
-    pub end: Option<String>,
-}
-
-impl Range {
-    /// The bounds as `YYYY-MM-DDTHH:MM:SS.mmmZ`, which the queries compare
-    /// as text (`2025-01-01` is its midnight, UTC).
-    ///
-    /// ```
-    /// use handover_server::datatypes::Range;
-    /// let r = Range { start: Some("2025-01-01".into()), end: Some("2025-01-31T23:00:00+01:00".into()) };
-    /// let c = r.canonical();
-    /// assert_eq!(c.start.as_deref(), Some("2025-01-01T00:00:00.000Z"));
-    /// assert_eq!(c.end.as_deref(), Some("2025-01-31T22:00:00.000Z"));
-    /// ```
-    pub fn canonical(&self) -> Range {
-        let one = |b: &Option<String>| {
-            b.as_ref().map(|s| {
-                handover::model::parse_timestamp(s)
-                    .map_or_else(|| s.clone(), handover::model::format_timestamp)
-            })
-        };
-        Range {
-            start: one(&self.start),
-            end: one(&self.end),
-        }
-    }
-}
+/// canonical UTC bounds ([`Range::canonical`]: what the queries compare as
+/// text, and what the files state).
+pub type Range = handover::model::DateRange;
 
 /// The configured data types.
 #[derive(Debug, Clone)]

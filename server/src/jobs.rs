@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use handover::format::{Cell, ExportFormat, ExportWriter, FormatOptions};
-use handover::model::{parse_timestamp, DateRange, ExportInfo, FailedDataType};
+use handover::model::{parse_timestamp, ExportInfo, FailedDataType};
 use handover::wire::FrameEncoder;
 
 use crate::source::{PageRequest, RowSink};
@@ -29,11 +29,7 @@ pub fn export_info(state: &AppState, row: &ExportRow) -> anyhow::Result<ExportIn
     let mut info = ExportInfo::new(&row.id, generated);
     info.user_id = Some(row.user_id.clone());
     if row.date_start.is_some() || row.date_end.is_some() {
-        let range = row.range();
-        info.date_range = Some(DateRange {
-            start: range.start,
-            end: range.end,
-        });
+        info.date_range = Some(row.range());
     }
     info.article_15 = state.registry.article_15.clone();
     info.failed_data_types = row.failed_types.clone();

@@ -76,8 +76,16 @@ pub async fn open_state(o: StateOptions) -> anyhow::Result<AppState> {
     if o.data_types.is_none() {
         // The built-in config reads the demo tables: without them (a fresh
         // database, no demo data loaded) every create would fail. Empty,
-        // they give each user no records, as the design says.
-        if let Some(demo) = &registry.demo {
+        // they give each user no records, as the design says; and an
+        // operator who forgot their own config is told so at once.
+        let missing = store
+            .execute_script("SELECT 1 FROM demo_users WHERE 1 = 0")
+            .await
+            .is_err();
+        if let Some(demo) = registry.demo.as_ref().filter(|_| missing) {
+            tracing::warn!(
+                "HANDOVER_DATA_TYPES is not set, so the built-in demo data types are used, and this database has none of their tables: they are created empty, and every export is empty until demo data is loaded. Set HANDOVER_DATA_TYPES to export your own tables."
+            );
             if let Err(e) = store.execute_script(&demo.schema).await {
                 tracing::warn!(error = %format!("{e:#}"), "creating the built-in config's tables failed");
             }

@@ -90,10 +90,34 @@ pub async fn deliver_due(state: &AppState) -> anyhow::Result<usize> {
     let due = state.store.due_webhooks(&lease, 50).await?;
     let n = due.len();
     for d in due {
-        let endpoint = state.store.webhook(&d.company_id).await?;
+        // A secret that does not open (another master key) fails its own
+        // deliveries, as attempts, and never the others of the batch.
+        let endpoint = match state.store.webhook(&d.company_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(webhook = %d.id, error = %format!("{e:#}"), "webhook endpoint unreadable");
+                unsendable(state, &d, "the signing secret cannot be read").await?;
+                continue;
+            }
+        };
         attempt(state, &d, endpoint.as_ref()).await?;
     }
     Ok(n)
+}
+
+/// When a failed attempt of `d` is tried again; `None` after the last.
+fn next_try(state: &AppState, d: &Delivery) -> Option<String> {
+    let failed = d.attempts + 1;
+    (failed < MAX_ATTEMPTS)
+        .then(|| crate::store::timestamp_in(backoff(state.settings.webhook_backoff, failed)))
+}
+
+/// Records an attempt that could not be sent (retried like a refusal).
+async fn unsendable(state: &AppState, d: &Delivery, why: &str) -> anyhow::Result<()> {
+    state
+        .store
+        .webhook_attempted(d, false, None, Some(why), next_try(state, d).as_deref())
+        .await
 }
 
 async fn attempt(
@@ -101,9 +125,7 @@ async fn attempt(
     d: &Delivery,
     endpoint: Option<&Endpoint>,
 ) -> anyhow::Result<()> {
-    let failed = d.attempts + 1;
-    let retry_at = (failed < MAX_ATTEMPTS)
-        .then(|| crate::store::timestamp_in(backoff(state.settings.webhook_backoff, failed)));
+    let retry_at = next_try(state, d);
     let Some(endpoint) = endpoint else {
         return state
             .store
@@ -117,7 +139,9 @@ async fn attempt(
             .await;
     };
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = sign(&endpoint.secret, &d.id, timestamp, &d.payload)?;
+    let Ok(signature) = sign(&endpoint.secret, &d.id, timestamp, &d.payload) else {
+        return unsendable(state, d, "the signing secret is not whsec_ and base64").await;
+    };
     let sent = client()
         .post(&endpoint.url)
         .header("content-type", "application/json")

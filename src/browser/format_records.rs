@@ -148,7 +148,8 @@ fn check_options(options: &JsValue) -> Result<Checked, JsValue> {
         options.request_id.unwrap_or_else(|| "local".into()),
         generated_at,
     );
-    info.date_range = date_range;
+    // Stated as instants, as the server's files state them.
+    info.date_range = date_range.map(|r| r.canonical());
     info.user_id = options.user_id;
     Ok(Checked {
         format,

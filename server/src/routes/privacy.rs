@@ -123,13 +123,12 @@ pub(crate) async fn export(
 
     let (tx, rx) = mpsc::channel(8);
     let request_id = ctx.request_id().to_string();
-    tokio::spawn(stream_export(
-        state.clone(),
-        row.clone(),
-        format,
-        tx,
-        request_id,
-    ));
+    let build = stream_export(state.clone(), row.clone(), format, tx, request_id);
+    // The build outlives this handler: its events keep the request's origin.
+    match crate::store::audit::REQUEST_ORIGIN.try_with(Clone::clone) {
+        Ok(origin) => tokio::spawn(crate::store::audit::REQUEST_ORIGIN.scope(origin, build)),
+        Err(_) => tokio::spawn(build),
+    };
 
     let filename = format!("export-{}.{}", row.id, format.extension());
     // Fused: the body may be polled again after it ended.

@@ -139,6 +139,19 @@ impl AuditEntry {
         self.request_id = request_id.map(str::to_string);
         self
     }
+
+    /// A lifecycle event, stamped with what it lacks of the request this
+    /// task is serving (see [`REQUEST_ORIGIN`]).
+    fn stamped(mut self) -> Self {
+        if self.outcome == "event" {
+            let _ = REQUEST_ORIGIN.try_with(|o| {
+                self.request_id.get_or_insert_with(|| o.request_id.clone());
+                self.ip = self.ip.take().or_else(|| o.ip.clone());
+                self.user_agent = self.user_agent.take().or_else(|| o.user_agent.clone());
+            });
+        }
+        self
+    }
 }
 
 /// The request a task is serving: the lifecycle events it causes are
@@ -255,15 +268,9 @@ impl Store {
     pub(crate) async fn append_audit(
         &self,
         tx: &mut Tx<'_>,
-        mut entry: AuditEntry,
+        entry: AuditEntry,
     ) -> anyhow::Result<()> {
-        if entry.outcome == "event" {
-            let _ = REQUEST_ORIGIN.try_with(|o| {
-                entry.request_id.get_or_insert_with(|| o.request_id.clone());
-                entry.ip = entry.ip.take().or_else(|| o.ip.clone());
-                entry.user_agent = entry.user_agent.take().or_else(|| o.user_agent.clone());
-            });
-        }
+        let entry = entry.stamped();
         self.lock(tx, lock::AUDIT).await?;
         let head: Option<(i64, String)> =
             sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -326,6 +333,8 @@ impl Store {
     ///
     /// Database errors.
     pub async fn audit(&self, entry: AuditEntry) -> anyhow::Result<()> {
+        // Here, in the caller's task: the queue is written by another.
+        let entry = entry.stamped();
         let (done, committed) = tokio::sync::oneshot::channel();
         let start = {
             let mut queue = self

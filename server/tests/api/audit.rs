@@ -783,4 +783,18 @@ async fn lifecycle_events_a_request_causes_carry_its_address_and_user_agent() {
     // A build the job runner does on its own has no request behind it.
     handover_server::jobs::drain(&app.state).await.unwrap();
     assert_eq!(event("export.completed").await, (None, None, None));
+    // An event queued for the group commit (written by another task) is
+    // stamped too.
+    let r = app
+        .call(
+            Method::GET,
+            &format!("/api/data/export/{id}/download"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let (request_id, ip, ua) = event("export.downloaded").await;
+    assert_eq!(request_id.as_deref(), Some(r.header("x-request-id")));
+    assert_eq!(ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(ua.as_deref(), Some("handover-tests/1.0"));
 }

@@ -335,3 +335,66 @@ async fn signing_secrets_are_stored_sealed_and_old_clear_ones_are_sealed_at_star
         .unwrap();
     assert!(app.state.store.webhook("company_456").await.is_err());
 }
+
+#[tokio::test]
+async fn a_secret_that_does_not_open_fails_its_own_deliveries_not_the_others() {
+    let app = spawn_with(
+        Opts {
+            webhook_backoff: Some(std::time::Duration::ZERO),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let got = Arc::new(Mutex::new(Received::default()));
+    let url = receiver(got.clone()).await;
+    for company in ["company_123", "company_456"] {
+        app.state
+            .store
+            .set_webhook(
+                &Endpoint {
+                    company_id: company.into(),
+                    url: url.clone(),
+                    secret: handover_server::webhooks::new_secret(),
+                },
+                "tests",
+            )
+            .await
+            .unwrap();
+    }
+    // company_456's stored secret is company_123's sealed one: it does not
+    // open for company_456 (as after a master key change).
+    sqlx::query(
+        "UPDATE webhooks SET secret = (SELECT secret FROM webhooks WHERE company_id = 'company_123') \
+         WHERE company_id = 'company_456'",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let at = "2020-01-01T00:00:00.000Z";
+    for (id, company) in [("msg_bad", "company_456"), ("msg_good", "company_123")] {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, company_id, event_type, payload, status, attempts, next_attempt_at, created_at) \
+             VALUES ($1, $2, 'export.completed', '{}', 'pending', 0, $3, $3)",
+        )
+        .bind(id)
+        .bind(company)
+        .bind(at)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    }
+    deliver(&app).await;
+    let calls = got.lock().unwrap().calls.clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "msg_good");
+    let (status, attempts): (String, i64) =
+        sqlx::query_as("SELECT status, attempts FROM webhook_deliveries WHERE id = 'msg_bad'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("failed", handover_server::webhooks::MAX_ATTEMPTS)
+    );
+}
