@@ -46,8 +46,7 @@ pub(crate) struct RawDateRange {
 }
 
 impl RawDateRange {
-    /// The range, once both ends are ISO-8601 and in order (as given: a
-    /// file states [`DateRange::canonical`]).
+    /// The range, once both ends are ISO-8601 and in order, as given.
     pub(crate) fn check(self, name: &str) -> Result<DateRange, OptionsError> {
         for v in [&self.start, &self.end].into_iter().flatten() {
             if parse_timestamp(v).is_none() {
