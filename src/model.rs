@@ -244,22 +244,30 @@ pub fn format_timestamp(t: OffsetDateTime) -> String {
 }
 
 /// Parses a timestamp as accepted in datetime columns and API parameters:
-/// RFC 3339 (`2025-10-24T19:50:00Z`, `…+02:00`), or a date alone
-/// (`2025-10-24`, midnight UTC), or a date and time without offset (UTC).
+/// RFC 3339 (`2025-10-24T19:50:00Z`, `…+02:00`), the same without seconds
+/// (`2025-10-24T19:50Z`, as ISO 8601 allows), a date alone (`2025-10-24`,
+/// midnight UTC), or a date and time without offset (UTC).
 ///
 /// # Errors
 ///
 /// Returns `None` when `s` is none of these.
 ///
 /// ```
-/// let t = handover::model::parse_timestamp("2025-10-24T21:50:00+02:00").unwrap();
-/// assert_eq!(handover::model::parse_timestamp("2025-10-24T19:50:00.5Z"), Some(time::macros::datetime!(2025-10-24 19:50:00.5 UTC)));
+/// use handover::model::parse_timestamp;
+/// let t = parse_timestamp("2025-10-24T21:50:00+02:00").unwrap();
+/// assert_eq!(parse_timestamp("2025-10-24T19:50:00.5Z"), Some(time::macros::datetime!(2025-10-24 19:50:00.5 UTC)));
 /// assert_eq!(handover::model::format_timestamp(t), "2025-10-24T19:50:00.000Z");
-/// assert!(handover::model::parse_timestamp("yesterday").is_none());
+/// assert_eq!(parse_timestamp("2025-10-24T21:50+02:00"), Some(t));
+/// assert_eq!(parse_timestamp("2025-10-24T19:50Z"), Some(t));
+/// assert!(parse_timestamp("yesterday").is_none());
+/// assert!(parse_timestamp("2025-10-24T19:5Z").is_none());
 /// ```
 pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
     if let Some(t) = parse_utc_fast(s.as_bytes()) {
         return Some(t);
+    }
+    if let Some(with_seconds) = add_seconds(s) {
+        return parse_timestamp(&with_seconds);
     }
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Some(t);
@@ -274,6 +282,18 @@ pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
     time::PrimitiveDateTime::parse(s, &naive)
         .ok()
         .map(|p| p.assume_utc())
+}
+
+/// `YYYY-MM-DDTHH:MM` with no seconds, then an offset or nothing: the same
+/// with `:00` seconds (which the parsers below then read).
+fn add_seconds(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let shape = b.len() >= 16
+        && matches!(b[10], b'T' | b't' | b' ')
+        && b[13] == b':'
+        && b[11..13].iter().chain(&b[14..16]).all(u8::is_ascii_digit)
+        && matches!(b.get(16), None | Some(b'Z' | b'z' | b'+' | b'-'));
+    shape.then(|| format!("{}:00{}", &s[..16], &s[16..]))
 }
 
 /// The common shape `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, parsed without the

@@ -89,6 +89,14 @@ async fn a_date_range_is_echoed_as_sent_and_filters_on_its_instants() {
     assert_eq!(canonical.status, 201, "{}", canonical.body);
     let c = &canonical.body["data"];
     assert_eq!(d["estimated_records"], c["estimated_records"]);
+    // ISO 8601 without seconds, too.
+    let minutes = app
+        .create(body("2024-01-01T00:00Z", "2025-10-25T19:50Z"))
+        .await;
+    assert_eq!(minutes.status, 201, "{}", minutes.body);
+    let m = &minutes.body["data"];
+    assert_eq!(m["date_range"]["start"], "2024-01-01T00:00Z");
+    assert_eq!(m["estimated_records"], c["estimated_records"]);
     let instants = json!({"start": "2024-01-01T00:00:00.000Z", "end": "2025-10-25T19:50:00.000Z"});
     assert_eq!(d["export_info"]["date_range"], instants);
     assert_eq!(c["export_info"]["date_range"], instants);
