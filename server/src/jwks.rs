@@ -115,7 +115,9 @@ impl JwksCache {
         // configured: one to plain http elsewhere would hand the key set,
         // and so every login, to whoever answers there.
         let redirects = reqwest::redirect::Policy::custom(|attempt| {
-            if attempt.previous().len() >= 5 {
+            // `previous` holds the URLs before this one: the first request
+            // and the redirects followed so far (as reqwest's own limit counts).
+            if attempt.previous().len() > 5 {
                 attempt.error("too many redirects")
             } else if allowed_url(attempt.url().as_str()) {
                 attempt.follow()

@@ -243,3 +243,25 @@ async fn keys_are_fetched_through_a_redirect_only_to_where_they_could_be_configu
         "the redirect was followed"
     );
 }
+
+#[tokio::test]
+async fn five_redirects_are_followed_and_a_sixth_is_not() {
+    let a = token(Some("key-2026-a"), KEY_A, Algorithm::RS256);
+    let idp = provider(JWKS_A).await;
+    // A chain of `n` redirects ending at the provider.
+    let chain = |n: usize| {
+        let idp = idp.url.clone();
+        async move {
+            let mut url = idp;
+            for _ in 0..n {
+                url = redirect_to(&url).await;
+            }
+            url
+        }
+    };
+    let app = spawn_jwks(&chain(5).await, Duration::from_secs(3600), Duration::ZERO).await;
+    assert_eq!(status(&app, &a).await, 200, "five redirects are followed");
+    let app = spawn_jwks(&chain(6).await, Duration::from_secs(3600), Duration::ZERO).await;
+    assert_eq!(status(&app, &a).await, 401, "the sixth is not");
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), 1);
+}
