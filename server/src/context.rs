@@ -359,17 +359,11 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     // request was admitted by its rate limit) keeps it.
     let states_its_limit = headers.contains_key("ratelimit-limit");
     if let Some(rate) = learned.rate.as_ref().filter(|_| !states_its_limit) {
-        headers.insert(
-            HeaderName::from_static("ratelimit-limit"),
-            HeaderValue::from(rate.limit),
-        );
-        headers.insert(
-            HeaderName::from_static("ratelimit-remaining"),
-            HeaderValue::from(rate.remaining),
-        );
-        headers.insert(
-            HeaderName::from_static("ratelimit-reset"),
-            HeaderValue::from(rate.reset_secs),
+        crate::error::rate_limit_headers(
+            headers,
+            u64::from(rate.limit),
+            u64::from(rate.remaining),
+            rate.reset_secs,
         );
     }
     let elapsed = ctx.0.started.elapsed();

@@ -158,12 +158,23 @@ impl ApiError {
     }
 }
 
+/// The `RateLimit-*` headers: the limit, what is left of it, and the
+/// seconds until it resets (every answer that passed a limit, and every 429).
+pub(crate) fn rate_limit_headers(
+    headers: &mut axum::http::HeaderMap,
+    limit: u64,
+    remaining: u64,
+    reset_secs: u64,
+) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(reset_secs));
+}
+
 /// `Retry-After` and the `RateLimit-*` headers of a 429.
 fn limit_headers(headers: &mut axum::http::HeaderMap, limit: u64, retry_after: u64) {
     headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    headers.insert("ratelimit-limit", HeaderValue::from(limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(0));
-    headers.insert("ratelimit-reset", HeaderValue::from(retry_after));
+    rate_limit_headers(headers, limit, 0, retry_after);
 }
 
 impl IntoResponse for ApiError {

@@ -18,10 +18,7 @@ pub const KEYED: &str = "hmac:";
 
 /// The audit chain's key, derived from the master key.
 pub fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes()).expect("HMAC takes any key size");
-    mac.update(b"handover audit chain v1");
-    mac.finalize().into_bytes().into()
+    super::derive_key(master, b"handover audit chain v1")
 }
 
 /// Appends `seq hash` as a line to the head file.

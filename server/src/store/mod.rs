@@ -79,6 +79,16 @@ pub struct Store {
     audit_queue: std::sync::Arc<std::sync::Mutex<audit::Queue>>,
 }
 
+/// A key for one purpose (`label`), derived from the master key by
+/// HMAC-SHA256, so that no two purposes share a key and none is stored.
+fn derive_key(master: &handover::crypto::DataKey, label: &[u8]) -> [u8; 32] {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(master.as_bytes())
+        .expect("HMAC takes any key size");
+    mac.update(label);
+    mac.finalize().into_bytes().into()
+}
+
 /// A write transaction; on SQLite it also holds the process's writer turn.
 pub struct Tx<'s> {
     pub(crate) tx: Transaction<'static, Any>,

@@ -5,9 +5,7 @@
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 use super::audit::AuditEntry;
 use super::{int, now, opt_int, text, Engine, Store, Tx};
@@ -18,10 +16,7 @@ const SEALED: &str = "sealed:v1:";
 
 /// The key that seals webhook secrets, derived from the master key.
 pub(crate) fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes()).expect("HMAC takes any key size");
-    mac.update(b"handover stored secrets v1");
-    mac.finalize().into_bytes().into()
+    super::derive_key(master, b"handover stored secrets v1")
 }
 
 /// What a sealed secret is bound to: its company's endpoint.

@@ -67,6 +67,18 @@ fn verify(secret: &str, id: &str, ts: &str, sig: &str, body: &str) -> bool {
     sig.split(' ').any(|s| s == format!("v1,{expected}"))
 }
 
+/// An app whose failed deliveries are due again at once.
+async fn spawn_without_backoff() -> TestApp {
+    spawn_with(
+        Opts {
+            webhook_backoff: Some(std::time::Duration::ZERO),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await
+}
+
 async fn deliver(app: &TestApp) {
     // Deliveries due now, and the retries they schedule (backoff 0 here),
     // until nothing is due; bounded.
@@ -84,14 +96,7 @@ async fn deliver(app: &TestApp) {
 
 #[tokio::test]
 async fn completion_failure_and_expiry_are_notified_signed_and_retried() {
-    let app = spawn_with(
-        Opts {
-            webhook_backoff: Some(std::time::Duration::ZERO),
-            ..Opts::default()
-        },
-        None,
-    )
-    .await;
+    let app = spawn_without_backoff().await;
     let got = Arc::new(Mutex::new(Received {
         fail_first: 1,
         ..Received::default()
@@ -212,14 +217,7 @@ async fn completion_failure_and_expiry_are_notified_signed_and_retried() {
 
 #[tokio::test]
 async fn companies_without_a_webhook_get_none_and_a_dead_endpoint_is_given_up() {
-    let app = spawn_with(
-        Opts {
-            webhook_backoff: Some(std::time::Duration::ZERO),
-            ..Opts::default()
-        },
-        None,
-    )
-    .await;
+    let app = spawn_without_backoff().await;
     let id = app
         .create_id(json!({"export_format": "csv", "data_types": ["user_profile"]}))
         .await;
@@ -338,14 +336,7 @@ async fn signing_secrets_are_stored_sealed_and_old_clear_ones_are_sealed_at_star
 
 #[tokio::test]
 async fn a_secret_that_does_not_open_fails_its_own_deliveries_not_the_others() {
-    let app = spawn_with(
-        Opts {
-            webhook_backoff: Some(std::time::Duration::ZERO),
-            ..Opts::default()
-        },
-        None,
-    )
-    .await;
+    let app = spawn_without_backoff().await;
     let got = Arc::new(Mutex::new(Received::default()));
     let url = receiver(got.clone()).await;
     for company in ["company_123", "company_456"] {
