@@ -7,10 +7,11 @@
 //! bench_http load   BASES TOKENS_FILE USERS [LABEL]     USERS users paging at once, spread
 //!                                                        over the comma-separated BASES
 //! bench_http convert BASE TOKEN COMPANY PID             server JSON build, then a CSV download
-//! bench_http flood  BASE TOKEN COMPANY TOKEN2 COMPANY2  an authenticated call's latency alone (as
-//!                                                        one user), then during a flood of
-//!                                                        unauthenticated requests (as another,
-//!                                                        so the per-user read limit holds)
+//! bench_http flood  BASE (TOKEN COMPANY)×4             an authenticated call's latency alone,
+//!                                                        then during a flood of unauthenticated
+//!                                                        requests: calls one after another, then
+//!                                                        paced (a user each, so the per-user
+//!                                                        read limit holds)
 //! ```
 //!
 //! ENCODING is what `Accept-Encoding` asks for (`zstd`, `gzip`, `identity`);
@@ -367,11 +368,24 @@ async fn convert(api: &Api, pid: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// p50 and p99 of `n` authenticated list calls, in milliseconds.
-async fn authenticated_latency(api: &Api, n: usize) -> Result<(f64, f64, u64), Error> {
+/// p50 and p99 of `n` authenticated summary calls, in milliseconds: one
+/// after another, or (`pace`) one starting every `pace`.
+async fn authenticated_latency(
+    api: &Api,
+    n: usize,
+    pace: Option<Duration>,
+) -> Result<(f64, f64, u64), Error> {
     let mut ms = Vec::with_capacity(n);
     let mut errors = 0;
+    let mut ticks = pace.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     for _ in 0..n {
+        if let Some(t) = ticks.as_mut() {
+            t.tick().await;
+        }
         let t0 = Instant::now();
         let r = api.get("/api/data/summary", "identity").send().await?;
         if !r.status().is_success() {
@@ -394,19 +408,28 @@ async fn authenticated_latency(api: &Api, n: usize) -> Result<(f64, f64, u64), E
 
 /// An authenticated call's latency alone, then while 32 clients flood the
 /// API with unauthenticated requests with 30 KB paths (bounded: they stop
-/// when the measurement ends).
-async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
-    // Under the per-user limit of 120 reads a minute.
+/// when the measurement ends), in two patterns: calls one after another
+/// from the flood's first moment (its onset: the flooders connect and
+/// send at once), then calls paced over two seconds of the flood going on
+/// (its refusals wait in the tarpit by then). Each pattern is measured alone
+/// first, by another user (each stays under the per-user limit of 120
+/// reads a minute).
+async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
     const CALLS: usize = 100;
-    let (p50, p99, e) = authenticated_latency(api, CALLS).await?;
-    // The second user signs in before the flood starts, as a user who is
-    // already working would have.
-    let _ = during
-        .get("/api/data/summary", "identity")
-        .send()
-        .await?
-        .bytes()
-        .await?;
+    const PACE: Duration = Duration::from_millis(20);
+    let (p50, p99, e) = authenticated_latency(alone[0], CALLS, None).await?;
+    let (q50, q99, qe) = authenticated_latency(alone[1], CALLS, Some(PACE)).await?;
+    // The users measured during the flood sign in before it starts, as
+    // users who are already working would have.
+    for api in during {
+        let _ = api
+            .get("/api/data/summary", "identity")
+            .send()
+            .await?
+            .bytes()
+            .await?;
+    }
+    let api = alone[0];
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // The flooders run on a runtime of their own, in their own thread, as
@@ -459,17 +482,26 @@ async fn flood(api: &Api, during: &Api) -> Result<(), Error> {
         let _ = started_rx.recv();
         thread
     };
-    let (f50, f99, fe) = authenticated_latency(during, CALLS).await?;
+    let (f50, f99, fe) = authenticated_latency(during[0], CALLS, None).await?;
+    let at_onset = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let (g50, g99, ge) = authenticated_latency(during[1], CALLS, Some(PACE)).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || flood.join()).await;
-    if sent.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    let total = sent.load(std::sync::atomic::Ordering::Relaxed);
+    if total == 0 {
         return Err("the flood did not start: no request was sent".into());
     }
-    println!("| alone | {CALLS} | 0 | {p50:.1} | {p99:.1} | 1.00 | {e} |");
+    let pace = PACE.as_millis();
+    println!("| one after another, alone | {CALLS} | 0 | {p50:.1} | {p99:.1} | 1.00 | {e} |");
     println!(
-        "| during the flood | {CALLS} | {} | {f50:.1} | {f99:.1} | {:.2} | {fe} |",
-        sent.load(std::sync::atomic::Ordering::Relaxed),
+        "| one after another, from the flood's onset | {CALLS} | {at_onset} | {f50:.1} | {f99:.1} | {:.2} | {fe} |",
         f99 / p99
+    );
+    println!("| one every {pace} ms, alone | {CALLS} | 0 | {q50:.1} | {q99:.1} | 1.00 | {qe} |");
+    println!(
+        "| one every {pace} ms, the flood going on | {CALLS} | {} | {g50:.1} | {g99:.1} | {:.2} | {ge} |",
+        total - at_onset,
+        g99 / q99
     );
     Ok(())
 }
@@ -484,11 +516,9 @@ async fn main() -> Result<(), Error> {
         "load" => load(&arg(1), &arg(2), arg(3).parse()?, &arg(4)).await,
         "convert" => convert(&Api::new(&arg(1), &arg(2), &arg(3)), arg(4).parse()?).await,
         "flood" => {
-            flood(
-                &Api::new(&arg(1), &arg(2), &arg(3)),
-                &Api::new(&arg(1), &arg(4), &arg(5)),
-            )
-            .await
+            let user = |i: usize| Api::new(&arg(1), &arg(2 * i + 2), &arg(2 * i + 3));
+            let (a, b, c, d) = (user(0), user(1), user(2), user(3));
+            flood([&a, &b], [&c, &d]).await
         }
         other => {
             Err(format!("unknown mode {other:?}: stream, pages, load, convert or flood").into())
