@@ -394,11 +394,6 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
                 tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
             }
             if !own_row {
-                // Past the first few failures of the minute, a refusal is
-                // held back like a throttled answer: a flood then sends a
-                // few dozen requests before its address is throttled, not
-                // its whole allowance in one burst.
-                tarpit(&state, &mut response).await;
                 return response;
             }
         }
