@@ -73,8 +73,14 @@ enum Command {
     /// Decrypt a browser export's encrypted copy (downloaded from
     /// `GET /api/data/export/{id}/download`) with the key from its link.
     Decrypt {
-        /// The key (43 characters of base64url), or the whole link.
-        #[arg(long, env = "HANDOVER_COPY_KEY", hide_env_values = true)]
+        /// The key (43 characters of base64url, which may start with `-`),
+        /// or the whole link.
+        #[arg(
+            long,
+            env = "HANDOVER_COPY_KEY",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         key: String,
         /// Where the plaintext goes (created 0600; must not exist yet).
         #[arg(long)]
@@ -134,7 +140,12 @@ enum WebhookCommand {
         #[arg(long)]
         url: String,
         /// Keep this secret instead of generating one.
-        #[arg(long, env = "HANDOVER_WEBHOOK_SECRET", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "HANDOVER_WEBHOOK_SECRET",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         secret: Option<String>,
     },
     /// Stop sending a company's notifications.
@@ -177,7 +188,12 @@ struct ServeArgs {
     /// the default on SQLite; share it between instances).
     #[arg(long, env = "HANDOVER_FILE_STORAGE")]
     file_storage: Option<String>,
-    #[arg(long, env = "HANDOVER_JWT_HS256_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HANDOVER_JWT_HS256_SECRET",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     jwt_hs256_secret: Option<String>,
     /// RS256 public key: a PEM file path or the PEM itself.
     #[arg(long, env = "HANDOVER_JWT_RS256_PUBLIC_KEY")]

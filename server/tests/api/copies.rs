@@ -469,11 +469,21 @@ async fn the_cli_decrypts_a_saved_copy_and_rejects_wrong_keys_and_altered_files(
         );
     }
 
+    // A key whose text starts with `-` (base64url of 0xF8…) is a key, not
+    // an option.
+    let hyphen_key = DataKey::from_bytes([0xF8; 32]).to_text();
+    assert!(hyphen_key.starts_with('-'));
     let cases: Vec<(&str, Vec<u8>, String, &str)> = vec![
         (
             "wrong key",
             ct.clone(),
             DataKey::generate().unwrap().to_text(),
+            "wrong key",
+        ),
+        (
+            "wrong key, starting with -",
+            ct.clone(),
+            hyphen_key,
             "wrong key",
         ),
         (
