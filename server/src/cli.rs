@@ -195,8 +195,13 @@ struct ServeArgs {
         allow_hyphen_values = true
     )]
     jwt_hs256_secret: Option<String>,
-    /// RS256 public key: a PEM file path or the PEM itself.
-    #[arg(long, env = "HANDOVER_JWT_RS256_PUBLIC_KEY")]
+    /// RS256 public key: a PEM file path or the PEM itself (which starts
+    /// with `-----BEGIN`).
+    #[arg(
+        long,
+        env = "HANDOVER_JWT_RS256_PUBLIC_KEY",
+        allow_hyphen_values = true
+    )]
     jwt_rs256_public_key: Option<String>,
     /// The identity provider's JWKS URL (e.g. https://TENANT.auth0.com/.well-known/jwks.json):
     /// its public keys, by key id, cached and fetched again on rotation.
@@ -708,5 +713,31 @@ pub async fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn values_that_start_with_a_hyphen_are_values() {
+        let pem = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----";
+        let cli = Cli::try_parse_from([
+            "handover-server",
+            "serve",
+            "--jwt-rs256-public-key",
+            pem,
+            "--jwt-hs256-secret",
+            "-secret",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(args.jwt_rs256_public_key.as_deref(), Some(pem));
+        assert_eq!(args.jwt_hs256_secret.as_deref(), Some("-secret"));
     }
 }
