@@ -411,9 +411,9 @@ async fn authenticated_latency(
 /// when the measurement ends), in two patterns: calls one after another
 /// from the flood's first moment (its onset: the flooders connect and
 /// send at once), then calls starting every 20 ms while the flood goes on
-/// (its address is throttled by then, its answers held in the tarpit). Each pattern is measured alone
-/// first, by another user (each stays under the per-user limit of 120
-/// reads a minute).
+/// (its address is throttled by then, its answers held in the tarpit).
+/// Each pattern is measured alone first, by another user (each stays under
+/// the per-user limit of 120 reads a minute).
 async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
     const CALLS: usize = 100;
     const PACE: Duration = Duration::from_millis(20);
@@ -439,7 +439,6 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
             .bytes()
             .await?;
     }
-    let api = alone[0];
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // The flooders run on a runtime of their own, in their own thread, as
@@ -447,7 +446,7 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
     // scheduler would add their queueing to the measured calls.
     let flood = {
         let (stop, sent) = (stop.clone(), sent.clone());
-        let base = api.base.clone();
+        let base = alone[0].base.clone();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -343,87 +343,116 @@ async fn a_request_naming_a_foreign_company_is_logged_in_the_callers_scope() {
     );
 }
 
+/// What a flood of 60 refused requests (throttle at 20 a minute) left.
+struct Flood {
+    refused: u32,
+    throttled: u32,
+    /// Audit rows the flood and one signed-in call added.
+    rows: i64,
+    /// The longest `details` stored.
+    stored: i64,
+    /// The `auth.refused` tallies' details, once written.
+    tallies: Vec<String>,
+}
+
+/// One flood on a fresh app; `None` when a new clock minute began during
+/// it (the throttle counts per minute, so its counts then span two).
+async fn flood_once() -> Option<Flood> {
+    let app = spawn_with(
+        Opts {
+            unauth_per_minute: Some(20),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    // A real user has just signed in from the same address.
+    let ok = app.call(Method::GET, "/api/data/export", None).await;
+    assert_eq!(ok.status, 200);
+    let before = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await;
+    let path = format!("/api/data/export/{}", "a".repeat(30_000));
+    let minute = unix_minute();
+    let (mut refused, mut throttled) = (0, 0);
+    for i in 0..60 {
+        let token = format!("hov_bogus_{i}");
+        let r = app.raw(Method::GET, &path, Some(&token), None, None).await;
+        match r.status.as_u16() {
+            401 => refused += 1,
+            429 => {
+                throttled += 1;
+                assert_eq!(r.code(), "RATE_LIMIT_EXCEEDED");
+                assert!(!r.header("retry-after").is_empty());
+            }
+            s => panic!("unexpected {s}"),
+        }
+        // The user is not locked out by the flood.
+        if i == 40 {
+            let ok = app.call(Method::GET, "/api/data/export", None).await;
+            assert_eq!(ok.status, 200, "{}", ok.body);
+        }
+    }
+    let rows = app
+        .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+        .await
+        - before;
+    let stored = app
+        .count("SELECT COALESCE(MAX(LENGTH(details)), 0) FROM audit_log")
+        .await;
+    // The counts reach the log, one row per address and minute.
+    handover_server::context::write_tallies(&app.state, app.state.guard.take_all())
+        .await
+        .unwrap();
+    let tallies = sqlx::query_scalar("SELECT details FROM audit_log WHERE action = 'auth.refused'")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
+    (unix_minute() == minute).then_some(Flood {
+        refused,
+        throttled,
+        rows,
+        stored,
+        tallies,
+    })
+}
+
 #[tokio::test]
 async fn an_unauthenticated_flood_is_throttled_counted_not_logged_row_by_row() {
-    // The throttle counts per clock minute: a run that a new minute cut in
-    // two is run again (one takes far less than a minute, so the second
-    // stays within one).
-    for attempt in 0..2 {
-        let app = spawn_with(
-            Opts {
-                unauth_per_minute: Some(20),
-                ..Opts::default()
-            },
-            None,
-        )
-        .await;
-        // A real user has just signed in from the same address.
-        let ok = app.call(Method::GET, "/api/data/export", None).await;
-        assert_eq!(ok.status, 200);
-        let before = app
-            .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
-            .await;
-        let path = format!("/api/data/export/{}", "a".repeat(30_000));
-        let minute = unix_minute();
-        let (mut refused, mut throttled) = (0, 0);
-        for i in 0..60 {
-            let token = format!("hov_bogus_{i}");
-            let r = app.raw(Method::GET, &path, Some(&token), None, None).await;
-            match r.status.as_u16() {
-                401 => refused += 1,
-                429 => {
-                    throttled += 1;
-                    assert_eq!(r.code(), "RATE_LIMIT_EXCEEDED");
-                    assert!(!r.header("retry-after").is_empty());
-                }
-                s => panic!("unexpected {s}"),
-            }
-            // The user is not locked out by the flood.
-            if i == 40 {
-                let ok = app.call(Method::GET, "/api/data/export", None).await;
-                assert_eq!(ok.status, 200, "{}", ok.body);
-            }
-        }
-        let rows = app
-            .count("SELECT COUNT(*) FROM audit_log WHERE outcome != 'event'")
+    // A flood that a new minute cut in two is run again: one takes far
+    // less than a minute, so the second stays within one.
+    let f = match flood_once().await {
+        Some(f) => f,
+        None => flood_once()
             .await
-            - before;
-        let stored: i64 = app
-            .count("SELECT COALESCE(MAX(LENGTH(details)), 0) FROM audit_log")
-            .await;
-        // The counts reach the log, one row per address and minute.
-        handover_server::context::write_tallies(&app.state, app.state.guard.take_all())
-            .await
-            .unwrap();
-        let details: Vec<String> =
-            sqlx::query_scalar("SELECT details FROM audit_log WHERE action = 'auth.refused'")
-                .fetch_all(app.pool())
-                .await
-                .unwrap();
-        if unix_minute() != minute {
-            assert_eq!(attempt, 0, "two runs crossed a minute boundary");
-            continue;
-        }
-        assert!(
-            refused <= 20 && throttled >= 40,
-            "{refused} refused, {throttled} throttled"
-        );
-        assert!(rows <= 10 + 1, "{rows} audit rows for 60 refused requests");
-        assert!(
-            stored < 2048,
-            "the 30 KB path is not stored whole ({stored})"
-        );
-        assert!(!details.is_empty());
-        let total: u64 = details
-            .iter()
-            .map(|d| {
-                let v: serde_json::Value = serde_json::from_str(d).unwrap();
-                v["refused"].as_u64().unwrap() + v["throttled"].as_u64().unwrap()
-            })
-            .sum();
-        assert_eq!(total, 60);
-        return;
-    }
+            .expect("two runs crossed a minute boundary"),
+    };
+    assert!(
+        f.refused <= 20 && f.throttled >= 40,
+        "{} refused, {} throttled",
+        f.refused,
+        f.throttled
+    );
+    assert!(
+        f.rows <= 10 + 1,
+        "{} audit rows for 60 refused requests",
+        f.rows
+    );
+    assert!(
+        f.stored < 2048,
+        "the 30 KB path is not stored whole ({})",
+        f.stored
+    );
+    assert!(!f.tallies.is_empty());
+    let total: u64 = f
+        .tallies
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap();
+            v["refused"].as_u64().unwrap() + v["throttled"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(total, 60);
 }
 
 #[tokio::test]
