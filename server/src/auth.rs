@@ -323,7 +323,7 @@ pub async fn scope(
             // Throttled while waiting, or waited too long: answered like
             // the throttle before authentication.
             let throttled = state.guard.throttled(
-                ctx.ip().unwrap_or_default(),
+                ctx.address_key(),
                 state.settings.unauth_per_minute,
                 authorization,
             );

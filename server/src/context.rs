@@ -41,6 +41,9 @@ struct Inner {
     request_id: String,
     started: Instant,
     ip: Option<String>,
+    /// What the flood throttle counts the client under (see
+    /// [`crate::guard::address_key`]).
+    address_key: String,
     user_agent: Option<String>,
     learned: Mutex<Learned>,
     /// The lane this request's credential check waits in (see
@@ -61,6 +64,12 @@ impl Ctx {
     /// The client's address, as the server sees it.
     pub fn ip(&self) -> Option<&str> {
         self.0.ip.as_deref()
+    }
+
+    /// The key the flood throttle counts this client under: its address,
+    /// or its IPv6 /64 network.
+    pub fn address_key(&self) -> &str {
+        &self.0.address_key
     }
 
     /// The lane the credential check waits in, when its address has failed
@@ -193,6 +202,13 @@ pub async fn write_tallies(
         let minute = time::OffsetDateTime::from_unix_timestamp(t.minute * 60)
             .map(handover::model::format_timestamp)
             .unwrap_or_default();
+        let shared = t.ip == crate::guard::OTHER_ADDRESSES;
+        let mut details = json!({ "minute": minute, "refused": t.refused, "throttled": t.throttled,
+            "logged_one_by_one": crate::guard::LOGGED_PER_MINUTE.min(t.refused), "sample_path": t.sample_path });
+        if shared {
+            // Addresses past the cap counted together; the row names none.
+            details["shared_by_addresses_past"] = json!(crate::guard::MAX_TALLIES);
+        }
         state
             .store
             .audit(AuditEntry {
@@ -203,10 +219,9 @@ pub async fn write_tallies(
                 resource: None,
                 outcome: "refused".to_string(),
                 status: Some(401),
-                ip: Some(t.ip.clone()),
+                ip: (!shared).then(|| t.ip.clone()),
                 user_agent: None,
-                details: json!({ "minute": minute, "refused": t.refused, "throttled": t.throttled,
-                    "logged_one_by_one": crate::guard::LOGGED_PER_MINUTE.min(t.refused), "sample_path": t.sample_path }),
+                details,
             })
             .await?;
     }
@@ -245,10 +260,11 @@ pub(crate) fn throttled_error(state: &AppState, retry_after: u64) -> ApiError {
 
 /// The request middleware (see the module docs).
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let ip = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip().to_string());
+        .map(|ConnectInfo(addr)| addr.ip());
+    let ip = peer.map(|ip| ip.to_string());
     let user_agent = req
         .headers()
         .get(axum::http::header::USER_AGENT)
@@ -258,6 +274,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         request_id: new_request_id(),
         started: Instant::now(),
         ip,
+        address_key: peer.map(crate::guard::address_key).unwrap_or_default(),
         user_agent,
         learned: Mutex::new(Learned::default()),
         lane: std::sync::OnceLock::new(),
@@ -272,7 +289,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let ip_key = ctx.0.ip.clone().unwrap_or_default();
+    let ip_key = ctx.0.address_key.clone();
     // An address flooding the API with failed authentications is answered
     // here, before authentication and without an audit row of its own.
     if path.starts_with("/api/") {

@@ -12,6 +12,12 @@
 //! is refused before it is checked, and so is one that invents a new
 //! credential each time.
 //!
+//! A client is its TCP peer's address; for IPv6, its /64 network (see
+//! [`address_key`]), the block one subscriber gets, so that a flooder
+//! cannot step past its count by changing the low bits of its address.
+//! A flood from very many addresses fills at most [`MAX_TALLIES`] tallies
+//! a minute; further addresses share one.
+//!
 //! A refused client that keeps knocking is also slowed down: its `429`
 //! waits a moment (the tarpit) before it is sent, which costs the server a
 //! timer, not a worker; a flooder that waits for each answer then sends one
@@ -19,6 +25,8 @@
 //! at once is bounded; past it they go at once, closing the connection.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -31,6 +39,43 @@ pub const LOGGED_PER_MINUTE: u64 = 10;
 /// Distinct failed credentials remembered per IP and minute; past them,
 /// every credential not known to work is throttled.
 pub const FAILED_REMEMBERED: usize = 16;
+
+/// Addresses with a tally of their own in one minute, at most: a flood
+/// from more of them (spoofed or a botnet's) must not grow the server's
+/// memory without bound. Refusals of further addresses that minute are
+/// counted together under [`OTHER_ADDRESSES`], and throttled together.
+pub const MAX_TALLIES: usize = 50_000;
+
+/// The key of the tally that addresses past [`MAX_TALLIES`] share.
+pub const OTHER_ADDRESSES: &str = "other addresses";
+
+/// The key the throttle counts a client under: an IPv4 address as it is
+/// (also when it comes mapped into IPv6), an IPv6 address as its /64
+/// network (`2001:db8:1:2::/64`).
+///
+/// # Examples
+///
+/// ```
+/// use handover_server::guard::address_key;
+///
+/// assert_eq!(address_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
+/// assert_eq!(address_key("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::/64");
+/// assert_eq!(address_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+/// ```
+pub fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None if v6.is_loopback() => v6.to_string(),
+            None => {
+                let s = v6.segments();
+                let network = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{network}/64")
+            }
+        },
+    }
+}
 
 /// Refused requests of one IP in one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +132,20 @@ pub struct Guard {
     known: Mutex<HashMap<[u8; 32], i64>>,
     /// One lane per address that failed authentication this minute.
     lanes: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// The minute whose earlier tallies were last set aside because the
+    /// tallies were full (so that a full map is searched once a minute,
+    /// not once a request).
+    set_aside: AtomicI64,
+}
+
+/// The tally `ip` counts in: its own, or, when the tallies are full and it
+/// has none, the one other addresses share.
+fn tally_key<'a>(tallies: &HashMap<String, Tally>, ip: &'a str) -> &'a str {
+    if tallies.len() < MAX_TALLIES || tallies.contains_key(ip) {
+        ip
+    } else {
+        OTHER_ADDRESSES
+    }
 }
 
 /// A held-back answer's place in the tarpit; freed when dropped.
@@ -95,9 +154,7 @@ pub struct TarpitSlot<'g>(&'g Guard);
 
 impl Drop for TarpitSlot<'_> {
     fn drop(&mut self) {
-        self.0
-            .tarpitted
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.tarpitted.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -105,7 +162,6 @@ impl Guard {
     /// A place in the tarpit, or `None` when it is full (answer at once,
     /// and close the connection).
     pub fn tarpit(&self) -> Option<TarpitSlot<'_>> {
-        use std::sync::atomic::Ordering;
         let mut n = self.tarpitted.load(Ordering::Relaxed);
         loop {
             if n >= TARPIT_SLOTS {
@@ -139,17 +195,26 @@ impl Guard {
     /// authentications this minute and `authorization` neither
     /// authenticated recently nor is new to it (see the module's comment).
     pub fn throttled(&self, ip: &str, limit: u64, authorization: Option<&str>) -> Option<u64> {
+        self.throttled_at(ip, limit, authorization, minute_now())
+    }
+
+    fn throttled_at(
+        &self,
+        ip: &str,
+        limit: u64,
+        authorization: Option<&str>,
+        now: i64,
+    ) -> Option<u64> {
         if limit == 0 {
             return None;
         }
-        let now = minute_now();
         if self.failures(ip, now) < limit {
             return None;
         }
         if let Some(credential) = authorization.map(digest) {
             let new_here = || {
                 self.tallies.lock().is_ok_and(|t| {
-                    t.get(ip)
+                    t.get(tally_key(&t, ip))
                         .is_some_and(|t| t.minute == now && t.may_try(&credential))
                 })
             };
@@ -169,7 +234,11 @@ impl Guard {
         self.tallies
             .lock()
             .ok()
-            .and_then(|t| t.get(ip).filter(|t| t.minute == now).map(|t| t.refused))
+            .and_then(|t| {
+                t.get(tally_key(&t, ip))
+                    .filter(|t| t.minute == now)
+                    .map(|t| t.refused)
+            })
             .unwrap_or(0)
     }
 
@@ -240,16 +309,41 @@ impl Guard {
         throttled: bool,
         authorization: Option<&str>,
     ) -> (bool, Vec<Tally>) {
-        let now = minute_now();
+        self.refused_at(ip, path, throttled, authorization, minute_now())
+    }
+
+    fn refused_at(
+        &self,
+        ip: &str,
+        path: &str,
+        throttled: bool,
+        authorization: Option<&str>,
+        now: i64,
+    ) -> (bool, Vec<Tally>) {
         let Ok(mut tallies) = self.tallies.lock() else {
             return (true, Vec::new());
         };
         let mut done = Vec::new();
+        if tallies.len() >= MAX_TALLIES
+            && !tallies.contains_key(ip)
+            && self.set_aside.swap(now, Ordering::Relaxed) != now
+        {
+            // Full: the tallies of finished minutes leave now, to be
+            // written, rather than at the sweeper's next round.
+            tallies.retain(|_, t| {
+                let current = t.minute == now;
+                if !current {
+                    done.push(t.clone());
+                }
+                current
+            });
+        }
+        let key = tally_key(&tallies, ip);
         let t = tallies
-            .entry(ip.to_string())
-            .or_insert_with(|| Tally::new(ip, now, path));
+            .entry(key.to_string())
+            .or_insert_with(|| Tally::new(key, now, path));
         if t.minute != now {
-            done.push(std::mem::replace(t, Tally::new(ip, now, path)));
+            done.push(std::mem::replace(t, Tally::new(key, now, path)));
         }
         if throttled {
             t.throttled += 1;
@@ -357,6 +451,67 @@ mod tests {
             );
         }
         assert!(g.throttled("10.0.0.2", 2, Some("Bearer new")).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_network() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::1"), "::1");
+        assert_eq!(key("::ffff:10.0.0.1"), "10.0.0.1");
+        let g = Guard::default();
+        for n in 0..6 {
+            let ip = key(&format!("2001:db8:1:2::{n}"));
+            g.refused(&ip, "/api/x", false, None);
+        }
+        assert!(g.throttled(&key("2001:db8:1:2::99"), 6, None).is_some());
+        assert_eq!(g.throttled(&key("2001:db8:1:3::1"), 6, None), None);
+    }
+
+    #[test]
+    fn past_the_cap_further_addresses_share_one_tally() {
+        let g = Guard::default();
+        // A fixed minute: the clock's must not turn during the test.
+        let now = 29_000_000;
+        for n in 0..MAX_TALLIES {
+            g.refused_at(
+                &format!("10.{}.{}.1", n / 256, n % 256),
+                "/api/x",
+                false,
+                None,
+                now,
+            );
+        }
+        assert_eq!(g.tallies.lock().unwrap().len(), MAX_TALLIES);
+        for n in 0..12 {
+            g.refused_at(&format!("172.16.0.{n}"), "/api/y", false, None, now);
+        }
+        let tallies = g.tallies.lock().unwrap();
+        assert_eq!(tallies.len(), MAX_TALLIES + 1, "one more: the shared tally");
+        assert_eq!(tallies[OTHER_ADDRESSES].refused, 12);
+        assert_eq!(tallies["10.0.0.1"].refused, 1, "counted apart as before");
+        drop(tallies);
+        assert!(
+            g.throttled_at("172.16.9.9", 5, None, now).is_some(),
+            "a further address is throttled with the others"
+        );
+        assert_eq!(g.throttled_at("10.0.0.1", 5, None, now), None);
+        // A new minute: the full map's finished tallies leave to be
+        // written, and the next address has a tally of its own again.
+        let (_, done) = g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
+        assert_eq!(
+            done.len(),
+            1,
+            "only the shared tally has refusals without a row"
+        );
+        assert_eq!(
+            (done[0].ip.as_str(), done[0].refused),
+            (OTHER_ADDRESSES, 12)
+        );
+        let tallies = g.tallies.lock().unwrap();
+        assert_eq!(tallies.len(), 1);
+        assert_eq!(tallies["172.16.0.1"].refused, 1);
     }
 
     #[test]
