@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -41,9 +41,11 @@ pub const LOGGED_PER_MINUTE: u64 = 10;
 pub const FAILED_REMEMBERED: usize = 16;
 
 /// Addresses with a tally of their own in one minute, at most: a flood
-/// from more of them (spoofed or a botnet's) must not grow the server's
-/// memory without bound. Refusals of further addresses that minute are
-/// counted together under [`OTHER_ADDRESSES`], and throttled together.
+/// from more of them (a botnet's, or one IPv6 prefix's many /64s) must not
+/// grow the server's memory without bound. Refusals of further addresses
+/// that minute are counted together under [`OTHER_ADDRESSES`], for the
+/// audit log only: the shared count throttles nobody, or a flood that
+/// filled the tallies would lock out every other client.
 pub const MAX_TALLIES: usize = 50_000;
 
 /// The key of the tally that addresses past [`MAX_TALLIES`] share.
@@ -51,7 +53,8 @@ pub const OTHER_ADDRESSES: &str = "other addresses";
 
 /// The key the throttle counts a client under: an IPv4 address as it is
 /// (also when it comes mapped into IPv6), an IPv6 address as its /64
-/// network (`2001:db8:1:2::/64`).
+/// network (`2001:db8:1:2::/64`), except loopback and link-local ones,
+/// which are as they are (every link-local address is in `fe80::/64`).
 ///
 /// # Examples
 ///
@@ -67,7 +70,8 @@ pub fn address_key(ip: IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => v4.to_string(),
-            None if v6.is_loopback() => v6.to_string(),
+            // Link-local: fe80::/10.
+            None if v6.is_loopback() || v6.segments()[0] & 0xffc0 == 0xfe80 => v6.to_string(),
             None => {
                 let s = v6.segments();
                 let network = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
@@ -123,29 +127,53 @@ impl Tally {
 /// Throttled answers held back at once, at most.
 pub const TARPIT_SLOTS: usize = 256;
 
+/// The refusals counted so far.
+#[derive(Debug, Default)]
+struct Tallies {
+    /// One per address (or [`OTHER_ADDRESSES`]).
+    by_address: HashMap<String, Tally>,
+    /// Tallies of finished minutes set aside when the map was full, for
+    /// the sweeper to write with the rest.
+    finished: Vec<Tally>,
+    /// The minute whose earlier tallies were last set aside (so that a
+    /// full map is searched once a minute, not once a request).
+    set_aside: i64,
+}
+
+impl Tallies {
+    /// The tally `ip` counts in: its own, or, when the map is full and it
+    /// has none, the one other addresses share.
+    fn key<'a>(&self, ip: &'a str) -> &'a str {
+        if self.by_address.len() < MAX_TALLIES || self.by_address.contains_key(ip) {
+            ip
+        } else {
+            OTHER_ADDRESSES
+        }
+    }
+
+    /// Failed authentications that count against `ip` in minute `now`
+    /// (none from the shared tally: see [`MAX_TALLIES`]).
+    fn failures(&self, ip: &str, now: i64) -> u64 {
+        match self.key(ip) {
+            OTHER_ADDRESSES => 0,
+            key => self
+                .by_address
+                .get(key)
+                .filter(|t| t.minute == now)
+                .map_or(0, |t| t.refused),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Guard {
     /// Throttled answers being held back now.
     tarpitted: std::sync::atomic::AtomicUsize,
-    tallies: Mutex<HashMap<String, Tally>>,
+    tallies: Mutex<Tallies>,
     /// SHA-256 of Authorization headers that authenticated, and the minute.
     known: Mutex<HashMap<[u8; 32], i64>>,
     /// One lane per address that failed authentication this minute.
     lanes: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// The minute whose earlier tallies were last set aside because the
-    /// tallies were full (so that a full map is searched once a minute,
-    /// not once a request).
-    set_aside: AtomicI64,
-}
-
-/// The tally `ip` counts in: its own, or, when the tallies are full and it
-/// has none, the one other addresses share.
-fn tally_key<'a>(tallies: &HashMap<String, Tally>, ip: &'a str) -> &'a str {
-    if tallies.len() < MAX_TALLIES || tallies.contains_key(ip) {
-        ip
-    } else {
-        OTHER_ADDRESSES
-    }
 }
 
 /// A held-back answer's place in the tarpit; freed when dropped.
@@ -214,7 +242,8 @@ impl Guard {
         if let Some(credential) = authorization.map(digest) {
             let new_here = || {
                 self.tallies.lock().is_ok_and(|t| {
-                    t.get(tally_key(&t, ip))
+                    t.by_address
+                        .get(ip)
                         .is_some_and(|t| t.minute == now && t.may_try(&credential))
                 })
             };
@@ -231,15 +260,7 @@ impl Guard {
 
     /// Failed authentications of `ip` in minute `now`.
     fn failures(&self, ip: &str, now: i64) -> u64 {
-        self.tallies
-            .lock()
-            .ok()
-            .and_then(|t| {
-                t.get(tally_key(&t, ip))
-                    .filter(|t| t.minute == now)
-                    .map(|t| t.refused)
-            })
-            .unwrap_or(0)
+        self.tallies.lock().map_or(0, |t| t.failures(ip, now))
     }
 
     /// Whether the credential (its digest) authenticated this minute or the last.
@@ -323,23 +344,27 @@ impl Guard {
         let Ok(mut tallies) = self.tallies.lock() else {
             return (true, Vec::new());
         };
-        let mut done = Vec::new();
-        if tallies.len() >= MAX_TALLIES
-            && !tallies.contains_key(ip)
-            && self.set_aside.swap(now, Ordering::Relaxed) != now
+        let tallies = &mut *tallies;
+        if tallies.by_address.len() >= MAX_TALLIES
+            && !tallies.by_address.contains_key(ip)
+            && tallies.set_aside != now
         {
-            // Full: the tallies of finished minutes leave now, to be
-            // written, rather than at the sweeper's next round.
-            tallies.retain(|_, t| {
-                let current = t.minute == now;
-                if !current {
-                    done.push(t.clone());
-                }
-                current
-            });
+            // Full: the tallies of finished minutes make room now, and
+            // wait for the sweeper with the others.
+            tallies.set_aside = now;
+            let (current, finished): (HashMap<_, _>, HashMap<_, _>) =
+                std::mem::take(&mut tallies.by_address)
+                    .into_iter()
+                    .partition(|(_, t)| t.minute == now);
+            tallies.by_address = current;
+            tallies
+                .finished
+                .extend(finished.into_values().filter(Tally::unlogged));
         }
-        let key = tally_key(&tallies, ip);
+        let mut done = Vec::new();
+        let key = tallies.key(ip);
         let t = tallies
+            .by_address
             .entry(key.to_string())
             .or_insert_with(|| Tally::new(key, now, path));
         if t.minute != now {
@@ -368,15 +393,19 @@ impl Guard {
             return Vec::new();
         };
         let finished: Vec<String> = tallies
+            .by_address
             .iter()
             .filter(|(_, t)| t.minute < now)
             .map(|(ip, _)| ip.clone())
             .collect();
-        finished
-            .into_iter()
-            .filter_map(|ip| tallies.remove(&ip))
-            .filter(Tally::unlogged)
-            .collect()
+        let mut done = std::mem::take(&mut tallies.finished);
+        done.extend(
+            finished
+                .into_iter()
+                .filter_map(|ip| tallies.by_address.remove(&ip))
+                .filter(Tally::unlogged),
+        );
+        done
     }
 
     /// Every tally, finished or not (tests and shutdown).
@@ -384,11 +413,15 @@ impl Guard {
         let Ok(mut tallies) = self.tallies.lock() else {
             return Vec::new();
         };
-        tallies
-            .drain()
-            .map(|(_, t)| t)
-            .filter(Tally::unlogged)
-            .collect()
+        let mut done = std::mem::take(&mut tallies.finished);
+        done.extend(
+            tallies
+                .by_address
+                .drain()
+                .map(|(_, t)| t)
+                .filter(Tally::unlogged),
+        );
+        done
     }
 }
 
@@ -459,59 +492,73 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:1:2:3"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::1"), "::1");
+        assert_ne!(key("fe80::1"), key("fe80::2"), "link-local: each its own");
         assert_eq!(key("::ffff:10.0.0.1"), "10.0.0.1");
-        let g = Guard::default();
-        for n in 0..6 {
-            let ip = key(&format!("2001:db8:1:2::{n}"));
-            g.refused(&ip, "/api/x", false, None);
-        }
-        assert!(g.throttled(&key("2001:db8:1:2::99"), 6, None).is_some());
-        assert_eq!(g.throttled(&key("2001:db8:1:3::1"), 6, None), None);
-    }
-
-    #[test]
-    fn past_the_cap_further_addresses_share_one_tally() {
         let g = Guard::default();
         // A fixed minute: the clock's must not turn during the test.
         let now = 29_000_000;
-        for n in 0..MAX_TALLIES {
-            g.refused_at(
-                &format!("10.{}.{}.1", n / 256, n % 256),
-                "/api/x",
-                false,
-                None,
-                now,
-            );
+        for n in 0..6 {
+            let ip = key(&format!("2001:db8:1:2::{n}"));
+            g.refused_at(&ip, "/api/x", false, None, now);
         }
-        assert_eq!(g.tallies.lock().unwrap().len(), MAX_TALLIES);
+        assert!(g
+            .throttled_at(&key("2001:db8:1:2::99"), 6, None, now)
+            .is_some());
+        assert_eq!(g.throttled_at(&key("2001:db8:1:3::1"), 6, None, now), None);
+    }
+
+    #[test]
+    fn past_the_cap_further_addresses_share_one_tally_that_throttles_nobody() {
+        let g = Guard::default();
+        let now = 29_000_000;
+        for n in 0..MAX_TALLIES {
+            let ip = format!("10.{}.{}.1", n / 256, n % 256);
+            g.refused_at(&ip, "/api/x", false, None, now);
+        }
+        assert_eq!(g.tallies.lock().unwrap().by_address.len(), MAX_TALLIES);
         for n in 0..12 {
-            g.refused_at(&format!("172.16.0.{n}"), "/api/y", false, None, now);
+            let (_, done) = g.refused_at(&format!("172.16.0.{n}"), "/api/y", false, None, now);
+            assert!(done.is_empty());
         }
         let tallies = g.tallies.lock().unwrap();
-        assert_eq!(tallies.len(), MAX_TALLIES + 1, "one more: the shared tally");
-        assert_eq!(tallies[OTHER_ADDRESSES].refused, 12);
-        assert_eq!(tallies["10.0.0.1"].refused, 1, "counted apart as before");
-        drop(tallies);
-        assert!(
-            g.throttled_at("172.16.9.9", 5, None, now).is_some(),
-            "a further address is throttled with the others"
-        );
-        assert_eq!(g.throttled_at("10.0.0.1", 5, None, now), None);
-        // A new minute: the full map's finished tallies leave to be
-        // written, and the next address has a tally of its own again.
-        let (_, done) = g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
         assert_eq!(
-            done.len(),
+            tallies.by_address.len(),
+            MAX_TALLIES + 1,
+            "one more: the shared tally"
+        );
+        assert_eq!(tallies.by_address[OTHER_ADDRESSES].refused, 12);
+        assert_eq!(
+            tallies.by_address["10.0.0.1"].refused, 1,
+            "counted apart as before"
+        );
+        drop(tallies);
+        assert_eq!(
+            g.throttled_at("172.16.9.9", 5, None, now),
+            None,
+            "the shared count locks nobody out"
+        );
+        assert!(
+            g.lane("172.16.9.9", 5, None).is_none(),
+            "nor gives them lanes"
+        );
+        // A new minute: the full map's finished tallies make room, and
+        // wait for the sweeper; the next address has a tally of its own.
+        let (_, done) = g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
+        assert!(done.is_empty(), "the request does not write them");
+        let tallies = g.tallies.lock().unwrap();
+        assert_eq!(tallies.by_address.len(), 1);
+        assert_eq!(tallies.by_address["172.16.0.1"].refused, 1);
+        drop(tallies);
+        let finished = g.take_all();
+        assert_eq!(
+            finished.len(),
             1,
             "only the shared tally has refusals without a row"
         );
         assert_eq!(
-            (done[0].ip.as_str(), done[0].refused),
+            (finished[0].ip.as_str(), finished[0].refused),
             (OTHER_ADDRESSES, 12)
         );
-        let tallies = g.tallies.lock().unwrap();
-        assert_eq!(tallies.len(), 1);
-        assert_eq!(tallies["172.16.0.1"].refused, 1);
     }
 
     #[test]
