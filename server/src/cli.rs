@@ -289,8 +289,12 @@ fn operator_data_dir() -> PathBuf {
 
 /// The store for an operator command: the audit chain keyed when the
 /// master key is at hand (HANDOVER_MASTER_KEY, HANDOVER_MASTER_KEY_FILE, or
-/// DATA_DIR/master.key when it exists; never generated here). Commands
-/// that write to the log are refused without it.
+/// DATA_DIR/master.key). Commands that write to the log are refused
+/// without it, except on a fresh install (an empty audit log): there they
+/// create DATA_DIR/master.key, the key `serve` would create on its first
+/// start, so that `token create` can come before the server's first run.
+/// Once the log has rows, a missing key is never replaced by a new one:
+/// rows under another key would break the chain.
 async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     let mut store = Store::connect(&cli.database).await?;
     let data_dir = operator_data_dir();
@@ -304,7 +308,8 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         (None, Some(f)) => Some(MasterKeySource::File(f)),
         (None, None) => {
             let f = data_dir.join("master.key");
-            f.exists().then_some(MasterKeySource::File(f))
+            (f.exists() || (writes && store.audit_is_empty().await?))
+                .then_some(MasterKeySource::File(f))
         }
     };
     match source {

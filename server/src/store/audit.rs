@@ -424,6 +424,20 @@ impl Store {
         tx.commit().await.map_err(BatchError::Tx)
     }
 
+    /// Whether the audit log has no row yet: a fresh install.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn audit_is_empty(&self) -> anyhow::Result<bool> {
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM audit_log LIMIT 1) AS first_row",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(rows == 0)
+    }
+
     /// Walks the whole chain in order and reports the first bad row. With
     /// the audit key (the store's), every row must carry its keyed hash;
     /// with `head` (the last head written outside the database), the chain

@@ -300,6 +300,110 @@ async fn dev_no_auth_refuses_to_start_on_a_public_address() {
     assert!(err.contains("loopback"), "{err}");
 }
 
+/// `handover-server` with only the database and the data directory set:
+/// no master key in the environment.
+fn operator(db: &TestDb, data_dir: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"));
+    cmd.env("DATABASE_URL", &db.url)
+        .env("HANDOVER_DATA_DIR", data_dir)
+        .env_remove("HANDOVER_MASTER_KEY")
+        .env_remove("HANDOVER_MASTER_KEY_FILE")
+        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use tokio::io::AsyncBufReadExt as _;
+    let db = TestDb::new().await;
+    let data = db.dir.path().join("data");
+    let made = operator(&db, &data)
+        .args([
+            "token",
+            "create",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&made.stderr);
+    assert!(made.status.success(), "{stderr}");
+    let stdout = String::from_utf8(made.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "the token and nothing else");
+    let token = stdout.trim().to_string();
+    let key = data.join("master.key");
+    let mode = std::fs::metadata(&key)
+        .expect("the master key, made as serve would")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The server's first start takes that key, and the token works.
+    let mut server = operator(&db, &data)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let listening = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some((_, rest)) = line.split_once("handover-server listening addr=") {
+                return rest.split_whitespace().next().map(str::to_string);
+            }
+        }
+        None
+    };
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(60), listening)
+        .await
+        .expect("the server starts")
+        .expect("and says where it listens");
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}/api/data/summary"))
+        .bearer_auth(&token)
+        .header("x-company-id", "company_123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.kill().await.unwrap();
+    // One chain under one key: the CLI's row and the server's verify.
+    let verified = operator(&db, &data)
+        .args(["audit", "verify"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout) + String::from_utf8_lossy(&verified.stderr)
+    );
+    // Once the log has rows, a missing key is not made anew.
+    let elsewhere = db.dir.path().join("elsewhere");
+    let refused = operator(&db, &elsewhere)
+        .args([
+            "token",
+            "create",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
+    assert!(!elsewhere.join("master.key").exists());
+}
+
 #[tokio::test]
 async fn creating_and_revoking_tokens_is_audited() {
     let app = spawn_app().await;
