@@ -349,25 +349,47 @@ async fn produce(
                     return;
                 }
             }
-            if tx.send(Ok(frame.line.into())).await.is_err() {
+            let record = || async {
+                let bookkeeping = Instant::now();
+                let recorded = state
+                    .store
+                    .record_progress(
+                        &req.row.id,
+                        &req.data_type,
+                        frame.served,
+                        frame.rows,
+                        frame.done,
+                    )
+                    .await;
+                state.metrics.observe_bookkeeping(bookkeeping.elapsed());
+                if let Err(e) = &recorded {
+                    tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
+                }
+                recorded
+            };
+            // The last frame is recorded before it leaves: a client that
+            // has it may call `complete` at once, and `complete` checks
+            // that every type was served to its end. Unrecorded, it is not
+            // sent; the client resumes from its last cursor and reads it
+            // again. Other frames go first and are recorded while the
+            // client reads them.
+            if frame.done && record().await.is_err() {
+                let mut line = Vec::new();
+                error_line(
+                    &mut line,
+                    "INTERNAL_ERROR",
+                    "recording the export's progress failed; resume from the last cursor",
+                );
+                let _ = tx.send(Ok(line.into())).await;
+                return;
+            }
+            if tx.send(Ok(frame.line.clone().into())).await.is_err() {
                 return; // the client went away
             }
             sent += 1;
-            let bookkeeping = Instant::now();
-            if let Err(e) = state
-                .store
-                .record_progress(
-                    &req.row.id,
-                    &req.data_type,
-                    frame.served,
-                    frame.rows,
-                    frame.done,
-                )
-                .await
-            {
-                tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "recording progress failed");
+            if !frame.done {
+                let _ = record().await;
             }
-            state.metrics.observe_bookkeeping(bookkeeping.elapsed());
         }
     };
     let (read, ()) = tokio::join!(reading, sending);

@@ -339,3 +339,73 @@ async fn the_demo_types_find_their_nested_rows_by_index() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_last_frame_of_a_stream_leaves_only_once_it_is_recorded() {
+    use futures_util::StreamExt as _;
+    let app = spawn_app().await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
+    let manifest: handover::model::Manifest =
+        serde_json::from_value(r.body["data"]["manifest"].clone()).unwrap();
+    let total = manifest.types["payment_history"].records;
+    assert!(total <= 5000, "one frame: the last");
+    let done_sql =
+        format!("SELECT COUNT(*) FROM export_progress WHERE export_id = '{id}' AND done = 1");
+    let done = || app.count(&done_sql);
+    // A client that has the last frame may call `complete` at once, which
+    // checks that the type was served to its end. On PostgreSQL the
+    // progress can be held back alone (a lock on its table; the audit log
+    // and the records go on), so that a frame sent before it is recorded
+    // shows.
+    let mut lock = None;
+    if engine() == Engine::Postgres {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+        sqlx::raw_sql("BEGIN; LOCK TABLE export_progress IN EXCLUSIVE MODE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        lock = Some(c);
+    }
+    let resp = app
+        .client
+        .get(format!(
+            "{}/api/data/export/{id}/records/payment_history/stream?limit=5000",
+            app.base
+        ))
+        .bearer_auth(&app.token)
+        .header("x-company-id", "company_123")
+        .header("accept-encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut chunks = resp.bytes_stream();
+    if let Some(mut c) = lock {
+        let early = tokio::time::timeout(std::time::Duration::from_secs(1), chunks.next()).await;
+        assert!(
+            early.is_err(),
+            "the last frame arrived before its progress was recorded"
+        );
+        assert_eq!(done().await, 0);
+        sqlx::raw_sql("COMMIT").execute(&mut c).await.unwrap();
+    }
+    let mut got = Vec::new();
+    // Bounded: one frame of at most 5000 rows.
+    for _ in 0..100_000 {
+        match chunks.next().await {
+            Some(c) => got.extend_from_slice(&c.unwrap()),
+            None => break,
+        }
+        if got.ends_with(b"\n") {
+            break;
+        }
+    }
+    let frame: Value = serde_json::from_slice(got.trim_ascii_end()).unwrap();
+    assert!(frame["next_cursor"].is_null(), "the last frame");
+    assert_eq!(frame["rows"].as_array().unwrap().len() as u64, total);
+    assert_eq!(done().await, 1, "recorded before it left");
+}
