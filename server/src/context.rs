@@ -403,13 +403,10 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             // 429 without an actor is the throttle answering in the lane:
             // counted, never a row of its own.
             let throttled = status == axum::http::StatusCode::TOO_MANY_REQUESTS;
-            let (own_row, finished) =
+            let own_row =
                 state
                     .guard
                     .refused(&ip_key, &stored_path, throttled, authorization.as_deref());
-            if let Err(e) = write_tallies(&state, finished).await {
-                tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
-            }
             if !own_row {
                 return response;
             }

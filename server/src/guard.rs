@@ -321,15 +321,16 @@ impl Guard {
 
     /// Counts a refusal (`throttled`: a 429 before authentication) and
     /// remembers the credential that failed; returns whether it should
-    /// still get an audit row of its own, and the tallies of earlier
-    /// minutes that are now complete.
+    /// still get an audit row of its own. Tallies of earlier minutes that
+    /// this completes wait for the sweeper ([`Guard::take_finished`]): no
+    /// request writes them, so none is lost with a request.
     pub fn refused(
         &self,
         ip: &str,
         path: &str,
         throttled: bool,
         authorization: Option<&str>,
-    ) -> (bool, Vec<Tally>) {
+    ) -> bool {
         self.refused_at(ip, path, throttled, authorization, minute_now())
     }
 
@@ -340,9 +341,9 @@ impl Guard {
         throttled: bool,
         authorization: Option<&str>,
         now: i64,
-    ) -> (bool, Vec<Tally>) {
+    ) -> bool {
         let Ok(mut tallies) = self.tallies.lock() else {
-            return (true, Vec::new());
+            return true;
         };
         let tallies = &mut *tallies;
         if tallies.by_address.len() >= MAX_TALLIES
@@ -361,14 +362,16 @@ impl Guard {
                 .finished
                 .extend(finished.into_values().filter(Tally::unlogged));
         }
-        let mut done = Vec::new();
         let key = tallies.key(ip);
         let t = tallies
             .by_address
             .entry(key.to_string())
             .or_insert_with(|| Tally::new(key, now, path));
         if t.minute != now {
-            done.push(std::mem::replace(t, Tally::new(key, now, path)));
+            let finished = std::mem::replace(t, Tally::new(key, now, path));
+            if finished.unlogged() {
+                tallies.finished.push(finished);
+            }
         }
         if throttled {
             t.throttled += 1;
@@ -381,9 +384,7 @@ impl Guard {
                 }
             }
         }
-        let own_row = !throttled && t.refused <= LOGGED_PER_MINUTE;
-        done.retain(Tally::unlogged);
-        (own_row, done)
+        !throttled && t.refused <= LOGGED_PER_MINUTE
     }
 
     /// Tallies of minutes before this one (for the sweeper to write).
@@ -442,7 +443,7 @@ mod tests {
     fn throttles_an_ip_past_its_limit_but_not_known_credentials() {
         let g = Guard::default();
         for i in 0..5 {
-            let (own, _) = g.refused("10.0.0.1", "/api/x", false, Some("Bearer bad"));
+            let own = g.refused("10.0.0.1", "/api/x", false, Some("Bearer bad"));
             assert_eq!(own, i < LOGGED_PER_MINUTE);
         }
         assert_eq!(g.throttled("10.0.0.1", 6, None), None);
@@ -517,8 +518,7 @@ mod tests {
         }
         assert_eq!(g.tallies.lock().unwrap().by_address.len(), MAX_TALLIES);
         for n in 0..12 {
-            let (_, done) = g.refused_at(&format!("172.16.0.{n}"), "/api/y", false, None, now);
-            assert!(done.is_empty());
+            g.refused_at(&format!("172.16.0.{n}"), "/api/y", false, None, now);
         }
         let tallies = g.tallies.lock().unwrap();
         assert_eq!(
@@ -543,8 +543,7 @@ mod tests {
         );
         // A new minute: the full map's finished tallies make room, and
         // wait for the sweeper; the next address has a tally of its own.
-        let (_, done) = g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
-        assert!(done.is_empty(), "the request does not write them");
+        g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
         let tallies = g.tallies.lock().unwrap();
         assert_eq!(tallies.by_address.len(), 1);
         assert_eq!(tallies.by_address["172.16.0.1"].refused, 1);
@@ -559,6 +558,25 @@ mod tests {
             (finished[0].ip.as_str(), finished[0].refused),
             (OTHER_ADDRESSES, 12)
         );
+    }
+
+    #[test]
+    fn a_finished_minute_waits_for_the_sweeper_whichever_answer_ends_it() {
+        let g = Guard::default();
+        let now = 29_000_000;
+        for _ in 0..12 {
+            g.refused_at("10.0.0.1", "/api/x", false, None, now);
+        }
+        // The next minute's first refusal is a throttled one (the 429
+        // before authentication, whose caller writes nothing).
+        assert!(!g.refused_at("10.0.0.1", "/api/x", true, None, now + 1));
+        let mut tallies = g.take_all();
+        tallies.sort_by_key(|t| t.minute);
+        let counts: Vec<_> = tallies
+            .iter()
+            .map(|t| (t.minute, t.refused, t.throttled))
+            .collect();
+        assert_eq!(counts, [(now, 12, 0), (now + 1, 0, 1)]);
     }
 
     #[test]

@@ -179,7 +179,12 @@ pub async fn serve(
         header_timeout: state.settings.header_timeout,
         max_connections: state.settings.max_connections,
     };
-    crate::listen::serve(listener, crate::app(state), limits, shutdown()).await?;
+    crate::listen::serve(listener, crate::app(state.clone()), limits, shutdown()).await?;
+    // The refusals counted this minute are written before the process
+    // ends, not lost with it.
+    if let Err(e) = crate::context::write_tallies(&state, state.guard.take_all()).await {
+        tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -314,10 +314,36 @@ fn operator(db: &TestDb, data_dir: &std::path::Path) -> tokio::process::Command 
     cmd
 }
 
+/// The binary serving on a free port (see [`operator`]), and its address.
+async fn serve(db: &TestDb, data_dir: &std::path::Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut server = operator(db, data_dir)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let listening = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some((_, rest)) = line.split_once("handover-server listening addr=") {
+                return rest.split_whitespace().next().map(str::to_string);
+            }
+        }
+        None
+    };
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(60), listening)
+        .await
+        .expect("the server starts")
+        .expect("and says where it listens");
+    // The rest of its log, read so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (server, addr)
+}
+
 #[tokio::test]
 async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
     use std::os::unix::fs::PermissionsExt as _;
-    use tokio::io::AsyncBufReadExt as _;
     let db = TestDb::new().await;
     let data = db.dir.path().join("data");
     let made = operator(&db, &data)
@@ -344,25 +370,7 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // The server's first start takes that key, and the token works.
-    let mut server = operator(&db, &data)
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
-    let listening = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some((_, rest)) = line.split_once("handover-server listening addr=") {
-                return rest.split_whitespace().next().map(str::to_string);
-            }
-        }
-        None
-    };
-    let addr = tokio::time::timeout(std::time::Duration::from_secs(60), listening)
-        .await
-        .expect("the server starts")
-        .expect("and says where it listens");
+    let (mut server, addr) = serve(&db, &data).await;
     let r = reqwest::Client::new()
         .get(format!("http://{addr}/api/data/summary"))
         .bearer_auth(&token)
@@ -402,6 +410,63 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
     assert!(!elsewhere.join("master.key").exists());
+}
+
+#[tokio::test]
+async fn refusals_counted_this_minute_are_written_when_the_server_stops() {
+    let db = TestDb::new().await;
+    let (mut server, addr) = serve(&db, &db.dir.path().join("data")).await;
+    let client = reqwest::Client::new();
+    let refusals = handover_server::guard::LOGGED_PER_MINUTE + 5;
+    for _ in 0..refusals {
+        let r = client
+            .get(format!("http://{addr}/api/data/summary"))
+            .bearer_auth("hov_not_a_token")
+            .header("x-company-id", "company_123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // SIGTERM: a graceful stop.
+    let pid = server.id().unwrap().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), server.wait())
+        .await
+        .expect("the server stops")
+        .unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+    // Every refusal is in the log: a row of its own for the first few of
+    // the minute, the rest in the minute's count, written on the way out.
+    // (Should a new minute begin during the loop, more have rows of their
+    // own; the sum holds either way.)
+    let store = handover_server::store::Store::connect(&db.url)
+        .await
+        .unwrap();
+    let own: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE status = 401 AND request_id IS NOT NULL",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let counted: Vec<String> = sqlx::query_scalar(
+        "SELECT details FROM audit_log WHERE action = 'auth.refused' AND request_id IS NULL",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let in_counts: u64 = counted
+        .iter()
+        .map(|d| {
+            let d: serde_json::Value = serde_json::from_str(d).unwrap();
+            d["refused"].as_u64().unwrap() - d["logged_one_by_one"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(own as u64 + in_counts, refusals, "{counted:?}");
 }
 
 #[tokio::test]
