@@ -130,7 +130,8 @@ pub(crate) async fn export(
         Err(_) => tokio::spawn(build),
     };
 
-    let filename = format!("export-{}.{}", row.id, format.extension());
+    // As its download would be named: `export_…` is already the id.
+    let filename = format!("{}.{}", row.id, format.extension());
     // Fused: the body may be polled again after it ended.
     let body = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
         rx.recv().await.map(|item| (item, rx))

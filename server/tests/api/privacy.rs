@@ -25,10 +25,12 @@ async fn one_call_streams_every_data_type_as_a_json_attachment_and_audits_it() {
     assert!(r.header("content-type").starts_with("application/json"));
     assert_eq!(r.header("cache-control"), "no-store");
     assert_eq!(r.header("x-content-type-options"), "nosniff");
-    let cd = r.header("content-disposition");
-    assert!(
-        cd.starts_with("attachment; filename=\"") && cd.ends_with(".json\""),
-        "{cd}"
+    let id = r.header("x-export-id");
+    assert!(id.starts_with("export_"), "{id}");
+    assert_eq!(
+        r.header("content-disposition"),
+        format!("attachment; filename=\"{id}.json\""),
+        "named as the export's download is"
     );
     let file: Value = serde_json::from_slice(&r.bytes).expect("the attachment is JSON");
     let all: Vec<String> = app.state.registry.all().map(|t| t.name.clone()).collect();
