@@ -290,11 +290,12 @@ fn operator_data_dir() -> PathBuf {
 /// The store for an operator command: the audit chain keyed when the
 /// master key is at hand (HANDOVER_MASTER_KEY, HANDOVER_MASTER_KEY_FILE, or
 /// DATA_DIR/master.key). Commands that write to the log are refused
-/// without it, except on a fresh install (an empty audit log): there they
-/// create DATA_DIR/master.key, the key `serve` would create on its first
-/// start, so that `token create` can come before the server's first run.
-/// Once the log has rows, a missing key is never replaced by a new one:
-/// rows under another key would break the chain.
+/// without it, except on a fresh install (no key recorded in the database
+/// and an empty audit log): there they create DATA_DIR/master.key, the key
+/// `serve` would create on its first start, so that `token create` can
+/// come before the server's first run. A key other than the one the
+/// database was set up with is refused: rows under it would break the
+/// chain.
 async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     let mut store = Store::connect(&cli.database).await?;
     let data_dir = operator_data_dir();
@@ -308,12 +309,28 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         (None, Some(f)) => Some(MasterKeySource::File(f)),
         (None, None) => {
             let f = data_dir.join("master.key");
-            (f.exists() || (writes && store.audit_is_empty().await?))
-                .then_some(MasterKeySource::File(f))
+            let fresh = || async {
+                anyhow::Ok(
+                    store.recorded_master_key().await?.is_none() && store.audit_is_empty().await?,
+                )
+            };
+            (f.exists() || (writes && fresh().await?)).then_some(MasterKeySource::File(f))
         }
     };
     match source {
-        Some(src) => store = store.with_master_key(&config::master_key(&src, None)?),
+        Some(src) => {
+            let key = config::master_key(&src, None)?;
+            let ours = if writes {
+                store.claim_master_key(&key).await?
+            } else {
+                store
+                    .recorded_master_key()
+                    .await?
+                    .is_none_or(|f| f == crate::store::master_key_fingerprint(&key))
+            };
+            anyhow::ensure!(ours, "{}", crate::startup::WRONG_MASTER_KEY);
+            store = store.with_master_key(&key);
+        }
         // An unkeyed row would break the keyed chain the server writes.
         None => anyhow::ensure!(
             !writes,

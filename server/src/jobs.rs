@@ -361,11 +361,17 @@ pub async fn drain(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails client exports idle for longer than the stale limit, requeues (or
-/// fails) server builds whose instance stopped, expires exports past their
-/// retention, and removes bytes no export owns. Safe on every instance at
+/// Writes the counts of refused requests of finished minutes, fails client
+/// exports idle for longer than the stale limit, requeues (or fails) server
+/// builds whose instance stopped, expires exports past their retention, and
+/// removes bytes no export owns. Safe on every instance at
 /// once: each change is conditional on the state it leaves.
 pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
+    // First, and whatever the rest does: counts of refused requests wait
+    // in memory until written (and go back there if writing fails).
+    if let Err(e) = crate::context::write_tallies(state, state.guard.take_finished()).await {
+        tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
+    }
     let cutoff = handover::model::format_timestamp(
         time::OffsetDateTime::now_utc() - state.settings.stale_after,
     );
@@ -397,7 +403,6 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
             state.files.remove(&files).await;
         }
     }
-    crate::context::write_tallies(state, state.guard.take_finished()).await?;
     let removed = state.files.collect_garbage().await?;
     if removed > 0 {
         tracing::info!(removed, "removed export bytes that no export owns");

@@ -36,15 +36,20 @@ pub struct StateOptions {
     pub audit_head_file: Option<PathBuf>,
 }
 
+/// Why a server or operator command with another master key than the
+/// database's first one is refused.
+pub const WRONG_MASTER_KEY: &str = "HANDOVER_MASTER_KEY / HANDOVER_MASTER_KEY_FILE: this is not the master key this database was set up with \
+     (its export files, cursors and audit chain need that one): restore that key, or use another database";
+
 /// The store, with the audit chain keyed by the master key and its heads
 /// written to the head file.
 async fn keyed_store(
     o: &StateOptions,
     master: &handover::crypto::DataKey,
 ) -> anyhow::Result<Store> {
-    let mut store = Store::connect(&o.database_url)
-        .await?
-        .with_master_key(master);
+    let store = Store::connect(&o.database_url).await?;
+    anyhow::ensure!(store.claim_master_key(master).await?, "{WRONG_MASTER_KEY}");
+    let mut store = store.with_master_key(master);
     if let Some(f) = &o.audit_head_file {
         if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -182,8 +187,12 @@ pub async fn serve(
     crate::listen::serve(listener, crate::app(state.clone()), limits, shutdown()).await?;
     // The refusals counted this minute are written before the process
     // ends, not lost with it.
-    if let Err(e) = crate::context::write_tallies(&state, state.guard.take_all()).await {
-        tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed");
+    // Bounded: an unreachable database must not hold the process.
+    let flush = crate::context::write_tallies(&state, state.guard.take_all());
+    match tokio::time::timeout(std::time::Duration::from_secs(10), flush).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "writing refusal counts failed"),
+        Err(_) => tracing::error!("writing refusal counts took too long; some are not in the log"),
     }
     tracing::info!("stopped");
     Ok(())

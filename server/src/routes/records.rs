@@ -330,7 +330,13 @@ async fn produce(
         let mut frames_rx = frames_rx;
         let mut fault = first_fault;
         let mut sent = 0u32;
-        while let Some(frame) = frames_rx.recv().await {
+        while let Some(FrameOut {
+            line,
+            served,
+            rows,
+            done,
+        }) = frames_rx.recv().await
+        {
             if sent > 0 {
                 fault = state.settings.fault.as_ref().and_then(|f| f.roll());
             }
@@ -353,13 +359,7 @@ async fn produce(
                 let bookkeeping = Instant::now();
                 let recorded = state
                     .store
-                    .record_progress(
-                        &req.row.id,
-                        &req.data_type,
-                        frame.served,
-                        frame.rows,
-                        frame.done,
-                    )
+                    .record_progress(&req.row.id, &req.data_type, served, rows, done)
                     .await;
                 state.metrics.observe_bookkeeping(bookkeeping.elapsed());
                 if let Err(e) = &recorded {
@@ -373,21 +373,19 @@ async fn produce(
             // sent; the client resumes from its last cursor and reads it
             // again. Other frames go first and are recorded while the
             // client reads them.
-            if frame.done && record().await.is_err() {
-                let mut line = Vec::new();
-                error_line(
-                    &mut line,
-                    "INTERNAL_ERROR",
+            if done && record().await.is_err() {
+                send_error(
+                    &tx,
                     "recording the export's progress failed; resume from the last cursor",
-                );
-                let _ = tx.send(Ok(line.into())).await;
+                )
+                .await;
                 return;
             }
-            if tx.send(Ok(frame.line.clone().into())).await.is_err() {
+            if tx.send(Ok(line.into())).await.is_err() {
                 return; // the client went away
             }
             sent += 1;
-            if !frame.done {
+            if !done {
                 let _ = record().await;
             }
         }
@@ -395,12 +393,18 @@ async fn produce(
     let (read, ()) = tokio::join!(reading, sending);
     if let Err(e) = read {
         tracing::error!(request_id = %request_id, error = %format!("{e:#}"), "record stream failed");
-        let mut line = Vec::new();
-        error_line(
-            &mut line,
-            "INTERNAL_ERROR",
+        send_error(
+            &tx,
             "reading the records failed; resume from the last cursor",
-        );
-        let _ = tx.send(Ok(line.into())).await;
+        )
+        .await;
     }
+}
+
+/// Ends a stream with an `INTERNAL_ERROR` line: the client resumes from
+/// the last cursor it has.
+async fn send_error(tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>, message: &str) {
+    let mut line = Vec::new();
+    error_line(&mut line, "INTERNAL_ERROR", message);
+    let _ = tx.send(Ok(line.into())).await;
 }

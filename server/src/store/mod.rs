@@ -89,6 +89,49 @@ fn derive_key(master: &handover::crypto::DataKey, label: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// The fingerprint of a master key: a key derived from it (it reveals
+/// nothing of the master key), recorded in the database it was first used
+/// with.
+pub fn master_key_fingerprint(master: &handover::crypto::DataKey) -> String {
+    hex::encode(derive_key(master, b"handover master key fingerprint v1"))
+}
+
+impl Store {
+    /// The fingerprint of the master key this database was set up with,
+    /// if one was recorded.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn recorded_master_key(&self) -> anyhow::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT fingerprint FROM master_key_check WHERE id = 1")
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Records `master` as this database's master key when none is yet;
+    /// whether `master` is the recorded one.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn claim_master_key(
+        &self,
+        master: &handover::crypto::DataKey,
+    ) -> anyhow::Result<bool> {
+        let mine = master_key_fingerprint(master);
+        sqlx::query(
+            "INSERT INTO master_key_check (id, fingerprint) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&mine)
+        .execute(self.pool())
+        .await?;
+        Ok(self.recorded_master_key().await?.as_deref() == Some(mine.as_str()))
+    }
+}
+
 /// A write transaction; on SQLite it also holds the process's writer turn.
 pub struct Tx<'s> {
     pub(crate) tx: Transaction<'static, Any>,

@@ -315,9 +315,17 @@ fn operator(db: &TestDb, data_dir: &std::path::Path) -> tokio::process::Command 
 }
 
 /// The binary serving on a free port (see [`operator`]), and its address.
-async fn serve(db: &TestDb, data_dir: &std::path::Path) -> (tokio::process::Child, String) {
+async fn serve(
+    db: &TestDb,
+    data_dir: &std::path::Path,
+    master_key: Option<&str>,
+) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt as _;
-    let mut server = operator(db, data_dir)
+    let mut cmd = operator(db, data_dir);
+    if let Some(k) = master_key {
+        cmd.env("HANDOVER_MASTER_KEY", k);
+    }
+    let mut server = cmd
         .args(["serve", "--bind", "127.0.0.1:0"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -341,23 +349,74 @@ async fn serve(db: &TestDb, data_dir: &std::path::Path) -> (tokio::process::Chil
     (server, addr)
 }
 
+/// `token create` for user_456 in company_123 (see [`operator`]).
+async fn create_token(cmd: &mut tokio::process::Command) -> std::process::Output {
+    cmd.args([
+        "token",
+        "create",
+        "--user",
+        "user_456",
+        "--company",
+        "company_123",
+    ])
+    .output()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn another_master_key_than_the_databases_first_is_refused() {
+    let db = TestDb::new().await;
+    let data = db.dir.path().join("data");
+    // The server's first start, with its key from the environment.
+    let (mut server, _) = serve(&db, &data, Some(MASTER_HEX)).await;
+    server.kill().await.unwrap();
+    // An operator without that key: not a fresh install, so no new key.
+    let refused = create_token(&mut operator(&db, &data)).await;
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
+    assert!(!data.join("master.key").exists());
+    // Another key: refused by the CLI and by the server.
+    let other = "08".repeat(32);
+    let refused = create_token(operator(&db, &data).env("HANDOVER_MASTER_KEY", &other)).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("not the master key this database was set up with"),
+        "{err}"
+    );
+    let start = operator(&db, &data)
+        .env("HANDOVER_MASTER_KEY", &other)
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .output();
+    // Bounded: a server that accepted the key would keep running.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), start)
+        .await
+        .expect("the server refuses to start")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not the master key this database was set up with"),
+        "{err}"
+    );
+    // The first key still works.
+    let made = create_token(operator(&db, &data).env("HANDOVER_MASTER_KEY", MASTER_HEX)).await;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
 #[tokio::test]
 async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
     use std::os::unix::fs::PermissionsExt as _;
     let db = TestDb::new().await;
     let data = db.dir.path().join("data");
-    let made = operator(&db, &data)
-        .args([
-            "token",
-            "create",
-            "--user",
-            "user_456",
-            "--company",
-            "company_123",
-        ])
-        .output()
-        .await
-        .unwrap();
+    let made = create_token(&mut operator(&db, &data)).await;
     let stderr = String::from_utf8_lossy(&made.stderr);
     assert!(made.status.success(), "{stderr}");
     let stdout = String::from_utf8(made.stdout).unwrap();
@@ -370,7 +429,7 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // The server's first start takes that key, and the token works.
-    let (mut server, addr) = serve(&db, &data).await;
+    let (mut server, addr) = serve(&db, &data, None).await;
     let r = reqwest::Client::new()
         .get(format!("http://{addr}/api/data/summary"))
         .bearer_auth(&token)
@@ -393,18 +452,7 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
     );
     // Once the log has rows, a missing key is not made anew.
     let elsewhere = db.dir.path().join("elsewhere");
-    let refused = operator(&db, &elsewhere)
-        .args([
-            "token",
-            "create",
-            "--user",
-            "user_456",
-            "--company",
-            "company_123",
-        ])
-        .output()
-        .await
-        .unwrap();
+    let refused = create_token(&mut operator(&db, &elsewhere)).await;
     assert!(!refused.status.success());
     assert!(refused.stdout.is_empty());
     let err = String::from_utf8_lossy(&refused.stderr);
@@ -415,7 +463,7 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
 #[tokio::test]
 async fn refusals_counted_this_minute_are_written_when_the_server_stops() {
     let db = TestDb::new().await;
-    let (mut server, addr) = serve(&db, &db.dir.path().join("data")).await;
+    let (mut server, addr) = serve(&db, &db.dir.path().join("data"), None).await;
     let client = reqwest::Client::new();
     let refusals = handover_server::guard::LOGGED_PER_MINUTE + 5;
     for _ in 0..refusals {
