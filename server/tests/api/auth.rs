@@ -36,20 +36,12 @@ fn jwt(
 async fn api_tokens_from_the_cli_work_until_revoked() {
     let app = spawn_app().await;
     let url = app.db.url.clone();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
-        .args([
-            "token",
-            "create",
-            "--user",
-            "user_456",
-            "--company",
-            "company_123",
-        ])
-        .env("DATABASE_URL", &url)
-        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .output()
-        .await
-        .unwrap();
+    let out = create_token(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+            .env("DATABASE_URL", &url)
+            .env("HANDOVER_MASTER_KEY", MASTER_HEX),
+    )
+    .await;
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(

@@ -46,15 +46,20 @@ fn csv_of(manifest: &handover::model::Manifest, frames: &[Value]) -> Vec<u8> {
     out
 }
 
+/// A client export of the demo user's payments: its id and manifest.
+async fn payments_export(app: &TestApp, format: &str) -> (String, handover::model::Manifest) {
+    let r = app
+        .create(json!({"export_format": format, "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
+    let manifest = serde_json::from_value(r.body["data"]["manifest"].clone()).unwrap();
+    (id, manifest)
+}
+
 #[tokio::test]
 async fn streams_carry_every_record_and_resume_byte_identically() {
     let app = spawn_app().await;
-    let r = app
-        .create(json!({"export_format": "csv", "data_types": ["payment_history"], "delivery": "client"}))
-        .await;
-    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
-    let manifest: handover::model::Manifest =
-        serde_json::from_value(r.body["data"]["manifest"].clone()).unwrap();
+    let (id, manifest) = payments_export(&app, "csv").await;
     let total = manifest.types["payment_history"].records;
     assert!(total > 20, "enough records for several frames: {total}");
     let base = format!("/api/data/export/{id}/records/payment_history/stream");
@@ -172,10 +177,7 @@ async fn streams_carry_every_record_and_resume_byte_identically() {
         (422, "INVALID_CURSOR"),
         "a cursor past the end"
     );
-    let other = app
-        .create(json!({"export_format": "csv", "data_types": ["payment_history"], "delivery": "client"}))
-        .await;
-    let other = other.body["data"]["request_id"].as_str().unwrap();
+    let (other, _) = payments_export(&app, "csv").await;
     let r = app
         .call(
             Method::GET,
@@ -201,13 +203,7 @@ fn urlencode(s: &str) -> String {
 async fn compressed_and_uncompressed_pages_carry_the_same_records() {
     use std::io::Read as _;
     let app = spawn_app().await;
-    let id = app
-        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
-        .await
-        .body["data"]["request_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (id, _) = payments_export(&app, "json").await;
     let mut decoded = Vec::new();
     for enc in ["identity", "gzip", "br", "zstd", "gzip;q=0.5, zstd"] {
         let r = app
@@ -344,12 +340,7 @@ async fn the_demo_types_find_their_nested_rows_by_index() {
 async fn the_last_frame_of_a_stream_leaves_only_once_it_is_recorded() {
     use futures_util::StreamExt as _;
     let app = spawn_app().await;
-    let r = app
-        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
-        .await;
-    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
-    let manifest: handover::model::Manifest =
-        serde_json::from_value(r.body["data"]["manifest"].clone()).unwrap();
+    let (id, manifest) = payments_export(&app, "json").await;
     let total = manifest.types["payment_history"].records;
     assert!(total <= 5000, "one frame: the last");
     let done_sql =
