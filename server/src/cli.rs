@@ -320,15 +320,7 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     match source {
         Some(src) => {
             let key = config::master_key(&src, None)?;
-            let ours = if writes {
-                store.claim_master_key(&key).await?
-            } else {
-                store
-                    .recorded_master_key()
-                    .await?
-                    .is_none_or(|f| f == crate::store::master_key_fingerprint(&key))
-            };
-            anyhow::ensure!(ours, "{}", crate::startup::WRONG_MASTER_KEY);
+            store.check_master_key(&key, writes).await?;
             store = store.with_master_key(&key);
         }
         // An unkeyed row would break the keyed chain the server writes.

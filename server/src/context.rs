@@ -300,16 +300,16 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let ip_key = ctx.0.address_key.clone();
+    let ip_key = ctx.address_key();
     // An address flooding the API with failed authentications is answered
     // here, before authentication and without an audit row of its own.
     if path.starts_with("/api/") {
         if let Some(retry_after) = state.guard.throttled(
-            &ip_key,
+            ip_key,
             state.settings.unauth_per_minute,
             authorization.as_deref(),
         ) {
-            let _ = state.guard.refused(&ip_key, &stored_path, true, None);
+            let _ = state.guard.refused(ip_key, &stored_path, true, None);
             state.metrics.observe_request(429, ctx.0.started.elapsed());
             let mut r = throttled_error(&state, retry_after).into_response();
             if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
@@ -326,7 +326,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, path = %stored_path);
     if path.starts_with("/api/") {
         if let Some(lane) = state.guard.lane(
-            &ip_key,
+            ip_key,
             state.settings.unauth_per_minute,
             authorization.as_deref(),
         ) {
@@ -417,7 +417,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
             let own_row =
                 state
                     .guard
-                    .refused(&ip_key, &stored_path, throttled, authorization.as_deref());
+                    .refused(ip_key, &stored_path, throttled, authorization.as_deref());
             if !own_row {
                 return response;
             }

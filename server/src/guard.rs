@@ -167,6 +167,19 @@ impl Tallies {
         }
     }
 
+    /// Moves the tallies of minutes before `now` out of the map, and those
+    /// with refusals that got no row of their own into the queue.
+    fn set_aside_before(&mut self, now: i64) {
+        let (current, earlier): (HashMap<_, _>, HashMap<_, _>) =
+            std::mem::take(&mut self.by_address)
+                .into_iter()
+                .partition(|(_, t)| t.minute >= now);
+        self.by_address = current;
+        for t in earlier.into_values().filter(Tally::unlogged) {
+            self.finish(t);
+        }
+    }
+
     /// The tally `ip` counts in: its own, or, when the map is full and it
     /// has none, the one other addresses share.
     fn key<'a>(&self, ip: &'a str) -> &'a str {
@@ -379,14 +392,7 @@ impl Guard {
             // Full: the tallies of finished minutes make room now, and
             // wait for the sweeper with the others.
             tallies.set_aside = now;
-            let (current, finished): (HashMap<_, _>, HashMap<_, _>) =
-                std::mem::take(&mut tallies.by_address)
-                    .into_iter()
-                    .partition(|(_, t)| t.minute == now);
-            tallies.by_address = current;
-            for t in finished.into_values().filter(Tally::unlogged) {
-                tallies.finish(t);
-            }
+            tallies.set_aside_before(now);
         }
         // The address's tally of an earlier minute is finished.
         let stale = tallies.key(ip).to_string();
@@ -435,20 +441,8 @@ impl Guard {
         let Ok(mut tallies) = self.tallies.lock() else {
             return Vec::new();
         };
-        let finished: Vec<String> = tallies
-            .by_address
-            .iter()
-            .filter(|(_, t)| t.minute < now)
-            .map(|(ip, _)| ip.clone())
-            .collect();
-        let mut done = std::mem::take(&mut tallies.finished);
-        done.extend(
-            finished
-                .into_iter()
-                .filter_map(|ip| tallies.by_address.remove(&ip))
-                .filter(Tally::unlogged),
-        );
-        done
+        tallies.set_aside_before(now);
+        std::mem::take(&mut tallies.finished)
     }
 
     /// Every tally, finished or not (tests and shutdown).
@@ -456,15 +450,8 @@ impl Guard {
         let Ok(mut tallies) = self.tallies.lock() else {
             return Vec::new();
         };
-        let mut done = std::mem::take(&mut tallies.finished);
-        done.extend(
-            tallies
-                .by_address
-                .drain()
-                .map(|(_, t)| t)
-                .filter(Tally::unlogged),
-        );
-        done
+        tallies.set_aside_before(i64::MAX);
+        std::mem::take(&mut tallies.finished)
     }
 }
 

@@ -36,11 +36,6 @@ pub struct StateOptions {
     pub audit_head_file: Option<PathBuf>,
 }
 
-/// Why a server or operator command with another master key than the
-/// database's first one is refused.
-pub const WRONG_MASTER_KEY: &str = "HANDOVER_MASTER_KEY / HANDOVER_MASTER_KEY_FILE: this is not the master key this database was set up with \
-     (its export files, cursors and audit chain need that one): restore that key, or use another database";
-
 /// The store, with the audit chain keyed by the master key and its heads
 /// written to the head file.
 async fn keyed_store(
@@ -48,7 +43,7 @@ async fn keyed_store(
     master: &handover::crypto::DataKey,
 ) -> anyhow::Result<Store> {
     let store = Store::connect(&o.database_url).await?;
-    anyhow::ensure!(store.claim_master_key(master).await?, "{WRONG_MASTER_KEY}");
+    store.check_master_key(master, true).await?;
     let mut store = store.with_master_key(master);
     if let Some(f) = &o.audit_head_file {
         if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -92,7 +92,7 @@ fn derive_key(master: &handover::crypto::DataKey, label: &[u8]) -> [u8; 32] {
 /// The fingerprint of a master key: a key derived from it (it reveals
 /// nothing of the master key), recorded in the database it was first used
 /// with.
-pub fn master_key_fingerprint(master: &handover::crypto::DataKey) -> String {
+fn master_key_fingerprint(master: &handover::crypto::DataKey) -> String {
     hex::encode(derive_key(master, b"handover master key fingerprint v1"))
 }
 
@@ -117,10 +117,7 @@ impl Store {
     /// # Errors
     ///
     /// Database errors.
-    pub async fn claim_master_key(
-        &self,
-        master: &handover::crypto::DataKey,
-    ) -> anyhow::Result<bool> {
+    async fn claim_master_key(&self, master: &handover::crypto::DataKey) -> anyhow::Result<bool> {
         let mine = master_key_fingerprint(master);
         sqlx::query(
             "INSERT INTO master_key_check (id, fingerprint) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
@@ -130,7 +127,34 @@ impl Store {
         .await?;
         Ok(self.recorded_master_key().await?.as_deref() == Some(mine.as_str()))
     }
+
+    /// Refuses `master` when the database was set up with another master
+    /// key; `writes` records it when none is recorded yet.
+    ///
+    /// # Errors
+    ///
+    /// [`WRONG_MASTER_KEY`], or database errors.
+    pub async fn check_master_key(
+        &self,
+        master: &handover::crypto::DataKey,
+        writes: bool,
+    ) -> anyhow::Result<()> {
+        let ours = if writes {
+            self.claim_master_key(master).await?
+        } else {
+            self.recorded_master_key()
+                .await?
+                .is_none_or(|f| f == master_key_fingerprint(master))
+        };
+        anyhow::ensure!(ours, "{WRONG_MASTER_KEY}");
+        Ok(())
+    }
 }
+
+/// Why a server or operator command with another master key than the
+/// database's first one is refused.
+pub const WRONG_MASTER_KEY: &str = "HANDOVER_MASTER_KEY / HANDOVER_MASTER_KEY_FILE: this is not the master key this database was set up with \
+     (its export files, cursors and audit chain need that one): restore that key, or use another database";
 
 /// A write transaction; on SQLite it also holds the process's writer turn.
 pub struct Tx<'s> {

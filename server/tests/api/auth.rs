@@ -356,6 +356,17 @@ async fn create_token(cmd: &mut tokio::process::Command) -> std::process::Output
     .unwrap()
 }
 
+/// `token create` without a master key, where none may be made: refused,
+/// naming the variable, with no token and no key file.
+async fn refused_without_a_key(db: &TestDb, data_dir: &std::path::Path) {
+    let refused = create_token(&mut operator(db, data_dir)).await;
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
+    assert!(!data_dir.join("master.key").exists());
+}
+
 #[tokio::test]
 async fn another_master_key_than_the_databases_first_is_refused() {
     let db = TestDb::new().await;
@@ -364,12 +375,7 @@ async fn another_master_key_than_the_databases_first_is_refused() {
     let (mut server, _) = serve(&db, &data, Some(MASTER_HEX)).await;
     server.kill().await.unwrap();
     // An operator without that key: not a fresh install, so no new key.
-    let refused = create_token(&mut operator(&db, &data)).await;
-    assert!(!refused.status.success());
-    assert!(refused.stdout.is_empty());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
-    assert!(!data.join("master.key").exists());
+    refused_without_a_key(&db, &data).await;
     // Another key: refused by the CLI and by the server.
     let other = "08".repeat(32);
     let refused = create_token(operator(&db, &data).env("HANDOVER_MASTER_KEY", &other)).await;
@@ -444,12 +450,7 @@ async fn a_token_made_before_the_first_start_works_once_the_server_runs() {
     );
     // Once the log has rows, a missing key is not made anew.
     let elsewhere = db.dir.path().join("elsewhere");
-    let refused = create_token(&mut operator(&db, &elsewhere)).await;
-    assert!(!refused.status.success());
-    assert!(refused.stdout.is_empty());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("HANDOVER_MASTER_KEY"), "{err}");
-    assert!(!elsewhere.join("master.key").exists());
+    refused_without_a_key(&db, &elsewhere).await;
 }
 
 #[tokio::test]

@@ -56,6 +56,19 @@ async fn payments_export(app: &TestApp, format: &str) -> (String, handover::mode
     (id, manifest)
 }
 
+/// The demo user's GET of `path` with `Accept-Encoding: encoding`, its
+/// body unread.
+async fn get_encoded(app: &TestApp, path: &str, encoding: &str) -> reqwest::Response {
+    app.client
+        .get(format!("{}{path}", app.base))
+        .bearer_auth(&app.token)
+        .header("x-company-id", "company_123")
+        .header("accept-encoding", encoding)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn streams_carry_every_record_and_resume_byte_identically() {
     let app = spawn_app().await;
@@ -206,18 +219,12 @@ async fn compressed_and_uncompressed_pages_carry_the_same_records() {
     let (id, _) = payments_export(&app, "json").await;
     let mut decoded = Vec::new();
     for enc in ["identity", "gzip", "br", "zstd", "gzip;q=0.5, zstd"] {
-        let r = app
-            .client
-            .get(format!(
-                "{}/api/data/export/{id}/records/payment_history?limit=50",
-                app.base
-            ))
-            .bearer_auth(&app.token)
-            .header("x-company-id", "company_123")
-            .header("accept-encoding", enc)
-            .send()
-            .await
-            .unwrap();
+        let r = get_encoded(
+            &app,
+            &format!("/api/data/export/{id}/records/payment_history?limit=50"),
+            enc,
+        )
+        .await;
         assert_eq!(r.status(), 200);
         let ce = r
             .headers()
@@ -361,18 +368,12 @@ async fn the_last_frame_of_a_stream_leaves_only_once_it_is_recorded() {
             .unwrap();
         lock = Some(c);
     }
-    let resp = app
-        .client
-        .get(format!(
-            "{}/api/data/export/{id}/records/payment_history/stream?limit=5000",
-            app.base
-        ))
-        .bearer_auth(&app.token)
-        .header("x-company-id", "company_123")
-        .header("accept-encoding", "identity")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_encoded(
+        &app,
+        &format!("/api/data/export/{id}/records/payment_history/stream?limit=5000"),
+        "identity",
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let mut chunks = resp.bytes_stream();
     if let Some(mut c) = lock {
