@@ -212,12 +212,12 @@ pub async fn plan(
 ) -> anyhow::Result<(Manifest, u64)> {
     let mut manifest = Manifest::default();
     let mut bytes = 0u64;
-    for name in data_types {
+    let counts = state.source.counts(data_types, scope, range).await?;
+    for (name, records) in data_types.iter().zip(counts) {
         let t = state
             .registry
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("data type {name} vanished"))?;
-        let records = state.source.count(name, scope, range).await?;
         if records > 0 {
             // A small sample gives the average record size (its JSON
             // values plus the keys a JSON record repeats); a sample that

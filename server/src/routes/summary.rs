@@ -26,16 +26,18 @@ pub(crate) async fn summary(
 ) -> ApiResult<Json<Value>> {
     ctx.set_action("data.summary", None);
     let scope = super::enter(&state, &ctx, &headers, PERM_EXPORT, ratelimit::OTHER_READ).await?;
-    let mut types = Vec::new();
-    let mut total = 0;
-    for t in state.registry.all() {
-        let n = state
-            .source
-            .count(&t.name, &scope, &Range::default())
-            .await?;
-        total += n;
-        types.push(json!({ "data_type": t.name, "description": t.description, "records": n }));
-    }
+    let names: Vec<String> = state.registry.all().map(|t| t.name.clone()).collect();
+    let counts = state
+        .source
+        .counts(&names, &scope, &Range::default())
+        .await?;
+    let types: Vec<Value> = state
+        .registry
+        .all()
+        .zip(&counts)
+        .map(|(t, n)| json!({ "data_type": t.name, "description": t.description, "records": n }))
+        .collect();
+    let total: u64 = counts.iter().sum();
     Ok(ctx.ok(json!({
         "user_id": scope.user_id,
         "company_id": scope.company_id,

@@ -155,28 +155,35 @@ impl Source {
         .await?
     }
 
-    /// How many records of `data_type` the owner has within `range`.
+    /// How many records of each of `data_types` the owner has within
+    /// `range`, in their order: on SQLite in one blocking task, so that a
+    /// request waits for one hand-over to that pool, not one per type.
     ///
     /// # Errors
     ///
     /// Database errors (including a query that does not fit the operator's tables).
-    pub async fn count(
+    pub async fn counts(
         &self,
-        data_type: &str,
+        data_types: &[String],
         owner: &Scope,
         range: &Range,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Vec<u64>> {
         match self {
             Self::Sqlite(s) => {
-                let (s, t, o, r) = (
-                    s.clone(),
-                    data_type.to_string(),
-                    owner.clone(),
-                    range.clone(),
-                );
-                tokio::task::spawn_blocking(move || s.count(&t, &o, &r)).await?
+                let (s, types, o, r) =
+                    (s.clone(), data_types.to_vec(), owner.clone(), range.clone());
+                tokio::task::spawn_blocking(move || {
+                    types.iter().map(|t| s.count(t, &o, &r)).collect()
+                })
+                .await?
             }
-            Self::Postgres(s) => s.count(data_type, owner, range).await,
+            Self::Postgres(s) => {
+                let mut counts = Vec::with_capacity(data_types.len());
+                for t in data_types {
+                    counts.push(s.count(t, owner, range).await?);
+                }
+                Ok(counts)
+            }
         }
     }
 }

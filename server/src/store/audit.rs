@@ -268,11 +268,17 @@ impl Store {
         entry: AuditEntry,
     ) -> anyhow::Result<()> {
         let entry = entry.stamped();
-        self.lock(tx, lock::AUDIT).await?;
-        let head: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx.tx)
-                .await?;
+        // A transaction that appended already holds the chain's lock and
+        // knows its head: a batch of rows reads it once, not per row.
+        let head = match tx.head.take() {
+            Some(head) => Some(head),
+            None => {
+                self.lock(tx, lock::AUDIT).await?;
+                sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx.tx)
+                    .await?
+            }
+        };
         let (last_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_string()));
         let mut row = AuditRow {
             seq: last_seq + 1,
