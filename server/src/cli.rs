@@ -233,7 +233,7 @@ struct ServeArgs {
     webhook_backoff_ms: u64,
     /// Failed authentications per client IP and minute before that IP's
     /// requests are answered 429 before authentication (0: never).
-    #[arg(long, env = "HANDOVER_UNAUTH_PER_MINUTE", default_value_t = 120)]
+    #[arg(long, env = "HANDOVER_UNAUTH_PER_MINUTE", default_value_t = crate::guard::DEFAULT_UNAUTH_PER_MINUTE)]
     unauth_per_minute: u64,
     /// Milliseconds a 429 to such an address is held back (0: none), so a
     /// flooder that waits for its answers slows down.

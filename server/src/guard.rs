@@ -33,6 +33,14 @@ use tokio::sync::Semaphore;
 
 use sha2::{Digest, Sha256};
 
+/// Failed authentications of one address in a minute before its requests
+/// are answered `429` (`HANDOVER_UNAUTH_PER_MINUTE`'s default). Each one
+/// below it is a full request: a flood's opening burst costs the server
+/// this many of them before the throttle takes over, so it is set well
+/// below what the API's own rate limits allow, and well above what people
+/// mistyping a token or a script with a stale one reach.
+pub const DEFAULT_UNAUTH_PER_MINUTE: u64 = 30;
+
 /// Refusals of one IP that are still written one row each per minute.
 pub const LOGGED_PER_MINUTE: u64 = 10;
 

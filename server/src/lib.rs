@@ -222,7 +222,7 @@ impl Default for Settings {
             build_gate: None,
             hold_builds: false,
             webhook_backoff: Duration::from_secs(5),
-            unauth_per_minute: 120,
+            unauth_per_minute: guard::DEFAULT_UNAUTH_PER_MINUTE,
             tarpit: Duration::from_secs(1),
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,

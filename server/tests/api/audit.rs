@@ -571,6 +571,45 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HANDOVER_MASTER_KEY"));
 }
 
+/// The default threshold, as the README states it: an address's first 30
+/// failed authentications of a minute are answered `401`, the next `429`.
+#[tokio::test]
+async fn by_default_an_address_is_throttled_after_30_failures_a_minute() {
+    // A run that a new minute cut in two is run again (it takes far less
+    // than a minute).
+    for _ in 0..2 {
+        let app = spawn_with(
+            Opts {
+                tarpit: Some(std::time::Duration::ZERO),
+                ..Opts::default()
+            },
+            None,
+        )
+        .await;
+        let minute = unix_minute();
+        let mut statuses = Vec::new();
+        for _ in 0..31 {
+            let r = app
+                .raw(
+                    Method::GET,
+                    "/api/data/export",
+                    Some("hov_bogus"),
+                    None,
+                    None,
+                )
+                .await;
+            statuses.push(r.status.as_u16());
+        }
+        if unix_minute() != minute {
+            continue;
+        }
+        assert!(statuses[..30].iter().all(|s| *s == 401), "{statuses:?}");
+        assert_eq!(statuses[30], 429, "{statuses:?}");
+        return;
+    }
+    panic!("two runs crossed a minute boundary");
+}
+
 #[tokio::test]
 async fn a_throttled_address_waits_in_the_tarpit_for_its_answer() {
     let tarpit = std::time::Duration::from_millis(400);
