@@ -369,7 +369,9 @@ async fn convert(api: &Api, pid: u32) -> Result<(), Error> {
 }
 
 /// Sends `request` on `stream` and reads its answer: whether the
-/// connection stays open, or `None` when it failed.
+/// connection stays open, or `None` when it failed. The server's answers
+/// to it (401 and 429 errors, never compressed: the request accepts no
+/// encoding) state their length.
 async fn exchange(stream: &mut tokio::net::TcpStream, request: &[u8]) -> Option<bool> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     stream.write_all(request).await.ok()?;
@@ -471,9 +473,14 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
     // The flooders run on a runtime of their own, in their own thread, as
     // an attacker is another program: sharing the measuring client's
     // scheduler would add their queueing to the measured calls.
+    let base = alone[0].base.clone();
+    if !base.starts_with("http://") || base["http://".len()..].contains('/') {
+        return Err(
+            format!("the flood needs a plain http://host:port base URL, not {base}").into(),
+        );
+    }
     let flood = {
         let (stop, sent) = (stop.clone(), sent.clone());
-        let base = alone[0].base.clone();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -487,6 +494,9 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
                 // (parsing its 30 KB URL each time) took a third of this
                 // machine's two cores at the onset, time that the
                 // measured server then lacked.
+                // A tarpitted answer takes about a second; a server that
+                // takes far longer is stuck, and the flood goes on without it.
+                const WAIT: Duration = Duration::from_secs(5);
                 let addr = base.trim_start_matches("http://").to_string();
                 let request: std::sync::Arc<[u8]> = format!(
                     "GET /api/data/export/{} HTTP/1.1\r\nHost: {addr}\r\n\
@@ -508,12 +518,24 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
                             }
                             let stream = match connection.as_mut() {
                                 Some(s) => s,
-                                None => match tokio::net::TcpStream::connect(&addr).await {
-                                    Ok(s) => connection.insert(s),
-                                    Err(_) => continue,
+                                None => match tokio::time::timeout(
+                                    WAIT,
+                                    tokio::net::TcpStream::connect(&addr),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(s)) => connection.insert(s),
+                                    _ => {
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                        continue;
+                                    }
                                 },
                             };
-                            match exchange(stream, &request).await {
+                            match tokio::time::timeout(WAIT, exchange(stream, &request))
+                                .await
+                                .ok()
+                                .flatten()
+                            {
                                 Some(keep_alive) => {
                                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     if !keep_alive {

@@ -297,7 +297,6 @@ impl Store {
             hash: String::new(),
         };
         row.hash = row.compute_hash(self.audit_key.as_ref());
-        tx.head = Some((row.seq, row.hash.clone()));
         sqlx::query(
             "INSERT INTO audit_log (seq, at, request_id, actor, company_id, action, resource, outcome, status, ip, \
              user_agent, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
@@ -318,6 +317,8 @@ impl Store {
         .bind(&row.hash)
         .execute(&mut *tx.tx)
         .await?;
+        // Only a row that is in: the next append chains onto it.
+        tx.head = Some((row.seq, row.hash));
         Ok(())
     }
 
