@@ -368,6 +368,49 @@ async fn convert(api: &Api, pid: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// One flooder: the same request, again and again, over a kept-alive
+/// connection of its own (a new one when the server closes it), until
+/// `stop`; bounded at 100,000 requests.
+async fn flooder(
+    addr: String,
+    request: std::sync::Arc<[u8]>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    // A tarpitted answer takes about a second; a server that takes far
+    // longer is stuck, and the flood goes on without it.
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut connection = None;
+    for _ in 0..100_000 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let stream = match connection.as_mut() {
+            Some(s) => s,
+            None => match tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(s)) => connection.insert(s),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(WAIT, exchange(stream, &request))
+            .await
+            .ok()
+            .flatten()
+        {
+            Some(keep_alive) => {
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !keep_alive {
+                    connection = None;
+                }
+            }
+            None => connection = None,
+        }
+    }
+}
+
 /// Sends `request` on `stream` and reads its answer: whether the
 /// connection stays open, or `None` when it failed. The server's answers
 /// to it (401 and 429 errors, never compressed: the request accepts no
@@ -494,9 +537,6 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
                 // (parsing its 30 KB URL each time) took a third of this
                 // machine's two cores at the onset, time that the
                 // measured server then lacked.
-                // A tarpitted answer takes about a second; a server that
-                // takes far longer is stuck, and the flood goes on without it.
-                const WAIT: Duration = Duration::from_secs(5);
                 let addr = base.trim_start_matches("http://").to_string();
                 let request: std::sync::Arc<[u8]> = format!(
                     "GET /api/data/export/{} HTTP/1.1\r\nHost: {addr}\r\n\
@@ -509,43 +549,7 @@ async fn flood(alone: [&Api; 2], during: [&Api; 2]) -> Result<(), Error> {
                 for _ in 0..32 {
                     let (stop, sent) = (stop.clone(), sent.clone());
                     let (addr, request) = (addr.clone(), request.clone());
-                    flooders.push(tokio::spawn(async move {
-                        let mut connection = None;
-                        // Bounded: at most 100,000 requests per flooder.
-                        for _ in 0..100_000 {
-                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                                break;
-                            }
-                            let stream = match connection.as_mut() {
-                                Some(s) => s,
-                                None => match tokio::time::timeout(
-                                    WAIT,
-                                    tokio::net::TcpStream::connect(&addr),
-                                )
-                                .await
-                                {
-                                    Ok(Ok(s)) => connection.insert(s),
-                                    _ => {
-                                        tokio::time::sleep(Duration::from_millis(10)).await;
-                                        continue;
-                                    }
-                                },
-                            };
-                            match tokio::time::timeout(WAIT, exchange(stream, &request))
-                                .await
-                                .ok()
-                                .flatten()
-                            {
-                                Some(keep_alive) => {
-                                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    if !keep_alive {
-                                        connection = None;
-                                    }
-                                }
-                                None => connection = None,
-                            }
-                        }
-                    }));
+                    flooders.push(tokio::spawn(flooder(addr, request, stop, sent)));
                 }
                 let _ = started_tx.send(());
                 for f in flooders {

@@ -403,18 +403,17 @@ impl Guard {
             tallies.set_aside_before(now);
         }
         // The address's tally of an earlier minute is finished.
-        let stale = tallies.key(ip).to_string();
+        let stale = tallies.key(ip);
         if tallies
             .by_address
-            .get(&stale)
+            .get(stale)
             .is_some_and(|t| t.minute != now)
         {
-            if let Some(finished) = tallies.by_address.remove(&stale) {
-                if finished.unlogged() {
-                    tallies.finish(finished);
-                }
+            if let Some(finished) = tallies.by_address.remove(stale).filter(Tally::unlogged) {
+                tallies.finish(finished);
             }
         }
+        // Again: a removed tally may have made room for the address's own.
         let key = tallies.key(ip);
         let t = tallies
             .by_address

@@ -26,14 +26,14 @@ pub(crate) async fn summary(
 ) -> ApiResult<Json<Value>> {
     ctx.set_action("data.summary", None);
     let scope = super::enter(&state, &ctx, &headers, PERM_EXPORT, ratelimit::OTHER_READ).await?;
-    let names: Vec<String> = state.registry.all().map(|t| t.name.clone()).collect();
+    let defs: Vec<_> = state.registry.all().collect();
+    let names: Vec<String> = defs.iter().map(|t| t.name.clone()).collect();
     let counts = state
         .source
         .counts(&names, &scope, &Range::default())
         .await?;
-    let types: Vec<Value> = state
-        .registry
-        .all()
+    let types: Vec<Value> = defs
+        .iter()
         .zip(&counts)
         .map(|(t, n)| json!({ "data_type": t.name, "description": t.description, "records": n }))
         .collect();
