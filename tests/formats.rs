@@ -92,6 +92,7 @@ fn json_has_the_seed_layout_and_every_record_exactly() {
     );
     assert_eq!(v["metadata"]["total_records"], 8);
     assert_eq!(v["metadata"]["export_version"], "1.0");
+    assert_eq!(v["metadata"]["compression"], "none");
     let original: Value = serde_json::from_str(fixture::FIXTURE_JSON).unwrap();
     assert_eq!(
         v["export"]["data"], original,

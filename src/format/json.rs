@@ -116,6 +116,9 @@ impl Backend for JsonBackend {
         out.extend_from_slice(total.to_string().as_bytes());
         out.extend_from_slice(b",\"export_version\":");
         push_json(out, EXPORT_VERSION)?;
+        // The seed's layout names the file's compression; the file itself is
+        // plain JSON (HTTP may still compress it in transit).
+        out.extend_from_slice(b",\"compression\":\"none\"");
         if let Some(range) = &self.info.date_range {
             out.extend_from_slice(b",\"date_range\":");
             push_json(out, range)?;
