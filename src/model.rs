@@ -135,21 +135,30 @@ pub struct DateRange {
 impl DateRange {
     /// The bounds as UTC instants, written as the API writes timestamps
     /// (what a file states); a bound that does not parse stays as it is.
+    /// A plain date as the end covers that whole day, as people mean it
+    /// ("January 1 to January 31"): its last millisecond.
     ///
     /// ```
     /// use handover::model::DateRange;
-    /// let r = DateRange { start: Some("2025-01-01".into()), end: None };
-    /// assert_eq!(r.canonical().start.as_deref(), Some("2025-01-01T00:00:00.000Z"));
+    /// let r = DateRange { start: Some("2025-01-01".into()), end: Some("2025-01-31".into()) };
+    /// let c = r.canonical();
+    /// assert_eq!(c.start.as_deref(), Some("2025-01-01T00:00:00.000Z"));
+    /// assert_eq!(c.end.as_deref(), Some("2025-01-31T23:59:59.999Z"));
     /// ```
     pub fn canonical(&self) -> DateRange {
-        let one = |b: &Option<String>| {
-            b.as_ref()
-                .map(|s| canonical_timestamp(s).unwrap_or_else(|| s.clone()))
-        };
-        DateRange {
-            start: one(&self.start),
-            end: one(&self.end),
-        }
+        let start = self
+            .start
+            .as_ref()
+            .map(|s| canonical_timestamp(s).unwrap_or_else(|| s.clone()));
+        let end = self.end.as_ref().map(|s| {
+            let last_of_day = plain_date(s)
+                .and_then(|d| d.next_day())
+                .map(|d| format_timestamp(d.midnight().assume_utc() - time::Duration::MILLISECOND));
+            last_of_day
+                .or_else(|| canonical_timestamp(s))
+                .unwrap_or_else(|| s.clone())
+        });
+        DateRange { start, end }
     }
 }
 
@@ -272,8 +281,7 @@ pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Some(t);
     }
-    let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
-    if let Ok(d) = time::Date::parse(s, &date_fmt) {
+    if let Some(d) = plain_date(s) {
         return Some(d.midnight().assume_utc());
     }
     let naive = time::macros::format_description!(
@@ -282,6 +290,12 @@ pub fn parse_timestamp(s: &str) -> Option<OffsetDateTime> {
     time::PrimitiveDateTime::parse(s, &naive)
         .ok()
         .map(|p| p.assume_utc())
+}
+
+/// `YYYY-MM-DD` alone.
+fn plain_date(s: &str) -> Option<time::Date> {
+    let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &date_fmt).ok()
 }
 
 /// `YYYY-MM-DDTHH:MM` with no seconds, then an offset or nothing: the same

@@ -20,7 +20,7 @@ pub struct CreateExport {
     data_types: Vec<String>,
     /// ISO 8601; inclusive.
     date_range_start: Option<String>,
-    /// ISO 8601; inclusive; not before the start.
+    /// ISO 8601; inclusive (a plain date covers its whole day); not before the start.
     date_range_end: Option<String>,
     /// Free-form object, at most 4 KiB.
     #[schema(value_type = Object)]

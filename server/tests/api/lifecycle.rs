@@ -100,6 +100,19 @@ async fn a_date_range_is_echoed_as_sent_and_filters_on_its_instants() {
     let instants = json!({"start": "2024-01-01T00:00:00.000Z", "end": "2025-10-25T19:50:00.000Z"});
     assert_eq!(d["export_info"]["date_range"], instants);
     assert_eq!(c["export_info"]["date_range"], instants);
+    // A plain date as the end covers that whole day.
+    let days = app.create(body("2024-01-01", "2025-10-25")).await;
+    assert_eq!(days.status, 201, "{}", days.body);
+    let whole_day = app
+        .create(body("2024-01-01", "2025-10-25T23:59:59.999Z"))
+        .await;
+    assert_eq!(whole_day.status, 201, "{}", whole_day.body);
+    let (days, whole_day) = (&days.body["data"], &whole_day.body["data"]);
+    assert_eq!(
+        days["export_info"]["date_range"]["end"],
+        "2025-10-25T23:59:59.999Z"
+    );
+    assert_eq!(days["estimated_records"], whole_day["estimated_records"]);
     let id = d["request_id"].as_str().unwrap();
     let details = app
         .call(Method::GET, &format!("/api/data/export/{id}"), None)
