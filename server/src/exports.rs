@@ -33,8 +33,20 @@ impl ExportRow {
         }
     }
 
+    /// Megabytes to two decimals, as the API reference shows them; below
+    /// 0.01, to three significant digits, so that a small file does not
+    /// read as empty.
     fn mb(bytes: Option<i64>) -> Option<f64> {
-        bytes.map(|b| ((b as f64) / 1_048_576.0 * 100.0).round() / 100.0)
+        bytes.map(|b| {
+            let mb = (b.max(0) as f64) / 1_048_576.0;
+            let decimals = if mb >= 0.01 || mb == 0.0 {
+                2
+            } else {
+                2 - mb.log10().floor() as i32
+            };
+            let scale = 10f64.powi(decimals);
+            (mb * scale).round() / scale
+        })
     }
 
     /// The create response of the API reference (plus `delivery`).

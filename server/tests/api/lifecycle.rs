@@ -528,6 +528,11 @@ async fn list_pages_filters_and_validates() {
     ] {
         assert!(item.get(field).is_some(), "list item has {field}");
     }
+    let mb = item["file_size_mb"].as_f64().unwrap();
+    assert!(
+        mb > 0.0 && mb < 0.01,
+        "a one-record file does not read as empty: {mb}"
+    );
     assert_eq!(
         item["download_url"],
         format!(
