@@ -232,8 +232,9 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
         .to_str()
         .ok()
         .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
+            // The scheme's name is case-insensitive (RFC 9110, 11.1).
+            let (scheme, token) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .map(str::trim)
         .filter(|t| !t.is_empty())

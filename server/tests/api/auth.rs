@@ -117,6 +117,16 @@ async fn hs256_jwts_are_checked_for_signature_expiry_issuer_and_audience() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["user_id"], "user_456");
+    // The scheme's name is case-insensitive.
+    let r = app
+        .client
+        .get(format!("{}/api/data/summary", app.base))
+        .header("authorization", format!("BEARER {good}"))
+        .header("x-company-id", "company_123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = app
         .raw(
             Method::GET,
