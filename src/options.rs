@@ -139,6 +139,36 @@ fn refuse(code: &'static str, msg: impl Into<String>) -> OptionsError {
     }
 }
 
+/// Reads an options object from its JSON text. A value of the wrong type
+/// is refused naming the option (`options.pageSize: invalid value: …`), with
+/// the code of the option's own checks: `INVALID_FORMAT` for `format`,
+/// `INVALID_DATA_TYPE` for `dataTypes`, `DATE_RANGE_INVALID` for
+/// `dateRange`, `INVALID_OPTIONS` for the rest and for unknown names.
+pub(crate) fn read_options<T: serde::de::DeserializeOwned>(
+    json: &str,
+    what: &str,
+) -> Result<T, OptionsError> {
+    let value: Value = serde_json::from_str(json).map_err(|e| invalid(format!("{what}: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let option = match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => key.as_str(),
+            _ => "",
+        };
+        let code = match option {
+            "format" => "INVALID_FORMAT",
+            "dataTypes" => "INVALID_DATA_TYPE",
+            "dateRange" => "DATE_RANGE_INVALID",
+            _ => "INVALID_OPTIONS",
+        };
+        let at = if option.is_empty() {
+            String::new()
+        } else {
+            format!(".{}", e.path())
+        };
+        refuse(code, format!("{what}{at}: {}", e.inner()))
+    })
+}
+
 fn required(v: Option<String>, name: &str) -> Result<String, OptionsError> {
     match v {
         Some(s) if !s.trim().is_empty() => Ok(s),
@@ -194,9 +224,7 @@ fn is_http_url(s: &str) -> bool {
 pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
     let raw: Raw =
         match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(_)) => {
-                serde_json::from_str(json).map_err(|e| invalid(format!("options: {e}")))?
-            }
+            Ok(Value::Object(_)) => read_options(json, "options")?,
             _ => return Err(invalid(
                 "exportData needs an options object: { baseUrl, token, companyId, dataTypes, … }",
             )),

@@ -494,7 +494,7 @@ async fn bad_options_are_rejected_before_any_request() {
                     JSON::parse(r#"{"from":"2024-01-01T00:00:00Z"}"#).unwrap(),
                 )
             }),
-            "INVALID_OPTIONS",
+            "DATE_RANGE_INVALID",
         ),
         // What a header cannot carry.
         (Box::new(|o| set(o, "token", "hov_a\nb")), "INVALID_OPTIONS"),

@@ -176,6 +176,45 @@ proptest! {
     }
 }
 
+#[test]
+fn options_of_the_wrong_type_are_refused_naming_them() {
+    for (options, code, name) in [
+        (
+            json!({"pageSize": -1}),
+            "INVALID_OPTIONS",
+            "options.pageSize",
+        ),
+        (json!({"format": 5}), "INVALID_FORMAT", "options.format"),
+        (
+            json!({"dataTypes": "user_profile"}),
+            "INVALID_DATA_TYPE",
+            "options.dataTypes",
+        ),
+        (
+            json!({"dateRange": {"start": 123}}),
+            "DATE_RANGE_INVALID",
+            "options.dateRange.start",
+        ),
+        (
+            json!({"dateRange": {"from": "2025-01-01"}}),
+            "DATE_RANGE_INVALID",
+            "options.dateRange.from",
+        ),
+    ] {
+        let mut o = json!({"token": "hov_t", "companyId": "c"});
+        o.as_object_mut()
+            .unwrap()
+            .extend(options.as_object().unwrap().clone());
+        let e = parse_options(&o.to_string()).unwrap_err();
+        assert_eq!(e.code, code, "{o}: {}", e.message);
+        assert!(
+            e.message.starts_with(&format!("{name}: ")),
+            "{o}: {}",
+            e.message
+        );
+    }
+}
+
 proptest! {
     #[test]
     fn values_a_header_cannot_carry_are_refused_before_any_request(
@@ -207,7 +246,7 @@ fn a_date_range_with_other_keys_is_refused_not_ignored() {
             .to_string(),
     )
     .unwrap_err();
-    assert_eq!(e.code, "INVALID_OPTIONS");
+    assert_eq!(e.code, "DATE_RANGE_INVALID");
     assert!(e.message.contains("from"), "{}", e.message);
     let o = parse_options(
         &json!({"token": "t", "companyId": "c", "dateRange": {"start": "2024-01-01T00:00:00Z"}})

@@ -113,7 +113,9 @@ fn check_options(options: &JsValue) -> Result<Checked, JsValue> {
             "options must be an object with at least { format }",
         ));
     }
-    let options: Options = to_json(options, "options", "INVALID_OPTIONS")?;
+    let text = to_json::<Value>(options, "options", "INVALID_OPTIONS")?.to_string();
+    let options: Options = crate::options::read_options(&text, "options")
+        .map_err(|e| export_error(e.code, &e.message))?;
     let format: ExportFormat = options.format.parse()?;
     if let Some(o) = options.output.as_deref() {
         if o != "uint8array" && o != "blob" {

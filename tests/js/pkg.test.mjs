@@ -76,7 +76,7 @@ test("release pkg throws real ExportError objects with stable codes", async () =
     return out;
   });
   assert.deepEqual(got.map((e) => e.code), ["INVALID_FORMAT", "INVALID_RECORD", "INVALID_DATE", "INVALID_OPTIONS",
-    "INVALID_RECORD", "DATE_RANGE_INVALID", "INVALID_OPTIONS"]);
+    "INVALID_RECORD", "DATE_RANGE_INVALID", "DATE_RANGE_INVALID"]);
   for (const e of got) {
     assert.equal(e.isError, true);
     assert.equal(e.isExportError, true);
