@@ -188,6 +188,9 @@ fn records_url(
 /// Largest frame (one line of a stream) accepted from the server.
 const MAX_FRAME_BYTES: usize = 256 << 20;
 
+/// How long reporting a failed or cancelled export to the server may take.
+const FAIL_REPORT_TIMEOUT_MS: u32 = 5_000;
+
 /// Reads every record of one data type from its stream into the writer,
 /// resuming from the last frame's cursor when the stream breaks, so the
 /// rows are exactly those of an unbroken read.
@@ -450,9 +453,14 @@ pub async fn export_data_packed(options: JsValue, packer: JsValue) -> Result<JsV
             } else {
                 format!("client error: {code}")
             };
+            // Bounded, so that a cancel or an error reaches the caller
+            // promptly even when the server has stopped answering: the
+            // report is bookkeeping (an open request expires anyway).
             let reporter = Client {
                 signal: None,
-                max_attempts: 2,
+                max_attempts: if code == "ABORTED" { 1 } else { 2 },
+                max_retry_after_secs: 0,
+                request_timeout_ms: client.request_timeout_ms.min(FAIL_REPORT_TIMEOUT_MS),
                 ..client
             };
             let path = format!("/api/data/export/{}/fail", created.request_id);
