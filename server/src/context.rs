@@ -269,6 +269,46 @@ pub(crate) fn throttled_error(state: &AppState, retry_after: u64) -> ApiError {
     }
 }
 
+/// Answers an address flooding the API with failed authentications with
+/// `429`, before authentication and without an audit row of its own. It
+/// wraps the router, so that it runs before routing: a flood's requests
+/// then cost no route matching and no decoding of their (long) paths, only
+/// this check, a count and the tarpit's timer.
+pub async fn throttle(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let path = req.uri().path();
+    if !path.starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let ip_key = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| crate::guard::address_key(addr.ip()))
+        .unwrap_or_default();
+    let authorization = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(retry_after) =
+        state
+            .guard
+            .throttled(&ip_key, state.settings.unauth_per_minute, authorization)
+    else {
+        return next.run(req).await;
+    };
+    let _ = state
+        .guard
+        .refused(&ip_key, &capped(path, MAX_STORED_PATH), true, None);
+    state.metrics.observe_request(429, started.elapsed());
+    let mut r = throttled_error(&state, retry_after).into_response();
+    if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+        r.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    tarpit(&state, &mut r).await;
+    r
+}
+
 /// The request middleware (see the module docs).
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let peer = req
@@ -301,25 +341,6 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let ip_key = ctx.address_key();
-    // An address flooding the API with failed authentications is answered
-    // here, before authentication and without an audit row of its own.
-    if path.starts_with("/api/") {
-        if let Some(retry_after) = state.guard.throttled(
-            ip_key,
-            state.settings.unauth_per_minute,
-            authorization.as_deref(),
-        ) {
-            let _ = state.guard.refused(ip_key, &stored_path, true, None);
-            state.metrics.observe_request(429, ctx.0.started.elapsed());
-            let mut r = throttled_error(&state, retry_after).into_response();
-            if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
-                r.headers_mut()
-                    .insert(HeaderName::from_static("x-request-id"), v);
-            }
-            tarpit(&state, &mut r).await;
-            return r;
-        }
-    }
     req.extensions_mut().insert(ctx.clone());
 
     // Every log line of the handler carries the request id.

@@ -369,7 +369,11 @@ pub fn app(state: AppState) -> Router {
             context::middleware,
         ))
         .layer(compression())
-        .with_state(state);
+        .with_state(state.clone());
+    // Around the router (a layer of it would run after routing): see
+    // `context::throttle`.
+    let throttle = axum::middleware::from_fn_with_state(state, context::throttle);
+    let router = Router::new().fallback_service(tower::Layer::layer(&throttle, router));
     // Outermost, so preflight requests are answered before routing.
     let router = match cors {
         Some(cors) => router.layer(cors),
