@@ -13,6 +13,25 @@ use super::error::export_error;
 ///
 /// `DOWNLOAD_UNAVAILABLE` outside a page (e.g. in a worker: pass `download: false`).
 pub(crate) fn save(blob: &Blob, filename: &str) -> Result<(), JsValue> {
+    start(blob, filename).map_err(|e| {
+        if e.is_instance_of::<super::error::ExportError>() {
+            e
+        } else {
+            // A DOMException of the page's (a sandboxed frame, say): callers
+            // get an ExportError, as from every other failure.
+            let why = js_sys::Reflect::get(&e, &"message".into())
+                .ok()
+                .and_then(|m| m.as_string())
+                .unwrap_or_else(|| format!("{e:?}"));
+            export_error(
+                "DOWNLOAD_UNAVAILABLE",
+                &format!("the browser refused the download: {why}"),
+            )
+        }
+    })
+}
+
+fn start(blob: &Blob, filename: &str) -> Result<(), JsValue> {
     let window = web_sys::window().ok_or_else(|| {
         export_error(
             "DOWNLOAD_UNAVAILABLE",
