@@ -160,6 +160,26 @@ impl DateRange {
         });
         DateRange { start, end }
     }
+
+    /// Whether the start is not after the end, as the queries compare them
+    /// ([`DateRange::canonical`]): `2025-01-02T10:00Z` to `2025-01-02` is a
+    /// range (the end covers that day). An open end is always in order.
+    ///
+    /// ```
+    /// use handover::model::DateRange;
+    /// let r = |s: &str, e: &str| DateRange { start: Some(s.into()), end: Some(e.into()) };
+    /// assert!(r("2025-01-02T10:00Z", "2025-01-02").is_ordered());
+    /// assert!(!r("2025-01-03", "2025-01-02T23:00Z").is_ordered());
+    /// ```
+    pub fn is_ordered(&self) -> bool {
+        match self.canonical() {
+            DateRange {
+                start: Some(s),
+                end: Some(e),
+            } => parse_timestamp(&s) <= parse_timestamp(&e),
+            _ => true,
+        }
+    }
 }
 
 /// What a format writer needs to know about the export besides the records.

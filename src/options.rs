@@ -56,18 +56,17 @@ impl RawDateRange {
                 ));
             }
         }
-        if let (Some(s), Some(e)) = (&self.start, &self.end) {
-            if parse_timestamp(s) > parse_timestamp(e) {
-                return Err(refuse(
-                    "DATE_RANGE_INVALID",
-                    format!("{name}: start is after end"),
-                ));
-            }
-        }
-        Ok(DateRange {
+        let range = DateRange {
             start: self.start,
             end: self.end,
-        })
+        };
+        if !range.is_ordered() {
+            return Err(refuse(
+                "DATE_RANGE_INVALID",
+                format!("{name}: start is after end"),
+            ));
+        }
+        Ok(range)
     }
 }
 

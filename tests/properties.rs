@@ -177,6 +177,19 @@ proptest! {
 }
 
 #[test]
+fn a_plain_date_end_follows_a_time_of_the_same_day() {
+    let range = |start: &str, end: &str| {
+        parse_options(
+            &json!({"token": "t", "companyId": "c", "dateRange": {"start": start, "end": end}})
+                .to_string(),
+        )
+    };
+    assert!(range("2025-01-02T10:00Z", "2025-01-02").is_ok());
+    let e = range("2025-01-03", "2025-01-02T23:00Z").unwrap_err();
+    assert_eq!(e.code, "DATE_RANGE_INVALID");
+}
+
+#[test]
 fn options_of_the_wrong_type_are_refused_naming_them() {
     for (options, code, name) in [
         (

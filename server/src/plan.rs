@@ -148,14 +148,12 @@ pub fn validate_create(registry: &Registry, body: &Map<String, Value>) -> ApiRes
         start: parse_date(body, "date_range_start")?,
         end: parse_date(body, "date_range_end")?,
     };
-    if let (Some(s), Some(e)) = (&range.start, &range.end) {
-        if parse_timestamp(s) > parse_timestamp(e) {
-            return Err(ApiError::validation(
-                "DATE_RANGE_INVALID",
-                "date_range_start",
-                "date_range_start is after date_range_end",
-            ));
-        }
+    if !range.is_ordered() {
+        return Err(ApiError::validation(
+            "DATE_RANGE_INVALID",
+            "date_range_start",
+            "date_range_start is after date_range_end",
+        ));
     }
     let metadata = match body.get("metadata") {
         None | Some(Value::Null) => json!({}),

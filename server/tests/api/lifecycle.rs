@@ -66,6 +66,20 @@ async fn create_answers_with_the_seeds_fields_and_envelope() {
 }
 
 #[tokio::test]
+async fn a_plain_date_end_follows_a_time_of_the_same_day() {
+    let app = spawn_app().await;
+    let body = |start: &str, end: &str| {
+        json!({"export_format": "json", "data_types": ["payment_history"],
+               "date_range_start": start, "date_range_end": end})
+    };
+    let r = app.create(body("2025-01-02T10:00Z", "2025-01-02")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = app.create(body("2025-01-03", "2025-01-02T23:00Z")).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["error"]["details"]["code"], "DATE_RANGE_INVALID");
+}
+
+#[tokio::test]
 async fn a_date_range_is_echoed_as_sent_and_filters_on_its_instants() {
     let app = spawn_app().await;
     let body = |start: &str, end: &str| {
