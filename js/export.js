@@ -131,16 +131,20 @@ function inWorker(options) {
         if (result.copyError) result.copyError = errorFrom(result.copyError);
         const name = result.stats?.opfsName ?? null;
         result.release = () => removeOpfsFile(name);
+        if (!download) {
+          resolve(result);
+          return;
+        }
+        // The browser reads the file while it downloads; then it goes.
+        if (name) setTimeout(() => removeOpfsFile(name), releaseFileAfterMs);
         try {
-          if (download) {
-            saveBlob(result.blob, result.filename);
-            // The browser reads the file while it downloads; then it goes.
-            if (name) setTimeout(() => removeOpfsFile(name), releaseFileAfterMs);
-          }
+          saveBlob(result.blob, result.filename);
           resolve(result);
         } catch (e) {
-          result.release();
-          reject(new ExportError("DOWNLOAD_UNAVAILABLE", String(e?.message ?? e)));
+          // The export is complete and reported: its file stays with the
+          // error, as on the calling thread, for the page to offer otherwise.
+          reject(new ExportError("DOWNLOAD_UNAVAILABLE", `the browser refused the download: ${e?.message ?? e}`,
+            { details: { result } }));
         }
       } else if (msg.type === "error") {
         finish();

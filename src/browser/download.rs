@@ -4,7 +4,30 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use web_sys::{Blob, HtmlAnchorElement, Url};
 
-use super::error::export_error;
+use super::error::{export_error, make_error};
+
+/// Starts the download of a finished export's file (its result's `blob`
+/// as its `filename`).
+///
+/// # Errors
+///
+/// `DOWNLOAD_UNAVAILABLE`, with the export's result as `details.result`:
+/// the file is complete and reported, and must not be lost with the
+/// download (the page may offer it another way).
+pub(crate) fn save_result(result: &JsValue) -> Result<(), JsValue> {
+    let field = |k: &str| js_sys::Reflect::get(result, &k.into());
+    let blob: Blob = field("blob")?.dyn_into()?;
+    let filename = field("filename")?.as_string().unwrap_or_default();
+    save(&blob, &filename).map_err(|e| {
+        let message = js_sys::Reflect::get(&e, &"message".into())
+            .ok()
+            .and_then(|m| m.as_string())
+            .unwrap_or_default();
+        let details = js_sys::Object::new();
+        let _ = js_sys::Reflect::set(&details, &"result".into(), result);
+        make_error("DOWNLOAD_UNAVAILABLE", &message, None, None, details.into())
+    })
+}
 
 /// Starts the download of `blob` as `filename` (object URL + anchor with
 /// `download`), and revokes the URL once the click has been handled.
@@ -12,7 +35,7 @@ use super::error::export_error;
 /// # Errors
 ///
 /// `DOWNLOAD_UNAVAILABLE` outside a page (e.g. in a worker: pass `download: false`).
-pub(crate) fn save(blob: &Blob, filename: &str) -> Result<(), JsValue> {
+fn save(blob: &Blob, filename: &str) -> Result<(), JsValue> {
     start(blob, filename).map_err(|e| {
         if e.is_instance_of::<super::error::ExportError>() {
             e

@@ -440,6 +440,9 @@ pub async fn export_data_packed(options: JsValue, packer: JsValue) -> Result<JsV
     )?;
     let packer = (!packer.is_undefined() && !packer.is_null()).then(|| packer.unchecked_into());
     match run(&client, &opts, &created, packer).await {
+        // Complete and reported: a download the page refuses is not a
+        // failed export (see save_result).
+        Ok(result) if opts.download => super::download::save_result(&result).map(|()| result),
         Ok(result) => Ok(result),
         Err(err) => {
             // Tell the server, so the request does not stay open; never with
@@ -460,6 +463,7 @@ pub async fn export_data_packed(options: JsValue, packer: JsValue) -> Result<JsV
                 signal: None,
                 max_attempts: if code == "ABORTED" { 1 } else { 2 },
                 max_retry_after_secs: 0,
+                retry_base_ms: client.retry_base_ms.min(500),
                 request_timeout_ms: client.request_timeout_ms.min(FAIL_REPORT_TIMEOUT_MS),
                 ..client
             };
@@ -636,9 +640,6 @@ async fn finish(
         .filename
         .clone()
         .unwrap_or_else(|| format!("{id}.{}", opts.format.extension()));
-    if opts.download {
-        super::download::save(&blob, &filename)?;
-    }
     let result = Object::new();
     let set = |k: &str, v: JsValue| Reflect::set(&result, &k.into(), &v);
     set("requestId", id.into())?;

@@ -318,3 +318,37 @@ test("a wrong method on any path answers in the API's error envelope", async () 
   assert.equal(parsed.success, false);
   assert.equal(parsed.error.code, "METHOD_NOT_ALLOWED");
 });
+
+test("a download the page refuses keeps the finished file with the error", async () => {
+  const runs = await inPage(`
+    const original = URL.createObjectURL;
+    URL.createObjectURL = () => { throw new Error("blocked by the page"); };
+    const runs = [];
+    try {
+      for (const worker of [true, false]) {
+        try {
+          await exportData({ ...base, format: "csv", worker });
+          runs.push({ worker, resolved: true });
+        } catch (e) {
+          const r = e.details?.result;
+          const d = r && await (await fetch(base.baseUrl + "/api/data/export/" + r.requestId,
+            { headers: { Authorization: "Bearer " + base.token, "X-Company-ID": base.companyId } })).json();
+          runs.push({ worker, name: e.name, code: e.code, message: e.message, size: r?.blob?.size,
+            byteSize: r?.byteSize, status: d?.data?.status, ranInWorker: r?.stats?.worker });
+        }
+      }
+    } finally {
+      URL.createObjectURL = original;
+    }
+    return runs;
+  `, {}, { user: "user_0003", company: "company_123" });
+  assert.equal(runs.length, 2);
+  for (const run of runs) {
+    assert.equal(run.name, "ExportError", JSON.stringify(run));
+    assert.equal(run.code, "DOWNLOAD_UNAVAILABLE");
+    assert.match(run.message, /blocked by the page/);
+    assert.equal(run.ranInWorker, run.worker);
+    assert.ok(run.byteSize > 0 && run.size === run.byteSize, `the file is with the error: ${JSON.stringify(run)}`);
+    assert.equal(run.status, "completed", "a refused download is not a failed export");
+  }
+});
