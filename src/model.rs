@@ -136,14 +136,14 @@ impl DateRange {
     /// The bounds as UTC instants, written as the API writes timestamps
     /// (what a file states); a bound that does not parse stays as it is.
     /// A plain date as the end covers that whole day, as people mean it
-    /// ("January 1 to January 31"): its last millisecond.
+    /// ("January 1 to January 31"): to its last microsecond.
     ///
     /// ```
     /// use handover::model::DateRange;
     /// let r = DateRange { start: Some("2025-01-01".into()), end: Some("2025-01-31".into()) };
     /// let c = r.canonical();
     /// assert_eq!(c.start.as_deref(), Some("2025-01-01T00:00:00.000Z"));
-    /// assert_eq!(c.end.as_deref(), Some("2025-01-31T23:59:59.999Z"));
+    /// assert_eq!(c.end.as_deref(), Some("2025-01-31T23:59:59.999999Z"));
     /// ```
     pub fn canonical(&self) -> DateRange {
         let start = self
@@ -151,9 +151,16 @@ impl DateRange {
             .as_ref()
             .map(|s| canonical_timestamp(s).unwrap_or_else(|| s.clone()));
         let end = self.end.as_ref().map(|s| {
-            let last_of_day = plain_date(s)
-                .and_then(|d| d.next_day())
-                .map(|d| format_timestamp(d.midnight().assume_utc() - time::Duration::MILLISECOND));
+            // Microseconds, as PostgreSQL keeps them (SQLite reads the first
+            // three digits): nothing of the day's last millisecond is left out.
+            let last_of_day = plain_date(s).map(|d| {
+                format!(
+                    "{:04}-{:02}-{:02}T23:59:59.999999Z",
+                    d.year(),
+                    u8::from(d.month()),
+                    d.day()
+                )
+            });
             last_of_day
                 .or_else(|| canonical_timestamp(s))
                 .unwrap_or_else(|| s.clone())

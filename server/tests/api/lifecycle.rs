@@ -124,7 +124,7 @@ async fn a_date_range_is_echoed_as_sent_and_filters_on_its_instants() {
     let (days, whole_day) = (&days.body["data"], &whole_day.body["data"]);
     assert_eq!(
         days["export_info"]["date_range"]["end"],
-        "2025-10-25T23:59:59.999Z"
+        "2025-10-25T23:59:59.999999Z"
     );
     assert_eq!(days["estimated_records"], whole_day["estimated_records"]);
     let id = d["request_id"].as_str().unwrap();
