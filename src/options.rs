@@ -138,16 +138,15 @@ fn refuse(code: &'static str, msg: impl Into<String>) -> OptionsError {
     }
 }
 
-/// Reads an options object from its JSON text. A value of the wrong type
+/// Reads an options object. A value of the wrong type
 /// is refused naming the option (`options.pageSize: invalid value: …`), with
 /// the code of the option's own checks: `INVALID_FORMAT` for `format`,
 /// `INVALID_DATA_TYPE` for `dataTypes`, `DATE_RANGE_INVALID` for
 /// `dateRange`, `INVALID_OPTIONS` for the rest and for unknown names.
 pub(crate) fn read_options<T: serde::de::DeserializeOwned>(
-    json: &str,
+    value: Value,
     what: &str,
 ) -> Result<T, OptionsError> {
-    let value: Value = serde_json::from_str(json).map_err(|e| invalid(format!("{what}: {e}")))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let option = match e.path().iter().next() {
             Some(serde_path_to_error::Segment::Map { key }) => key.as_str(),
@@ -223,7 +222,7 @@ fn is_http_url(s: &str) -> bool {
 pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
     let raw: Raw =
         match serde_json::from_str::<Value>(json) {
-            Ok(Value::Object(_)) => read_options(json, "options")?,
+            Ok(v @ Value::Object(_)) => read_options(v, "options")?,
             _ => return Err(invalid(
                 "exportData needs an options object: { baseUrl, token, companyId, dataTypes, … }",
             )),

@@ -113,8 +113,8 @@ fn check_options(options: &JsValue) -> Result<Checked, JsValue> {
             "options must be an object with at least { format }",
         ));
     }
-    let text = to_json::<Value>(options, "options", "INVALID_OPTIONS")?.to_string();
-    let options: Options = crate::options::read_options(&text, "options")
+    let value = to_json::<Value>(options, "options", "INVALID_OPTIONS")?;
+    let options: Options = crate::options::read_options(value, "options")
         .map_err(|e| export_error(e.code, &e.message))?;
     let format: ExportFormat = options.format.parse()?;
     if let Some(o) = options.output.as_deref() {
