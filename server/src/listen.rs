@@ -1,8 +1,14 @@
 //! The HTTP server loop: axum's router on hyper, with what `axum::serve`
 //! does not set: a timeout for reading request headers (a client that
-//! trickles them in holds nothing for long) and a cap on open connections
-//! (past it, new connections wait in the kernel's backlog). Shutdown stops
+//! trickles them in, sends nothing at all, or idles on a kept-alive
+//! connection holds nothing for long) and a cap on open connections (past
+//! it, new connections wait in the kernel's backlog). Shutdown stops
 //! accepting and lets requests in flight finish (30 s at most).
+//!
+//! HTTP/1.1 only: hyper's HTTP/2 has no header timeout, and a connection
+//! whose protocol is still being sniffed has none either (a client that
+//! connects and stays silent would hold its place forever). TLS and
+//! HTTP/2 belong to the reverse proxy in front.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,8 +18,8 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -68,14 +74,10 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             service.map_request(|req: hyper::Request<Incoming>| req.map(axum::body::Body::new)),
         );
-        let mut builder = Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;

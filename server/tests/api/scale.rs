@@ -481,6 +481,31 @@ async fn a_delete_racing_expiry_leaves_nothing_and_the_sweeper_collects_crash_le
 
 #[tokio::test]
 async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    // A: headers trickle in and never end.
+    a_held_connection_is_cut_off_before_b_is_served(b"GET /healthz HTTP/1.1\r\nHost: x\r\n", false)
+        .await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_cut_off_too() {
+    // A: connects and sends nothing at all.
+    a_held_connection_is_cut_off_before_b_is_served(b"", false).await;
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_cut_off_too() {
+    // A: one whole request, answered, then the connection idles open.
+    a_held_connection_is_cut_off_before_b_is_served(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        true,
+    )
+    .await;
+}
+
+/// With one connection allowed and a 1 s header timeout, connection A sends
+/// `a_sends` and then nothing more; B's whole request must wait until the
+/// server has cut A off, and is then served.
+async fn a_held_connection_is_cut_off_before_b_is_served(a_sends: &[u8], a_is_answered: bool) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let (db, store, _tokens) = shared_db().await;
     store.close().await;
@@ -493,19 +518,27 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     )
     .await;
     let addr = server.base.trim_start_matches("http://").to_string();
-    // A: headers trickle in and never end; it holds the only connection.
+    let bound = Duration::from_secs(30);
     let mut a = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    a.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    a.write_all(a_sends).await.unwrap();
+    let mut abuf = vec![0u8; 4096];
+    if a_is_answered {
+        let n = tokio::time::timeout(bound, a.read(&mut abuf))
+            .await
+            .expect("A is answered")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&abuf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&abuf[..n])
+        );
+    }
     // B: a whole request, which must wait for a free connection.
     let mut b = tokio::net::TcpStream::connect(&addr).await.unwrap();
     b.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut abuf = vec![0u8; 1024];
     let mut bbuf = vec![0u8; 4096];
-    let bound = Duration::from_secs(30);
     // A is cut off by the header timeout before B is served at all.
     let first = tokio::time::timeout(bound, async {
         tokio::select! {
