@@ -86,6 +86,8 @@ struct Request {
     row: ExportRow,
     data_type: String,
     columns: Vec<Column>,
+    /// The data type's records in the manifest.
+    records: u64,
     limit: u32,
     start: Option<Cursor>,
 }
@@ -163,6 +165,7 @@ async fn prologue(
         row,
         data_type,
         columns,
+        records,
         limit,
         start,
     })
@@ -330,6 +333,11 @@ async fn produce(
         let mut frames_rx = frames_rx;
         let mut fault = first_fault;
         let mut sent = 0u32;
+        // Once this type has been sent in full, every further frame is a
+        // re-read and must fit the daily quota, as a page read again does:
+        // the quota is checked before each such frame, so a stream (or
+        // several at once) stops within a frame of it.
+        let mut rereading = false;
         while let Some(FrameOut {
             line,
             served,
@@ -352,6 +360,24 @@ async fn produce(
                     let _ = tx
                         .send(Err(std::io::Error::other("injected dropped connection")))
                         .await;
+                    return;
+                }
+            }
+            if rereading {
+                if let Err(e) = crate::plan::check_quota(&state, &req.scope, 0).await {
+                    let (code, message) = match &e {
+                        ApiError::QuotaExceeded { quota, .. } => (
+                            "QUOTA_EXCEEDED",
+                            format!("records read again count against the daily quota of {quota} records; it is used up"),
+                        ),
+                        _ => {
+                            tracing::error!(request_id = %request_id, error = ?e, "checking the quota failed");
+                            ("INTERNAL_ERROR", "checking the quota failed; resume from the last cursor".to_string())
+                        }
+                    };
+                    let mut line = Vec::new();
+                    error_line(&mut line, code, &message);
+                    let _ = tx.send(Ok(line.into())).await;
                     return;
                 }
             }
@@ -386,7 +412,9 @@ async fn produce(
             }
             sent += 1;
             if !done {
-                let _ = record().await;
+                if let Ok(reads) = record().await {
+                    rereading = reads > req.records;
+                }
             }
         }
     };

@@ -711,7 +711,8 @@ impl Store {
     /// Records that a page (or stream frame) of `data_type` reaching
     /// position `served` was sent with `rows` records; `done` when nothing
     /// follows. Each counter moves atomically, so concurrent requests never
-    /// lose counts.
+    /// lose counts. Returns the records of `data_type` sent so far,
+    /// re-reads included.
     ///
     /// # Errors
     ///
@@ -723,21 +724,22 @@ impl Store {
         served: u64,
         rows: u64,
         done: bool,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let mut tx = self.write().await?;
-        sqlx::query(
+        let reads: i64 = sqlx::query_scalar(
             "INSERT INTO export_progress (export_id, data_type, served, reads, done) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (export_id, data_type) DO UPDATE SET \
              served = CASE WHEN export_progress.served > excluded.served THEN export_progress.served ELSE excluded.served END, \
              reads = export_progress.reads + excluded.reads, \
-             done = CASE WHEN export_progress.done > excluded.done THEN export_progress.done ELSE excluded.done END",
+             done = CASE WHEN export_progress.done > excluded.done THEN export_progress.done ELSE excluded.done END \
+             RETURNING reads",
         )
         .bind(id)
         .bind(data_type)
         .bind(served as i64)
         .bind(rows as i64)
         .bind(i64::from(done))
-        .execute(&mut *tx.tx)
+        .fetch_one(&mut *tx.tx)
         .await?;
         sqlx::query(
             "UPDATE export_requests SET records_served = (SELECT COALESCE(SUM(served), 0) FROM export_progress WHERE export_id = $1), \
@@ -748,7 +750,8 @@ impl Store {
         .bind(now())
         .execute(&mut *tx.tx)
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(reads.max(0) as u64)
     }
 
     /// What was served of each data type of export `id` so far.

@@ -197,3 +197,79 @@ async fn re_reading_an_open_exports_pages_counts_against_the_daily_quota() {
     assert_eq!(third.header("ratelimit-reset"), third.header("retry-after"));
     assert_eq!(third.header("ratelimit-limit"), "100");
 }
+
+/// The rows of each frame of a stream answer, and its error line if any.
+fn stream_frames(bytes: &[u8]) -> (Vec<u64>, Option<serde_json::Value>) {
+    let mut rows = Vec::new();
+    let mut error = None;
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        match v["rows"].as_array() {
+            Some(r) => rows.push(r.len() as u64),
+            None => error = Some(v["error"].clone()),
+        }
+    }
+    (rows, error)
+}
+
+#[tokio::test]
+async fn a_stream_read_again_stops_at_the_daily_quota_even_several_at_once() {
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(100),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let payments = app
+        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
+        .await as u64;
+    assert!(payments > 50 && payments < 90, "{payments}");
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let stream = format!("/api/data/export/{id}/records/payment_history/stream?limit=5");
+    // The first read is the one the quota already holds: all of it.
+    let first = app.call(Method::GET, &stream, None).await;
+    assert_eq!(first.status, 200);
+    let (rows, error) = stream_frames(&first.bytes);
+    assert_eq!((rows.iter().sum::<u64>(), error), (payments, None));
+    // Three streams reading it all again at once: each stops, with a
+    // QUOTA_EXCEEDED line, within a frame of the quota, never at the end.
+    let again =
+        futures_util::future::join_all((0..3).map(|_| app.call(Method::GET, &stream, None))).await;
+    let mut reread = 0;
+    for r in &again {
+        if r.status == 429 {
+            assert_eq!(r.code(), "QUOTA_EXCEEDED");
+            continue;
+        }
+        assert_eq!(r.status, 200);
+        let (rows, error) = stream_frames(&r.bytes);
+        let served: u64 = rows.iter().sum();
+        assert!(
+            served < payments,
+            "a re-read stream was cut at the quota: {served} of {payments}"
+        );
+        assert_eq!(error.unwrap()["code"], "QUOTA_EXCEEDED");
+        reread += served;
+    }
+    // At most one frame of 5 past the quota for each stream at once.
+    assert!(
+        payments + reread <= 100 + 3 * 5,
+        "{} records read",
+        payments + reread
+    );
+    assert!(
+        payments + reread > 100,
+        "re-reads ran up to the quota: {reread}"
+    );
+    let after = app.call(Method::GET, &stream, None).await;
+    assert_eq!(
+        (after.status.as_u16(), after.code()),
+        (429, "QUOTA_EXCEEDED")
+    );
+}
