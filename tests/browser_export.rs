@@ -807,8 +807,15 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
         .expect("HANDOVER_TEST_HOSTILE_SERVER unset: run through scripts/test.sh");
     for (token, says) in [
         ("cycle", "back to an earlier cursor"),
+        (
+            "more",
+            "more records of t than the 3 its manifest announced",
+        ),
         ("elsewhere", "another origin"),
+        ("backslash", "another origin"),
+        ("tab", "another origin"),
         ("huge", "too large"),
+        ("endless", "too large"),
     ] {
         let o: JsValue = Object::new().into();
         set(&o, "baseUrl", hostile);
@@ -838,15 +845,22 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
     let seen: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert!(
         seen.iter()
-            .all(|r| !r["path"].as_str().unwrap().starts_with("/steal")),
+            .all(|r| !r["path"].as_str().unwrap().contains("steal")),
         "nothing was sent to the other origin: {text}"
+    );
+    // The answer without a length was dropped once past the cap, not read
+    // to its end first.
+    let endless = seen.iter().find(|r| r["path"] == "/__endless");
+    assert!(
+        endless.is_some_and(|r| r["finished"] == false),
+        "the client hung up on the endless answer: {text}"
     );
     let streams = seen
         .iter()
         .filter(|r| r["path"].as_str().unwrap().ends_with("/stream"))
         .count();
     assert_eq!(
-        streams, 1,
-        "the cycle was refused at once, not retried: {text}"
+        streams, 2,
+        "the cycle and the excess were refused at once, not retried: {text}"
     );
 }

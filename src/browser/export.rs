@@ -172,7 +172,11 @@ fn records_url(
         || format!("/api/data/export/{id}/records/{name}"),
         str::to_string,
     );
-    if url.starts_with('/') && !url.starts_with("//") {
+    // A path on our origin, spelled plainly: the URL parser reads `/\host`
+    // or `/<tab>/host` as `//host`, another origin (the request itself is
+    // checked again, as the parser resolves it, before it is sent).
+    let plain = |c: char| c != '\\' && !c.is_ascii_whitespace() && !c.is_control();
+    if url.starts_with('/') && !url.starts_with("//") && url.chars().all(plain) {
         return Ok(url);
     }
     let base = &opts.base_url;
@@ -205,6 +209,7 @@ async fn fetch_type(
     out: &mut Output,
     progress: &mut Progress<'_>,
     name: &str,
+    expected: u64,
 ) -> Result<(), JsValue> {
     let mut cursor: Option<String> = None;
     // Every cursor handed out so far: a server that leads back to one
@@ -268,6 +273,14 @@ async fn fetch_type(
                     return Err(export_error(
                         "INVALID_RESPONSE",
                         &format!("the server sent an empty page of {name} that does not end it"),
+                    ));
+                }
+                // Fresh cursors without end would be read forever too: no
+                // more records than the manifest announced are taken.
+                if offset + frame.row_count() as u64 > expected {
+                    return Err(export_error(
+                        "INVALID_RESPONSE",
+                        &format!("the server sent more records of {name} than the {expected} its manifest announced"),
                     ));
                 }
                 let writing = now();
@@ -581,7 +594,7 @@ async fn write_file(
             )
         })?;
         fetch_type(
-            client, opts, &url, ti, &t.columns, writer, out, progress, name,
+            client, opts, &url, ti, &t.columns, writer, out, progress, name, t.records,
         )
         .await?;
     }

@@ -62,13 +62,20 @@ pub(crate) fn new_idempotency_key() -> String {
     hex::encode(bytes)
 }
 
-/// `scheme://host[:port]` of an absolute URL.
-fn origin(url: &str) -> Option<&str> {
-    let rest = url.find("://")? + 3;
-    let end = url[rest..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| rest + i);
-    Some(&url[..end])
+/// The global scope's `location.href` (a page's or a worker's), if any.
+fn location_href() -> Option<String> {
+    let location = Reflect::get(&js_sys::global(), &"location".into()).ok()?;
+    Reflect::get(&location, &"href".into()).ok()?.as_string()
+}
+
+/// The origin of `url` read as the browser's URL parser reads it, relative
+/// to `base`: the parser is the judge of where a request goes, since it
+/// reads `/\host` and `/<tab>/host` as `//host`.
+fn origin_of(url: &str, base: &str) -> Option<String> {
+    web_sys::Url::new_with_base(url, base)
+        .ok()
+        .map(|u| u.origin())
+        .filter(|o| o != "null")
 }
 
 enum Outcome {
@@ -283,23 +290,25 @@ impl Client {
         }
     }
 
-    /// Whether `path` (absolute, from a server's answer) stays on the
-    /// server's origin: the bearer token is never sent anywhere else.
+    /// Whether a request for `path` (ours, or from a server's answer)
+    /// stays on the server's origin: the bearer token is never sent
+    /// anywhere else. Both are resolved by the browser's URL parser, as
+    /// fetch resolves them; relative requests go to the page's (or
+    /// worker's) own origin.
     fn on_our_origin(&self, path: &str) -> bool {
-        if !(path.starts_with("http://") || path.starts_with("https://")) {
-            return true;
-        }
-        let ours = if self.base.is_empty() {
-            // Relative requests go to the page's (or worker's) own origin.
-            js_sys::Reflect::get(&js_sys::global(), &"location".into())
-                .ok()
-                .and_then(|l| js_sys::Reflect::get(&l, &"origin".into()).ok())
-                .and_then(|o| o.as_string())
-                .unwrap_or_default()
-        } else {
-            origin(&self.base).unwrap_or_default().to_string()
-        };
-        origin(path).is_some_and(|o| o.eq_ignore_ascii_case(&ours))
+        // Without a location (not a page or worker), only an absolute base
+        // can anchor a URL; a relative one then fails in fetch anyway.
+        let here = location_href().unwrap_or_else(|| self.base.clone());
+        let ours = origin_of(
+            if self.base.is_empty() {
+                &here
+            } else {
+                &self.base
+            },
+            &here,
+        );
+        let target = origin_of(&self.url(path), &here);
+        matches!((ours, target), (Some(a), Some(b)) if a == b)
     }
 
     fn is_aborted(&self) -> bool {
@@ -402,32 +411,44 @@ impl Client {
                 ));
             }
         }
-        // Read the body as bytes: records are parsed in Rust, never as JS objects.
-        let buffer = match response.array_buffer() {
-            Ok(p) => JsFuture::from(p).await,
-            Err(e) => Err(e),
+        // Read the body as bytes (records are parsed in Rust, never as JS
+        // objects), chunk by chunk, so that an answer without a length is
+        // refused once it passes the cap rather than held whole first.
+        let Some(reader) = response.body().map(|b| b.get_reader()) else {
+            return Ok(Outcome::Reply {
+                status,
+                body: Vec::new(),
+                retry_after,
+            });
         };
-        Ok(match buffer {
-            Ok(buf) => {
-                let body = Uint8Array::new(&buf);
-                if body.length() as usize > MAX_BODY_BYTES {
-                    return Err(export_error(
-                        "INVALID_RESPONSE",
-                        &format!("the server's answer is too large ({} bytes)", body.length()),
-                    ));
+        let mut body = Stream {
+            reader: reader.into(),
+            guard,
+            signal: self.signal.clone(),
+        };
+        let mut bytes = Vec::new();
+        loop {
+            match body.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+                        return Err(export_error(
+                            "INVALID_RESPONSE",
+                            &format!(
+                                "the server's answer is too large (over {MAX_BODY_BYTES} bytes)"
+                            ),
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
                 }
-                Outcome::Reply {
-                    status,
-                    body: body.to_vec(),
-                    retry_after,
-                }
+                Ok(None) => break,
+                Err(StreamError::Aborted) => return Ok(Outcome::Aborted),
+                Err(StreamError::Network(msg)) => return Ok(Outcome::Network(msg)),
             }
-            Err(e) => match self.failed(&guard, &e) {
-                Outcome::Network(msg) => Outcome::Network(format!(
-                    "the connection broke while reading the response: {msg}"
-                )),
-                other => other,
-            },
+        }
+        Ok(Outcome::Reply {
+            status,
+            body: bytes,
+            retry_after,
         })
     }
 

@@ -2,7 +2,11 @@
 // handover-server, but the bearer token picks how it misbehaves:
 //   cycle      record cursors that lead back (a → b → a)
 //   elsewhere  a records_url on another origin (localhost instead of 127.0.0.1)
+//   backslash  a records_url "/\localhost:…", which the URL parser reads as "//localhost:…"
+//   tab        a records_url "/<tab>/localhost:…", the same once the tab is stripped
 //   huge       a create answer announcing 80 MiB
+//   more       more records than the manifest announces, each frame with a fresh cursor
+//   endless    a create answer of up to 200 MiB without a length (chunked)
 // GET /__seen lists the requests it received, so a test can check that
 // nothing (least of all the token) went where it must not.
 import { createServer } from "node:http";
@@ -15,6 +19,7 @@ const CORS = {
 
 export async function startHostile() {
   const seen = [];
+  const pending = [];
   let port;
   const server = createServer((req, res) => {
     if (req.method === "OPTIONS") {
@@ -27,7 +32,8 @@ export async function startHostile() {
       res.writeHead(status, { ...CORS, "content-type": "application/json" });
       res.end(JSON.stringify(body));
     };
-    if (url.pathname === "/__seen") return json(200, seen);
+    // Once the answers still being written have ended.
+    if (url.pathname === "/__seen") return void Promise.all(pending).then(() => json(200, seen));
     const token = (req.headers.authorization ?? "").replace(/^Bearer /, "");
     seen.push({ method: req.method, host: req.headers.host, path: url.pathname, token });
     if (req.method === "POST" && url.pathname === "/api/data/export") {
@@ -38,8 +44,30 @@ export async function startHostile() {
         setTimeout(() => res.destroy(), 10_000).unref();
         return;
       }
-      const t = { records: 1_000_000, columns: [{ name: "id", kind: "string" }] };
+      if (token === "endless") {
+        res.writeHead(201, { ...CORS, "content-type": "application/json" });
+        const mib = Buffer.alloc(1 << 20, 0x20);
+        let closed = false;
+        const hungUp = new Promise((ok) => res.on("close", () => { closed = true; ok(); }));
+        // Bounded: 200 MiB at most, or until the client hangs up; /__seen
+        // then says how far it got ("endless" with `finished`).
+        const stuck = new Promise((ok) => setTimeout(ok, 10_000).unref());
+        pending.push((async () => {
+          res.write("{");
+          let sent = 0;
+          while (sent < 200 && !closed) {
+            sent++;
+            if (!res.write(mib)) await Promise.race([new Promise((ok) => res.once("drain", ok)), hungUp, stuck]);
+          }
+          if (!closed) res.end("}");
+          seen.push({ method: "END", host: "", path: "/__endless", token, mib: sent, finished: !closed });
+        })());
+        return;
+      }
+      const t = { records: token === "more" ? 3 : 1_000_000, columns: [{ name: "id", kind: "string" }] };
       if (token === "elsewhere") t.records_url = `http://localhost:${port}/steal/records`;
+      if (token === "backslash") t.records_url = `/\\localhost:${port}/steal/records`;
+      if (token === "tab") t.records_url = `/\t/localhost:${port}/steal/records`;
       return json(201, {
         success: true,
         data: {
@@ -52,6 +80,11 @@ export async function startHostile() {
     if (req.method === "GET" && url.pathname === "/api/data/export/export_hostile/records/t/stream") {
       res.writeHead(200, { ...CORS, "content-type": "application/x-ndjson" });
       const frame = (offset, id, next) => JSON.stringify({ data_type: "t", offset, rows: [[id]], next_cursor: next }) + "\n";
+      if (token === "more") {
+        // Six records for a manifest of three, every cursor new.
+        res.end([0, 1, 2, 3, 4, 5].map((i) => frame(i, `r${i}`, i < 5 ? `c${i}` : null)).join(""));
+        return;
+      }
       // One record per frame, the cursors going round: a → b → a → …
       res.end(frame(0, "r0", "a") + frame(1, "r1", "b") + frame(2, "r2", "a") + frame(3, "r3", "b"));
       return;
