@@ -618,6 +618,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(f) => crate::store::audit::last_head(f)?,
                 None => None,
             };
+            if head.is_none() {
+                // The chain alone cannot show that its newest rows were
+                // removed: say so rather than let "intact" imply it.
+                let looked_at = head_file.unwrap_or_else(|| operator_data_dir().join("audit.head"));
+                eprintln!(
+                    "warning: no audit head in {} (set HANDOVER_AUDIT_HEAD_FILE or HANDOVER_DATA_DIR to serve's): \
+                     the chain is checked, but removal of its newest rows cannot be detected",
+                    looked_at.display()
+                );
+            }
             match store.verify_audit(head).await? {
                 Verification::Intact { rows } => println!("audit log intact: {rows} rows"),
                 Verification::Broken { seq, reason } => {

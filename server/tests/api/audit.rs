@@ -228,7 +228,11 @@ async fn verify_cli(db: &TestDb) -> (bool, String) {
         .unwrap();
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -258,7 +262,12 @@ async fn tampering_with_the_audit_log_is_detected_by_verify() {
         .execute(pool)
         .await
         .unwrap();
-    assert!(verify_cli(&dir).await.0, "a clean prefix verifies");
+    let (ok, text) = verify_cli(&dir).await;
+    assert!(ok, "a clean prefix verifies: {text}");
+    assert!(
+        text.contains("warning: no audit head") && text.contains("cannot be detected"),
+        "without a head file, verify says what it could not check: {text}"
+    );
     store.close().await;
 
     // Delete a row in the middle.
