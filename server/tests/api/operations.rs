@@ -314,3 +314,57 @@ async fn a_fresh_database_without_demo_data_gives_a_user_an_empty_export() {
     assert_eq!(v["metadata"]["total_records"], 0, "{v}");
     assert_eq!(v["export"]["data"]["user_profile"], json!([]));
 }
+
+#[tokio::test]
+async fn a_cli_export_that_fails_mid_build_leaves_no_file_and_is_recorded_failed() {
+    // A type whose rows cannot be written (its `json` column is not JSON):
+    // counting it succeeds, so the output file is created before the build
+    // breaks.
+    let config = format!(
+        "{}\n[[data_type]]\nname = \"broken\"\nsort_key = \"id\"\nquery = \"SELECT id, 'not json' AS payload FROM demo_users WHERE id = :user_id AND company_id = :company_id\"\ncolumns = [{{ name = \"id\", kind = \"string\" }}, {{ name = \"payload\", kind = \"json\" }}]\n",
+        default_config().split("\n[demo]\n").next().unwrap()
+    ) + "\n[demo]\n" + default_config().split("\n[demo]\n").nth(1).unwrap();
+    let app = spawn_app().await;
+    let dir = app.db.clone();
+    let config_file = dir.dir.path().join("types.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let out = dir.dir.path().join("dpo-broken.csv");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args([
+            "export",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+            "--format",
+            "csv",
+            "--data-types",
+            "user_profile,broken",
+            "--out",
+        ])
+        .arg(&out)
+        .env("DATABASE_URL", &dir.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_TYPES", &config_file)
+        .env("HANDOVER_DATA_DIR", dir.dir.path().join("cli-data"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        !out.exists(),
+        "no half-written file of personal data is left behind"
+    );
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM export_requests WHERE delivery = 'cli'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "failed", "the failure is on record: {stderr}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.failed'")
+            .await,
+        1
+    );
+}
