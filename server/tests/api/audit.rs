@@ -952,3 +952,38 @@ fn unix_minute() -> u64 {
         .as_secs()
         / 60
 }
+
+#[tokio::test]
+async fn an_authenticated_request_with_a_huge_user_agent_and_path_stores_them_capped() {
+    let app = spawn_app().await;
+    let long_path = format!("/api/data/export/{}", "x".repeat(30_000));
+    let r = app
+        .client
+        .get(format!("{}{long_path}", app.base))
+        .bearer_auth(&app.token)
+        .header("x-company-id", "company_123")
+        .header("user-agent", "U".repeat(7_000))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "an unknown export: {}",
+        r.status()
+    );
+    let row = sqlx::query(
+        "SELECT LENGTH(COALESCE(user_agent, '')) AS ua, LENGTH(COALESCE(details, '')) + LENGTH(COALESCE(resource, '')) AS rest, actor FROM audit_log WHERE outcome != 'event' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        row.get::<Option<String>, _>("actor").as_deref(),
+        Some("user_456"),
+        "the row of that request"
+    );
+    let ua: i64 = row.get::<i32, _>("ua").into();
+    let rest: i64 = row.get::<i32, _>("rest").into();
+    assert!(ua > 0 && ua <= 256, "user agent stored at {ua} characters");
+    assert!(rest < 2048, "path stored at {rest} characters");
+}

@@ -637,6 +637,17 @@ async fn demo_tokens_expire_and_die_with_demo_mode() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Only the demo companies' data: any other company is refused.
+    let r = demo
+        .raw(
+            Method::GET,
+            "/api/data/summary",
+            Some(&token),
+            Some("acme_corp"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
     // The same database served without demo mode: the demo token is dead.
     let db = demo.stop().await;
     let app = spawn_with(Opts::default(), Some(db)).await;

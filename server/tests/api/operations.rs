@@ -368,3 +368,46 @@ async fn a_cli_export_that_fails_mid_build_leaves_no_file_and_is_recorded_failed
         1
     );
 }
+
+#[tokio::test]
+async fn a_deleted_exports_wrapped_key_leaves_no_trace_in_the_sqlite_file() {
+    let app = spawn_app().await;
+    let id = app
+        .create_id(json!({"export_format": "json", "data_types": ["user_profile"]}))
+        .await;
+    handover_server::jobs::drain(&app.state).await.unwrap();
+    let wrapped: Vec<u8> =
+        sqlx::query_scalar("SELECT wrapped_key FROM export_files WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(
+        wrapped.len() >= 32,
+        "a wrapped key of {} bytes",
+        wrapped.len()
+    );
+    let deleted = app
+        .call(Method::DELETE, &format!("/api/data/export/{id}"), None)
+        .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM export_files").await,
+        0,
+        "the key row is gone"
+    );
+    if engine() == handover_server::store::Engine::Sqlite {
+        // With secure_delete, SQLite zeroes the freed cells; without it the
+        // key stays readable in free pages of the file.
+        app.exec_plain("PRAGMA wal_checkpoint(TRUNCATE)").await;
+        let path = app.db.url.trim_start_matches("sqlite://").to_string();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+        assert!(
+            !bytes
+                .windows(wrapped.len())
+                .any(|w| w == wrapped.as_slice()),
+            "the deleted wrapped key is still in {path}"
+        );
+    }
+}

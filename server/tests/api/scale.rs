@@ -20,9 +20,13 @@ use crate::helpers::*;
 struct Instance {
     child: tokio::process::Child,
     base: String,
+    /// What it logged before it listened.
+    startup_log: Vec<String>,
 }
 
 impl Instance {
+    /// Starts one on `db`; `env` adds variables, and one with an empty
+    /// value is removed instead.
     async fn start(db: &TestDb, env: &[(&str, &str)]) -> Self {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"));
         cmd.arg("serve")
@@ -39,18 +43,27 @@ impl Instance {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd.spawn().unwrap();
         let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut startup_log = Vec::new();
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if line.contains("handover-server listening") {
                     let addr = line.split("addr=").nth(1).unwrap();
                     return addr.split_whitespace().next().unwrap().to_string();
                 }
+                startup_log.push(line);
             }
-            panic!("the instance stopped before listening");
+            panic!(
+                "the instance stopped before listening: {}",
+                startup_log.join("\n")
+            );
         })
         .await
         .expect("the instance starts within a minute");
@@ -59,6 +72,7 @@ impl Instance {
         Self {
             child,
             base: format!("http://{addr}"),
+            startup_log,
         }
     }
 
@@ -568,4 +582,51 @@ async fn a_held_connection_is_cut_off_before_b_is_served(a_sends: &[u8], a_is_an
         String::from_utf8_lossy(&bbuf[..n])
     );
     drop(server);
+}
+
+#[tokio::test]
+async fn risky_settings_are_named_in_warnings_at_start() {
+    let (db, store, _tokens) = shared_db().await;
+    store.close().await;
+    let has = |i: &Instance, needle: &str| i.startup_log.iter().any(|l| l.contains(needle));
+
+    // JWTs without iss/aud checks; the master key from the environment.
+    let loose = Instance::start(&db, &[]).await;
+    assert!(
+        has(&loose, "without an issuer (iss) or audience (aud) check"),
+        "{:?}",
+        loose.startup_log
+    );
+    assert!(!has(&loose, "beside the export files"));
+    drop(loose);
+
+    // Both checks set: no JWT warning. The master key in its default file,
+    // inside the data directory that also holds the export files.
+    let data_dir = db.dir.path().join("shared");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("master.key"), MASTER_HEX).unwrap();
+    let strict = Instance::start(
+        &db,
+        &[
+            ("HANDOVER_JWT_ISSUER", "https://idp.example"),
+            ("HANDOVER_JWT_AUDIENCE", "handover"),
+            ("HANDOVER_MASTER_KEY", ""),
+            ("HANDOVER_FILE_STORAGE", "dir"),
+        ],
+    )
+    .await;
+    assert!(
+        !has(&strict, "check: a token your identity provider"),
+        "{:?}",
+        strict.startup_log
+    );
+    assert!(
+        has(
+            &strict,
+            "the master key file is stored beside the export files"
+        ),
+        "{:?}",
+        strict.startup_log
+    );
+    drop(strict);
 }
