@@ -242,6 +242,9 @@ struct ServeArgs {
     /// Seconds a client has to send a request's headers.
     #[arg(long, env = "HANDOVER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     header_timeout_secs: u64,
+    /// Seconds a client has to send a request's body, once it is read.
+    #[arg(long, env = "HANDOVER_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    body_timeout_secs: u64,
     /// Connections open at once; more wait to be accepted.
     #[arg(long, env = "HANDOVER_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -358,6 +361,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     settings.unauth_per_minute = a.unauth_per_minute;
     settings.tarpit = std::time::Duration::from_millis(a.tarpit_ms);
     settings.header_timeout = std::time::Duration::from_secs(a.header_timeout_secs.max(1));
+    settings.body_timeout = std::time::Duration::from_secs(a.body_timeout_secs.max(1));
     settings.max_connections = a.max_connections.max(1);
     let options = StateOptions {
         database_url: cli.database.clone(),

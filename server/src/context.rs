@@ -342,6 +342,8 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         .map(str::to_string);
     let ip_key = ctx.address_key();
     req.extensions_mut().insert(ctx.clone());
+    req.extensions_mut()
+        .insert(crate::routes::BodyTimeout(state.settings.body_timeout));
 
     // Every log line of the handler carries the request id.
     let span = tracing::info_span!("request", request_id = %ctx.request_id(), %method, path = %stored_path);

@@ -164,6 +164,8 @@ pub struct Settings {
     pub tarpit: Duration,
     /// A request's headers must arrive within this (slow clients).
     pub header_timeout: Duration,
+    /// A request's body must arrive within this once it is read.
+    pub body_timeout: Duration,
     /// Connections open at once; more wait to be accepted.
     pub max_connections: usize,
 }
@@ -225,6 +227,7 @@ impl Default for Settings {
             unauth_per_minute: guard::DEFAULT_UNAUTH_PER_MINUTE,
             tarpit: Duration::from_secs(1),
             header_timeout: Duration::from_secs(10),
+            body_timeout: routes::BODY_TIMEOUT,
             max_connections: 1024,
         }
     }

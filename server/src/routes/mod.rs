@@ -76,8 +76,14 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// How long a client may take to send a request body.
+/// How long a client may take to send a request body, by default
+/// (`HANDOVER_BODY_TIMEOUT_SECS`).
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The configured body timeout, put on each request by the request
+/// middleware (extractors have no access to the state).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
 
 async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
@@ -87,7 +93,11 @@ async fn read_body(req: Request) -> Result<Bytes, ApiError> {
             ));
         }
     }
-    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, &()))
+    let limit = req
+        .extensions()
+        .get::<BodyTimeout>()
+        .map_or(BODY_TIMEOUT, |t| t.0);
+    let read = tokio::time::timeout(limit, Bytes::from_request(req, &()))
         .await
         .map_err(|_| ApiError::RequestTimeout)?;
     read.map_err(|e| {
@@ -103,7 +113,7 @@ async fn read_body(req: Request) -> Result<Bytes, ApiError> {
 /// unauthenticated client cannot make the server wait for (or hold) a body.
 /// Read as a JSON object: declared as anything but JSON → 415; not JSON
 /// (or not an object) → 400 `INVALID_REQUEST`; over [`MAX_BODY_BYTES`] →
-/// 413; not in within [`BODY_TIMEOUT`] → 408. Handlers validate fields
+/// 413; not in within the body timeout ([`BODY_TIMEOUT`] by default) → 408. Handlers validate fields
 /// themselves so every 422 names its field and specific code.
 #[derive(Debug)]
 pub struct UnreadBody(Request);
@@ -121,7 +131,7 @@ impl UnreadBody {
     ///
     /// # Errors
     ///
-    /// 415, 400, 413, or 408 when it does not arrive within [`BODY_TIMEOUT`].
+    /// 415, 400, 413, or 408 when it does not arrive within the body timeout.
     pub async fn object(self) -> Result<Map<String, Value>, ApiError> {
         let bytes = read_body(self.0).await?;
         parse_object(&bytes)

@@ -630,3 +630,29 @@ async fn risky_settings_are_named_in_warnings_at_start() {
     );
     drop(strict);
 }
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (db, store, tokens) = shared_db().await;
+    store.close().await;
+    let server = Instance::start(&db, &[("HANDOVER_BODY_TIMEOUT_SECS", "1")]).await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/data/export HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nX-Company-ID: company_123\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"export_format\"",
+        tokens[0]
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The rest of the body never comes. Well before the default 30 s, the
+    // configured second has passed and the request is answered.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut answer))
+        .await
+        .expect("answered within the configured body timeout, not the default")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
+    drop(server);
+}
