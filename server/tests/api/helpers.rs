@@ -110,6 +110,17 @@ pub fn between(col: &str, a: &str, b: &str) -> String {
     }
 }
 
+/// The built-in config plus a type `broken` whose rows cannot be written
+/// (its `json` column holds text that is not JSON): counting it succeeds,
+/// building it fails.
+pub fn broken_type_config() -> String {
+    let mut parts = default_config().splitn(2, "\n[demo]\n");
+    let (types, demo) = (parts.next().unwrap(), parts.next().unwrap());
+    format!(
+        "{types}\n[[data_type]]\nname = \"broken\"\nsort_key = \"id\"\nquery = \"SELECT id, 'not json' AS payload FROM demo_users WHERE id = :user_id AND company_id = :company_id\"\ncolumns = [{{ name = \"id\", kind = \"string\" }}, {{ name = \"payload\", kind = \"json\" }}]\n\n[demo]\n{demo}"
+    )
+}
+
 /// The built-in pomodoro config for the suite's engine.
 pub fn pomodoro_config() -> String {
     let file = match engine() {

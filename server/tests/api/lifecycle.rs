@@ -668,10 +668,7 @@ async fn summary_counts_the_callers_records() {
 
 #[tokio::test]
 async fn a_failing_server_build_is_retried_once_then_failed() {
-    let config = format!(
-        "{}\n[[data_type]]\nname = \"broken\"\nsort_key = \"id\"\nquery = \"SELECT id, 'not json' AS payload FROM demo_users WHERE id = :user_id AND company_id = :company_id\"\ncolumns = [{{ name = \"id\", kind = \"string\" }}, {{ name = \"payload\", kind = \"json\" }}]\n",
-        default_config().split("\n[demo]\n").next().unwrap()
-    ) + "\n[demo]\n" + default_config().split("\n[demo]\n").nth(1).unwrap();
+    let config = broken_type_config();
     let app = spawn_with(
         Opts {
             config: Some(config),

@@ -320,10 +320,7 @@ async fn a_cli_export_that_fails_mid_build_leaves_no_file_and_is_recorded_failed
     // A type whose rows cannot be written (its `json` column is not JSON):
     // counting it succeeds, so the output file is created before the build
     // breaks.
-    let config = format!(
-        "{}\n[[data_type]]\nname = \"broken\"\nsort_key = \"id\"\nquery = \"SELECT id, 'not json' AS payload FROM demo_users WHERE id = :user_id AND company_id = :company_id\"\ncolumns = [{{ name = \"id\", kind = \"string\" }}, {{ name = \"payload\", kind = \"json\" }}]\n",
-        default_config().split("\n[demo]\n").next().unwrap()
-    ) + "\n[demo]\n" + default_config().split("\n[demo]\n").nth(1).unwrap();
+    let config = broken_type_config();
     let app = spawn_app().await;
     let dir = app.db.clone();
     let config_file = dir.dir.path().join("types.toml");
