@@ -80,6 +80,12 @@ impl RowSink for FrameSink {
     }
 }
 
+/// Pages of records a stream may read again past a type's end before
+/// the daily quota is checked: what a dropped connection can have had in
+/// flight (the two-frame channel, the connection's write buffer and a
+/// frame being written).
+const RESUME_SLACK_PAGES: u64 = 4;
+
 /// What both forms check first.
 struct Request {
     scope: Scope,
@@ -333,10 +339,15 @@ async fn produce(
         let mut frames_rx = frames_rx;
         let mut fault = first_fault;
         let mut sent = 0u32;
-        // Once this type has been sent in full, every further frame is a
-        // re-read and must fit the daily quota, as a page read again does:
-        // the quota is checked before each such frame, so a stream (or
-        // several at once) stops within a frame of it.
+        // Once this type has been read in full, and some pages more, every
+        // further frame is a re-read and must fit the daily quota, as a
+        // page read again does: the quota is checked before each such
+        // frame, so a stream (or several at once) stops within a frame of
+        // it. A frame counts as read once it is handed to the connection,
+        // before the client has it, so a dropped connection loses frames
+        // that were counted; the slack lets the resume read them again
+        // without being refused at the quota.
+        let reread_from = req.records + RESUME_SLACK_PAGES * u64::from(req.limit);
         let mut rereading = false;
         while let Some(FrameOut {
             line,
@@ -413,7 +424,7 @@ async fn produce(
             sent += 1;
             if !done {
                 if let Ok(reads) = record().await {
-                    rereading = reads > req.records;
+                    rereading = reads > reread_from;
                 }
             }
         }

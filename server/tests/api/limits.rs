@@ -273,3 +273,60 @@ async fn a_stream_read_again_stops_at_the_daily_quota_even_several_at_once() {
         (429, "QUOTA_EXCEEDED")
     );
 }
+
+#[tokio::test]
+async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
+    let probe = spawn_app().await;
+    let payments = probe
+        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
+        .await as u64;
+    drop(probe);
+    assert!(payments > 40 && payments < 100, "{payments}");
+    // The quota is exactly this export: nothing to spare for re-reads.
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(payments),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let stream = format!("/api/data/export/{id}/records/payment_history/stream?limit=20");
+    // The server hands every frame to the connection, and counts it, but
+    // the connection drops with all but the first still in flight: the
+    // client has only the first frame's cursor.
+    let sent = app.call(Method::GET, &stream, None).await;
+    assert_eq!(sent.status, 200);
+    let (rows, error) = stream_frames(&sent.bytes);
+    assert_eq!((rows.iter().sum::<u64>(), error), (payments, None));
+    assert!(rows.len() >= 3, "{rows:?}");
+    let first: serde_json::Value =
+        serde_json::from_slice(sent.bytes.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let cursor = first["next_cursor"].as_str().unwrap();
+    // The resume reads the lost frames again and reaches the end, though
+    // the quota has no room for records read twice.
+    let resumed = app
+        .call(
+            Method::GET,
+            &format!("{stream}&cursor={}", form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()),
+            None,
+        )
+        .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    let (rows, error) = stream_frames(&resumed.bytes);
+    assert_eq!(error, None, "the resume was cut at the quota");
+    assert_eq!(rows.iter().sum::<u64>(), payments - 20);
+    let last = resumed
+        .bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .last()
+        .unwrap();
+    let last: serde_json::Value = serde_json::from_slice(last).unwrap();
+    assert!(last["next_cursor"].is_null(), "{last}");
+}
