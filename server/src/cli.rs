@@ -444,6 +444,8 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
     // The output holds personal data: readable by its owner only, from the start.
     let file = config::private_file(a.out)
         .with_context(|| format!("creating {} (it must not exist yet)", a.out.display()))?;
+    // Nothing half-written is left behind, whatever step fails.
+    let mut partial = RemoveUnlessKept(Some(a.out));
     let row = state
         .store
         .create_export(
@@ -491,8 +493,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
     let records = match built {
         Ok(b) => b.records,
         Err(e) => {
-            // Nothing half-written is left behind.
-            let _ = std::fs::remove_file(a.out);
+            drop(partial);
             state
                 .store
                 .fail_export(&row, "generation failed", None)
@@ -512,6 +513,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         failed_types: Vec::new(),
     };
     state.store.complete_export(&row, &done, &[], None).await?;
+    partial.0 = None;
     eprintln!(
         "{}: {records} records, {size} bytes, sha256 {sha} (request {})",
         a.out.display(),
@@ -767,5 +769,17 @@ mod tests {
         };
         assert_eq!(args.jwt_rs256_public_key.as_deref(), Some(pem));
         assert_eq!(args.jwt_hs256_secret.as_deref(), Some("-secret"));
+    }
+}
+
+/// Removes a file being written when dropped, unless its path was taken
+/// out (the file is complete).
+struct RemoveUnlessKept<'a>(Option<&'a Path>);
+
+impl Drop for RemoveUnlessKept<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -156,6 +156,7 @@ impl Store {
         .bind(&row.id)
         .execute(&mut *tx.tx)
         .await?;
+        tx.erases = true;
         sqlx::query("DELETE FROM export_files WHERE request_id = $1 AND format LIKE 'copy.%'")
             .bind(&row.id)
             .execute(&mut *tx.tx)

@@ -76,6 +76,7 @@ impl Store {
         .bind(id)
         .fetch_all(&mut *tx.tx)
         .await?;
+        tx.erases = true;
         sqlx::query("DELETE FROM export_files WHERE request_id = $1")
             .bind(id)
             .execute(&mut *tx.tx)

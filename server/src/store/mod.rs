@@ -77,6 +77,9 @@ pub struct Store {
     head_file: Option<std::sync::Arc<std::path::PathBuf>>,
     /// Requests' audit rows waiting for the next group commit.
     audit_queue: std::sync::Arc<std::sync::Mutex<audit::Queue>>,
+    /// Wrapped keys were deleted since the last checkpoint: their old
+    /// page images may still be in the write-ahead log.
+    erased: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A key for one purpose (`label`), derived from the master key by
@@ -164,6 +167,10 @@ pub struct Tx<'s> {
     /// once it commits.
     pub(crate) head: Option<(i64, String)>,
     head_file: Option<std::sync::Arc<std::path::PathBuf>>,
+    /// Set when this transaction deletes wrapped keys: once it commits,
+    /// the next checkpoint empties the write-ahead log.
+    pub(crate) erases: bool,
+    erased: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Tx<'_> {
@@ -180,6 +187,10 @@ impl Tx<'_> {
     /// Database errors.
     pub async fn commit(self) -> anyhow::Result<()> {
         self.tx.commit().await?;
+        if self.erases {
+            self.erased
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         if let (Some((seq, hash)), Some(file)) = (&self.head, &self.head_file) {
             // After the commit: the head file never names a row that was
             // rolled back. Failing to write it is logged, not fatal: the
@@ -250,6 +261,7 @@ impl Store {
             pool,
             engine,
             writer: Default::default(),
+            erased: Default::default(),
             audit_key: None,
             secrets_key: None,
             head_file: None,
@@ -279,18 +291,37 @@ impl Store {
     /// commit fills the log, and that request waits for it. Connections
     /// still checkpoint on their own once the log passes 10,000 pages
     /// (about 40 MB), so tools that write without the server stay bounded;
-    /// a log that grew is cut back to 16 MiB when it restarts (old page
-    /// images, with what `secure_delete` erased, do not linger in it).
+    /// a log that grew is cut back to 16 MiB when it restarts. After wrapped
+    /// keys were deleted the checkpoint truncates the log: `secure_delete`
+    /// overwrites them in the database file, and the log's older page
+    /// images, which still hold them, go too.
     ///
     /// # Errors
     ///
     /// Database errors.
     pub async fn checkpoint(&self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
         if self.engine == Engine::Sqlite {
-            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&self.pool)
+            let truncate = self.erased.swap(false, Ordering::AcqRel);
+            let sql = if truncate {
+                "PRAGMA wal_checkpoint(TRUNCATE)"
+            } else {
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            };
+            // A busy checkpoint returns 1 in its first column: the log was
+            // not emptied, so the next one tries again.
+            let busy: (i64, i64, i64) = sqlx::query_as(sql)
+                .fetch_one(&self.pool)
                 .await
+                .inspect_err(|_| {
+                    if truncate {
+                        self.erased.store(true, Ordering::Release);
+                    }
+                })
                 .context("checkpointing the write-ahead log")?;
+            if truncate && busy.0 != 0 {
+                self.erased.store(true, Ordering::Release);
+            }
         }
         Ok(())
     }
@@ -321,6 +352,8 @@ impl Store {
                     _turn: Some(turn),
                     head: None,
                     head_file: self.head_file.clone(),
+                    erases: false,
+                    erased: self.erased.clone(),
                 })
             }
             Engine::Postgres => Ok(Tx {
@@ -328,6 +361,8 @@ impl Store {
                 _turn: None,
                 head: None,
                 head_file: self.head_file.clone(),
+                erases: false,
+                erased: self.erased.clone(),
             }),
         }
     }
