@@ -805,17 +805,18 @@ async fn decrypt_export_rejects_reordered_and_truncated_chunks() {
 async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flood_memory() {
     let hostile = option_env!("HANDOVER_TEST_HOSTILE_SERVER")
         .expect("HANDOVER_TEST_HOSTILE_SERVER unset: run through scripts/test.sh");
-    for (token, says) in [
-        ("cycle", "back to an earlier cursor"),
+    for (token, code, says) in [
+        ("cycle", "INVALID_RESPONSE", "back to an earlier cursor"),
         (
             "more",
+            "RECORD_COUNT_MISMATCH",
             "more records of t than the 3 its manifest announced",
         ),
-        ("elsewhere", "another origin"),
-        ("backslash", "another origin"),
-        ("tab", "another origin"),
-        ("huge", "too large"),
-        ("endless", "too large"),
+        ("elsewhere", "INVALID_RESPONSE", "another origin"),
+        ("backslash", "INVALID_RESPONSE", "another origin"),
+        ("tab", "INVALID_RESPONSE", "another origin"),
+        ("huge", "INVALID_RESPONSE", "too large"),
+        ("endless", "INVALID_RESPONSE", "too large"),
     ] {
         let o: JsValue = Object::new().into();
         set(&o, "baseUrl", hostile);
@@ -827,10 +828,26 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
         set(&o, "retries", 2);
         set(&o, "retryBaseMs", 1);
         let err = export_data(o).await.unwrap_err();
-        assert_eq!(code_of(&err), "INVALID_RESPONSE", "{token}");
+        assert_eq!(code_of(&err), code, "{token}");
         let message = get(&err, "message").as_string().unwrap();
         assert!(message.contains(says), "{token}: {message}");
     }
+    // An answer that keeps coming, a byte at a time, is cut off when the
+    // request timeout has passed since it began, not read on for as long
+    // as the server pleases.
+    let o: JsValue = Object::new().into();
+    set(&o, "baseUrl", hostile);
+    set(&o, "token", "trickle");
+    set(&o, "companyId", "c");
+    set(&o, "format", "csv");
+    set(&o, "dataTypes", JSON::parse(r#"["t"]"#).unwrap());
+    set(&o, "download", false);
+    set(&o, "retries", 1);
+    set(&o, "requestTimeoutMs", 500);
+    let err = export_data(o).await.unwrap_err();
+    assert_eq!(code_of(&err), "NETWORK_ERROR");
+    let message = get(&err, "message").as_string().unwrap();
+    assert!(message.contains("no answer within 500 ms"), "{message}");
     let window = web_sys::window().unwrap();
     let resp: web_sys::Response =
         JsFuture::from(window.fetch_with_str(&format!("{hostile}/__seen")))
@@ -854,6 +871,11 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
     assert!(
         endless.is_some_and(|r| r["finished"] == false),
         "the client hung up on the endless answer: {text}"
+    );
+    let trickle = seen.iter().find(|r| r["path"] == "/__trickle");
+    assert!(
+        trickle.is_some_and(|r| r["finished"] == false),
+        "the client hung up on the trickling answer: {text}"
     );
     let streams = seen
         .iter()

@@ -276,11 +276,13 @@ async fn fetch_type(
                     ));
                 }
                 // Fresh cursors without end would be read forever too: no
-                // more records than the manifest announced are taken.
+                // more records than the manifest announced are taken. An
+                // honest server gets here when records were added during
+                // the export; `complete` would refuse it with this code.
                 if offset + frame.row_count() as u64 > expected {
                     return Err(export_error(
-                        "INVALID_RESPONSE",
-                        &format!("the server sent more records of {name} than the {expected} its manifest announced"),
+                        "RECORD_COUNT_MISMATCH",
+                        &format!("the server has more records of {name} than the {expected} its manifest announced: the data changed during the export (or the server is faulty); start a new export"),
                     ));
                 }
                 let writing = now();

@@ -62,17 +62,14 @@ pub(crate) fn new_idempotency_key() -> String {
     hex::encode(bytes)
 }
 
-/// The global scope's `location.href` (a page's or a worker's), if any.
-fn location_href() -> Option<String> {
-    let location = Reflect::get(&js_sys::global(), &"location".into()).ok()?;
-    Reflect::get(&location, &"href".into()).ok()?.as_string()
-}
-
-/// The origin of `url` read as the browser's URL parser reads it, relative
-/// to `base`: the parser is the judge of where a request goes, since it
-/// reads `/\host` and `/<tab>/host` as `//host`.
-fn origin_of(url: &str, base: &str) -> Option<String> {
-    web_sys::Url::new_with_base(url, base)
+/// The origin a request for `url` goes to, as fetch resolves it: against
+/// the document's base URL in a page (an `about:blank` or `srcdoc` frame
+/// inherits its parent's; a `<base href>` counts), against its location
+/// in a worker. A `Request` is resolved exactly so, and the browser's URL
+/// parser reads `/\host` and `/<tab>/host` as `//host`.
+fn fetch_origin(url: &str) -> Option<String> {
+    let request = Request::new_with_str(url).ok()?;
+    web_sys::Url::new(&request.url())
         .ok()
         .map(|u| u.origin())
         .filter(|o| o != "null")
@@ -93,12 +90,15 @@ enum Outcome {
 /// Largest response body read whole (an answer that is not a stream).
 const MAX_BODY_BYTES: usize = 64 << 20;
 
-/// The body of a streamed answer, read chunk by chunk; the request times
-/// out when no chunk arrives for the request timeout.
+/// The body of an answer, read chunk by chunk. A stream times out when no
+/// chunk arrives for the request timeout; a plain answer when it has not
+/// fully arrived within the request timeout of its start.
 pub(crate) struct Stream {
     reader: JsValue,
     guard: RequestGuard,
     signal: Option<AbortSignal>,
+    /// Each chunk starts the timeout anew (streams only).
+    idle_timeout: bool,
 }
 
 /// Why a stream stopped early.
@@ -119,7 +119,9 @@ impl Stream {
             .unchecked_into();
         match JsFuture::from(promise).await {
             Ok(result) => {
-                let _ = self.guard.restart();
+                if self.idle_timeout {
+                    let _ = self.guard.restart();
+                }
                 let done = Reflect::get(&result, &"done".into())
                     .ok()
                     .and_then(|d| d.as_bool())
@@ -291,23 +293,11 @@ impl Client {
     }
 
     /// Whether a request for `path` (ours, or from a server's answer)
-    /// stays on the server's origin: the bearer token is never sent
-    /// anywhere else. Both are resolved by the browser's URL parser, as
-    /// fetch resolves them; relative requests go to the page's (or
-    /// worker's) own origin.
+    /// goes to the server's origin, both resolved as fetch resolves them:
+    /// the bearer token is never sent anywhere else.
     fn on_our_origin(&self, path: &str) -> bool {
-        // Without a location (not a page or worker), only an absolute base
-        // can anchor a URL; a relative one then fails in fetch anyway.
-        let here = location_href().unwrap_or_else(|| self.base.clone());
-        let ours = origin_of(
-            if self.base.is_empty() {
-                &here
-            } else {
-                &self.base
-            },
-            &here,
-        );
-        let target = origin_of(&self.url(path), &here);
+        let ours = fetch_origin(if self.base.is_empty() { "/" } else { &self.base });
+        let target = fetch_origin(&self.url(path));
         matches!((ours, target), (Some(a), Some(b)) if a == b)
     }
 
@@ -326,8 +316,8 @@ impl Client {
             return Err(export_error(
                 "INVALID_RESPONSE",
                 &format!(
-                    "the server pointed at {path}, on another origin: the token is only sent to {}",
-                    self.base
+                    "a request for {path} would leave the server's origin ({}), and the token is only sent there",
+                    if self.base.is_empty() { "this page's" } else { &self.base }
                 ),
             ));
         }
@@ -395,6 +385,7 @@ impl Client {
                 reader: reader.into(),
                 guard,
                 signal: self.signal.clone(),
+                idle_timeout: true,
             }));
         }
         if let Some(len) = response
@@ -425,6 +416,7 @@ impl Client {
             reader: reader.into(),
             guard,
             signal: self.signal.clone(),
+            idle_timeout: false,
         };
         let mut bytes = Vec::new();
         loop {

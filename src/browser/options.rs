@@ -58,7 +58,7 @@ export interface ExportOptions {
   retryBaseMs?: number;
   /** Longest Retry-After (s) waited for on a 429 while paging. Default 120. */
   maxRetryAfterSeconds?: number;
-  /** A request that has not fully answered in this many ms is aborted and retried. Default 60000. */
+  /** A request whose answer is not complete in this many ms (a record stream: that long without new bytes) is aborted and retried. Default 60000. */
   requestTimeoutMs?: number;
   /** Prefix cells starting with = + - @ tab CR NUL with ' (CSV, XLSX). Default true. */
   neutralizeFormulas?: boolean;

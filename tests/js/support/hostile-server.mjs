@@ -7,6 +7,8 @@
 //   huge       a create answer announcing 80 MiB
 //   more       more records than the manifest announces, each frame with a fresh cursor
 //   endless    a create answer of up to 200 MiB without a length (chunked)
+//   trickle    a create answer without a length, one byte every 20 ms, for
+//              up to 10 s: alive all along, never finished in time
 // GET /__seen lists the requests it received, so a test can check that
 // nothing (least of all the token) went where it must not.
 import { createServer } from "node:http";
@@ -61,6 +63,23 @@ export async function startHostile() {
           }
           if (!closed) res.end("}");
           seen.push({ method: "END", host: "", path: "/__endless", token, mib: sent, finished: !closed });
+        })());
+        return;
+      }
+      if (token === "trickle") {
+        res.writeHead(201, { ...CORS, "content-type": "application/json" });
+        let closed = false;
+        res.on("close", () => { closed = true; });
+        // Bounded: 500 bytes at most, or until the client hangs up.
+        pending.push((async () => {
+          let sent = 0;
+          while (sent < 500 && !closed) {
+            res.write(sent === 0 ? "{" : " ");
+            sent++;
+            await new Promise((ok) => setTimeout(ok, 20));
+          }
+          if (!closed) res.end("}");
+          seen.push({ method: "END", host: "", path: "/__trickle", token, bytes: sent, finished: !closed });
         })());
         return;
       }
