@@ -624,10 +624,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(f) => crate::store::audit::last_head(f)?,
                 None => None,
             };
-            if head.is_none() {
+            // A head file that is there but holds no head, beside a log
+            // that has rows, was emptied: serve writes a head with every
+            // row it appends.
+            let emptied = head.is_none() && head_file.is_some();
+            if head.is_none() && !emptied {
                 // The chain alone cannot show that its newest rows were
                 // removed: say so rather than let "intact" imply it.
-                let looked_at = head_file.unwrap_or_else(|| operator_data_dir().join("audit.head"));
+                let looked_at = head_file
+                    .clone()
+                    .unwrap_or_else(|| operator_data_dir().join("audit.head"));
                 eprintln!(
                     "warning: no audit head in {} (set HANDOVER_AUDIT_HEAD_FILE or HANDOVER_DATA_DIR to serve's): \
                      the chain is checked, but removal of its newest rows cannot be detected",
@@ -635,6 +641,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             match store.verify_audit(head).await? {
+                Verification::Intact { rows } if emptied && rows > 0 => {
+                    println!(
+                        "audit log BROKEN: the head file {} is empty, but the log has {rows} rows; \
+                         its heads were removed, so removal of the newest rows cannot be ruled out",
+                        head_file.as_deref().unwrap_or(Path::new("")).display()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
                 Verification::Intact { rows } => println!("audit log intact: {rows} rows"),
                 Verification::Broken { seq, reason } => {
                     println!("audit log BROKEN at row {seq}: {reason}");

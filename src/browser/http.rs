@@ -296,7 +296,11 @@ impl Client {
     /// goes to the server's origin, both resolved as fetch resolves them:
     /// the bearer token is never sent anywhere else.
     fn on_our_origin(&self, path: &str) -> bool {
-        let ours = fetch_origin(if self.base.is_empty() { "/" } else { &self.base });
+        let ours = fetch_origin(if self.base.is_empty() {
+            "/"
+        } else {
+            &self.base
+        });
         let target = fetch_origin(&self.url(path));
         matches!((ours, target), (Some(a), Some(b)) if a == b)
     }

@@ -569,6 +569,23 @@ async fn re_chained_or_truncated_logs_fail_verification() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
+    // A head file emptied beside a log with rows: the heads were removed
+    // with the rows they named.
+    std::fs::write(&head_file, "").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_AUDIT_HEAD_FILE", &head_file)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("BROKEN") && stdout.contains("is empty"),
+        "{stdout}"
+    );
     // Without the key, a keyed log cannot be vouched for.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
         .args(["audit", "verify"])

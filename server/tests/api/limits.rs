@@ -313,7 +313,10 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
     let resumed = app
         .call(
             Method::GET,
-            &format!("{stream}&cursor={}", form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()),
+            &format!(
+                "{stream}&cursor={}",
+                form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()
+            ),
             None,
         )
         .await;
