@@ -760,6 +760,18 @@ pub async fn main() -> ExitCode {
     }
 }
 
+/// Removes a file being written when dropped, unless its path was taken
+/// out (the file is complete).
+struct RemoveUnlessKept<'a>(Option<&'a Path>);
+
+impl Drop for RemoveUnlessKept<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -783,17 +795,5 @@ mod tests {
         };
         assert_eq!(args.jwt_rs256_public_key.as_deref(), Some(pem));
         assert_eq!(args.jwt_hs256_secret.as_deref(), Some("-secret"));
-    }
-}
-
-/// Removes a file being written when dropped, unless its path was taken
-/// out (the file is complete).
-struct RemoveUnlessKept<'a>(Option<&'a Path>);
-
-impl Drop for RemoveUnlessKept<'_> {
-    fn drop(&mut self) {
-        if let Some(path) = self.0 {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }

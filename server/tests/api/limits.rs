@@ -327,8 +327,7 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
     let last = resumed
         .bytes
         .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .last()
+        .rfind(|l| !l.is_empty())
         .unwrap();
     let last: serde_json::Value = serde_json::from_slice(last).unwrap();
     assert!(last["next_cursor"].is_null(), "{last}");
