@@ -473,9 +473,10 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    // Through `processing`, with its `export.started`, as every other build.
-    state.store.mark_started(&row, None).await?;
-    let built = async {
+    // Through `processing`, with its `export.started`, as every other
+    // build; completed only when the file is whole and synced.
+    let finished = async {
+        state.store.mark_started(&row, None).await?;
         let b = jobs::build(
             &state,
             &row,
@@ -487,32 +488,44 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         .await?;
         tokio::io::AsyncWriteExt::flush(&mut sink.file).await?;
         sink.file.sync_all().await?;
-        anyhow::Ok(b)
+        let (sha, size) = (sink.sha.finish_hex(), sink.size);
+        let mut details = serde_json::Map::new();
+        details.insert("operator".into(), json!(operator));
+        details.insert("file".into(), json!(a.out.display().to_string()));
+        let done = Completion {
+            records: b.records,
+            byte_size: size,
+            sha256: sha.clone(),
+            details,
+            failed_types: Vec::new(),
+        };
+        let completed = state.store.complete_export(&row, &done, &[], None).await?;
+        // Deleted meanwhile (or failed by another hand): no file is handed
+        // over that the log does not show as completed.
+        anyhow::ensure!(
+            completed,
+            "request {} was deleted or closed while it was built; the file is removed",
+            row.id
+        );
+        anyhow::Ok((b.records, size, sha))
     }
     .await;
-    let records = match built {
-        Ok(b) => b.records,
+    let (records, size, sha) = match finished {
+        Ok(f) => f,
         Err(e) => {
+            // Nothing half-written is left behind, and the request is not
+            // left `processing`: CLI builds are never picked up again.
             drop(partial);
-            state
+            if let Err(f) = state
                 .store
                 .fail_export(&row, "generation failed", None)
-                .await?;
+                .await
+            {
+                eprintln!("warning: recording the failure failed: {f:#}");
+            }
             return Err(e);
         }
     };
-    let (sha, size) = (sink.sha.finish_hex(), sink.size);
-    let mut details = serde_json::Map::new();
-    details.insert("operator".into(), json!(operator));
-    details.insert("file".into(), json!(a.out.display().to_string()));
-    let done = Completion {
-        records,
-        byte_size: size,
-        sha256: sha.clone(),
-        details,
-        failed_types: Vec::new(),
-    };
-    state.store.complete_export(&row, &done, &[], None).await?;
     partial.0 = None;
     eprintln!(
         "{}: {records} records, {size} bytes, sha256 {sha} (request {})",
@@ -644,7 +657,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Verification::Intact { rows } if emptied && rows > 0 => {
                     println!(
                         "audit log BROKEN: the head file {} is empty, but the log has {rows} rows; \
-                         its heads were removed, so removal of the newest rows cannot be ruled out",
+                         serve writes a head with every row, so removal of the newest rows cannot be ruled out",
                         head_file.as_deref().unwrap_or(Path::new("")).display()
                     );
                     return Ok(ExitCode::from(1));

@@ -288,13 +288,28 @@ pub async fn check_size_and_quota(
 ///
 /// `429 QUOTA_EXCEEDED` with the seconds until enough leaves the window.
 pub async fn check_quota(state: &AppState, scope: &Scope, more: u64) -> ApiResult<()> {
+    check_quota_within(state, scope, more, 0).await
+}
+
+/// [`check_quota`], letting the user's records pass the quota by `slack`
+/// (records a dropped connection lost after they were counted).
+///
+/// # Errors
+///
+/// `429 QUOTA_EXCEEDED` with the seconds until enough leaves the window.
+pub async fn check_quota_within(
+    state: &AppState,
+    scope: &Scope,
+    more: u64,
+    slack: u64,
+) -> ApiResult<()> {
     let day_ago = handover::model::format_timestamp(
         time::OffsetDateTime::now_utc() - time::Duration::days(1),
     );
     let rows = state.store.records_requested_since(scope, &day_ago).await?;
     let quota = state.settings.daily_record_quota;
     let used: u64 = rows.iter().map(|(n, _)| *n).sum();
-    if used + more > quota {
+    if used + more > quota.saturating_add(slack) {
         // Space frees up as the oldest exports leave the 24-hour window.
         let needed = (used + more).saturating_sub(quota);
         let mut freed = 0;

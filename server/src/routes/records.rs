@@ -80,10 +80,10 @@ impl RowSink for FrameSink {
     }
 }
 
-/// Pages of records a stream may read again past a type's end before
-/// the daily quota is checked: what a dropped connection can have had in
-/// flight (the two-frame channel, the connection's write buffer and a
-/// frame being written).
+/// Pages of records a resumed stream may read again past a type's end
+/// (and past the daily quota) before the quota is checked: what a dropped
+/// connection typically had in flight (the two-frame channel, the
+/// connection's write buffer and a frame being written).
 const RESUME_SLACK_PAGES: u64 = 4;
 
 /// What both forms check first.
@@ -160,8 +160,15 @@ async fn prologue(
         }
     };
     // Pages read again count against the daily quota like new ones: an
-    // open export cannot be re-read past it.
-    crate::plan::check_quota(state, &scope, 0).await?;
+    // open export cannot be re-read past it. A resume may start up to its
+    // slack past the quota: the frames it reads again were counted when a
+    // dropped connection lost them.
+    let slack = if start.is_some() {
+        RESUME_SLACK_PAGES * u64::from(limit)
+    } else {
+        0
+    };
+    crate::plan::check_quota_within(state, &scope, 0, slack).await?;
     ctx.detail("data_type", data_type.as_str());
     if let Some(c) = &start {
         ctx.detail("offset", c.offset);
@@ -339,15 +346,20 @@ async fn produce(
         let mut frames_rx = frames_rx;
         let mut fault = first_fault;
         let mut sent = 0u32;
-        // Once this type has been read in full, and some pages more, every
-        // further frame is a re-read and must fit the daily quota, as a
-        // page read again does: the quota is checked before each such
-        // frame, so a stream (or several at once) stops within a frame of
-        // it. A frame counts as read once it is handed to the connection,
-        // before the client has it, so a dropped connection loses frames
-        // that were counted; the slack lets the resume read them again
-        // without being refused at the quota.
-        let reread_from = req.records + RESUME_SLACK_PAGES * u64::from(req.limit);
+        // Once this type has been read in full, every further frame is a
+        // re-read and must fit the daily quota, as a page read again does:
+        // the quota is checked before each such frame, so a stream (or
+        // several at once) stops within a frame of it. A frame counts as
+        // read once it is handed to the connection, before the client has
+        // it, so a dropped connection loses frames that were counted: a
+        // resume (a stream from a cursor) reads a few pages again before
+        // the check starts.
+        let reread_from = req.records
+            + if req.start.is_some() {
+                RESUME_SLACK_PAGES * u64::from(req.limit)
+            } else {
+                0
+            };
         let mut rereading = false;
         while let Some(FrameOut {
             line,

@@ -261,7 +261,8 @@ impl Store {
             pool,
             engine,
             writer: Default::default(),
-            erased: Default::default(),
+            // A restart may follow deletes whose log was never truncated.
+            erased: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             audit_key: None,
             secrets_key: None,
             head_file: None,

@@ -331,4 +331,11 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
         .unwrap();
     let last: serde_json::Value = serde_json::from_slice(last).unwrap();
     assert!(last["next_cursor"].is_null(), "{last}");
+    // The allowance is for resumes: reading it all again from the start
+    // is refused, the quota being spent.
+    let again = app.call(Method::GET, &stream, None).await;
+    assert_eq!(
+        (again.status.as_u16(), again.code()),
+        (429, "QUOTA_EXCEEDED")
+    );
 }
