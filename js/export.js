@@ -182,6 +182,15 @@ export async function exportData(options) {
     options = { ...options, copyLinkBase: location.href.split("#")[0] };
   }
   if (options.worker !== false && moduleWorkers()) {
+    // A worker would resolve a relative baseUrl against its own script's
+    // address; requests go where they would from this page (its base URL).
+    const base = options.baseUrl ?? "";
+    if (typeof document !== "undefined" && !/^https?:\/\//i.test(base)) {
+      const here = new URL(base === "" ? "/" : base, document.baseURI);
+      if (here.origin !== "null") {
+        options = { ...options, baseUrl: base === "" ? here.origin : here.href };
+      }
+    }
     const result = await inWorker(options);
     if (result !== undefined) return result;
   }

@@ -241,6 +241,21 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
             "options.baseUrl {base_url:?} must be an http(s) URL"
         )));
     }
+    // fetch refuses a URL with a user name or password; say so here, and
+    // without echoing the secret.
+    let after_scheme = ["http://", "https://", "//"]
+        .iter()
+        .find_map(|p| base_url.strip_prefix(p))
+        .unwrap_or("");
+    let authority = after_scheme
+        .split(['/', '\\', '?', '#'])
+        .next()
+        .unwrap_or("");
+    if authority.contains('@') {
+        return Err(invalid(
+            "options.baseUrl must not contain a user name or password: the token authenticates",
+        ));
+    }
     let token = header_safe(required(raw.token, "token")?, "token", false)?;
     let company_id = header_safe(required(raw.company_id, "companyId")?, "companyId", true)?;
     let format: ExportFormat = raw

@@ -169,6 +169,22 @@ proptest! {
     }
 
     #[test]
+    fn a_base_url_with_credentials_is_refused_without_echoing_them(
+        user in "[a-z]{1,8}", password in "[a-z0-9]{6,12}",
+        base in prop_oneof![Just("https://"), Just("http://"), Just("//")],
+    ) {
+        let url = format!("{base}{user}:{password}@api.example/v1");
+        let e = parse_options(&json!({"baseUrl": url, "token": "t", "companyId": "c"}).to_string()).unwrap_err();
+        prop_assert_eq!(e.code, "INVALID_OPTIONS");
+        prop_assert!(e.message.contains("baseUrl"), "{}", e.message);
+        prop_assert!(!e.message.contains(&password), "{}", e.message);
+        // An @ in the path is not a credential.
+        let fine = format!("{base}api.example/users/@{user}");
+        let ok = parse_options(&json!({"baseUrl": fine, "token": "t", "companyId": "c"}).to_string());
+        prop_assert!(ok.is_ok());
+    }
+
+    #[test]
     fn out_of_range_numbers_are_refused(page in prop_oneof![Just(0u64), 5001u64..1_000_000]) {
         let e = parse_options(&json!({"token": "t", "companyId": "c", "pageSize": page}).to_string()).unwrap_err();
         prop_assert_eq!(e.code, "INVALID_OPTIONS");

@@ -48,6 +48,8 @@ function explain(err) {
       return "This link is incomplete: its key is missing or damaged. Copy the whole link and try again.";
     case "EXPORT_NOT_FOUND":
       return "This export no longer exists: it expired or was deleted.";
+    case "RECORD_COUNT_MISMATCH":
+      return "Your data changed while it was being exported, so this file would not match it. Please export again.";
     case "QUOTA_EXCEEDED":
       return `You have exported a lot of data today. You can export again at ${timeIn(err.retryAfter ?? 3600)}.`;
     default:

@@ -353,7 +353,7 @@ test("a download the page refuses keeps the finished file with the error", async
   }
 });
 
-test("an export started in a srcdoc frame with baseUrl \"\" goes to the page's origin", async () => {
+test("an export started in a srcdoc frame with baseUrl \"\" goes to the page's origin, in a worker or not", async () => {
   // A srcdoc frame's location is about:srcdoc; fetch resolves its relative
   // URLs against the parent's base URL, and so must the origin check.
   const token = makeToken(db, "user_0003", "company_123");
@@ -366,21 +366,30 @@ test("an export started in a srcdoc frame with baseUrl \"\" goes to the page's o
   }));
   const frame = page.frames().find((f) => f.url() === "about:srcdoc");
   assert.ok(frame, "the srcdoc frame is there");
-  const run = await frame.evaluate(async ({ token }) => {
+  const runs = await frame.evaluate(async ({ token }) => {
     const handover = await import(new URL("/pkg/handover.js", document.baseURI).href);
     await handover.default();
     const { exportData } = handover;
-    try {
-      const r = await exportData({ baseUrl: "", token, companyId: "company_123", format: "csv",
-        dataTypes: ["user_profile"], worker: false, download: false });
-      return { href: location.href, records: r.recordCount, size: r.blob.size, byteSize: r.byteSize };
-    } catch (e) {
-      return { href: location.href, code: e.code, message: e.message };
+    const runs = [];
+    for (const worker of [false, true]) {
+      try {
+        const r = await exportData({ baseUrl: "", token, companyId: "company_123", format: "csv",
+          dataTypes: ["user_profile"], worker, download: false });
+        runs.push({ worker, href: location.href, records: r.recordCount, size: r.blob.size, byteSize: r.byteSize,
+          ranInWorker: r.stats.worker });
+      } catch (e) {
+        runs.push({ worker, href: location.href, code: e.code, message: e.message });
+      }
     }
+    return runs;
   }, { token });
   await page.evaluate(() => document.getElementById("srcdoc-frame").remove());
-  assert.equal(run.href, "about:srcdoc");
-  assert.equal(run.code, undefined, JSON.stringify(run));
-  assert.equal(run.records, 1, JSON.stringify(run));
-  assert.ok(run.size > 0 && run.size === run.byteSize, JSON.stringify(run));
+  assert.equal(runs.length, 2);
+  for (const run of runs) {
+    assert.equal(run.href, "about:srcdoc");
+    assert.equal(run.code, undefined, JSON.stringify(run));
+    assert.equal(run.records, 1, JSON.stringify(run));
+    assert.equal(run.ranInWorker, run.worker, JSON.stringify(run));
+    assert.ok(run.size > 0 && run.size === run.byteSize, JSON.stringify(run));
+  }
 });
