@@ -98,12 +98,15 @@ struct Request {
     start: Option<Cursor>,
 }
 
+/// `slack_pages`: pages a resume may start past the quota (streams only:
+/// a page is counted as it is answered, not ahead of the client).
 async fn prologue(
     state: &AppState,
     ctx: &Ctx,
     headers: &HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
     q: &QueryMap,
+    slack_pages: u64,
 ) -> ApiResult<Request> {
     ctx.set_action("export.records", None);
     let scope = super::enter(state, ctx, headers, PERM_EXPORT, ratelimit::RECORDS).await?;
@@ -164,7 +167,7 @@ async fn prologue(
     // slack past the quota: the frames it reads again were counted when a
     // dropped connection lost them.
     let slack = if start.is_some() {
-        RESUME_SLACK_PAGES * u64::from(limit)
+        slack_pages * u64::from(limit)
     } else {
         0
     };
@@ -206,7 +209,7 @@ pub(crate) async fn page(
     path: Result<Path<(String, String)>, PathRejection>,
     q: QueryMap,
 ) -> ApiResult<Response> {
-    let req = prologue(&state, &ctx, &headers, path, &q).await?;
+    let req = prologue(&state, &ctx, &headers, path, &q, 0).await?;
     if let Some(fault) = state.settings.fault.as_ref().and_then(|f| f.roll_page()) {
         return Ok(fault);
     }
@@ -259,7 +262,7 @@ pub(crate) async fn stream(
     path: Result<Path<(String, String)>, PathRejection>,
     q: QueryMap,
 ) -> ApiResult<Response> {
-    let req = prologue(&state, &ctx, &headers, path, &q).await?;
+    let req = prologue(&state, &ctx, &headers, path, &q, RESUME_SLACK_PAGES).await?;
     // A fault before the stream begins may be an error answer.
     let first_fault = match state.settings.fault.as_ref().and_then(|f| f.roll()) {
         Some(crate::Fault::Status(response)) => return Ok(response),

@@ -895,7 +895,7 @@ impl Store {
     }
 
     /// Fails an open export (with `export.failed`); false when it was no
-    /// longer open.
+    /// longer open or was deleted (no `failed` follows `deleted`).
     ///
     /// # Errors
     ///
@@ -910,7 +910,7 @@ impl Store {
         let mut tx = self.write().await?;
         let r = sqlx::query(&format!(
             "UPDATE export_requests SET status = 'failed', failure_reason = $1, failed_at = $2, last_activity_at = $2 \
-             WHERE id = $3 AND {OPEN}"
+             WHERE id = $3 AND {OPEN} AND deleted_at IS NULL"
         ))
         .bind(reason)
         .bind(&at)

@@ -339,3 +339,64 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
         (429, "QUOTA_EXCEEDED")
     );
 }
+
+#[tokio::test]
+async fn pages_read_again_from_a_cursor_get_no_resume_allowance() {
+    let probe = spawn_app().await;
+    let payments = probe
+        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
+        .await as u64;
+    drop(probe);
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(payments),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let page = format!("/api/data/export/{id}/records/payment_history?limit=20");
+    // Every page once, keeping the first page's cursor.
+    let first = app.call(Method::GET, &page, None).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let cursor = first.body["data"]["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut next = Some(cursor.clone());
+    for _ in 0..100 {
+        let Some(c) = next.take() else { break };
+        let p = app
+            .call(
+                Method::GET,
+                &format!(
+                    "{page}&cursor={}",
+                    form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(p.status, 200, "{}", p.body);
+        next = p.body["data"]["next_cursor"].as_str().map(str::to_string);
+    }
+    assert!(next.is_none(), "the pages reached the end");
+    // A page is counted as it is answered: one read again fits (the
+    // quota was not yet passed), the next does not.
+    let again = format!(
+        "{page}&cursor={}",
+        form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()
+    );
+    assert_eq!(app.call(Method::GET, &again, None).await.status, 200);
+    let refused = app.call(Method::GET, &again, None).await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.code()),
+        (429, "QUOTA_EXCEEDED"),
+        "{}",
+        refused.body
+    );
+}
