@@ -186,9 +186,13 @@ export async function exportData(options) {
     // address; requests go where they would from this page (its base URL).
     const base = options.baseUrl ?? "";
     if (typeof document !== "undefined" && !/^https?:\/\//i.test(base)) {
-      const here = new URL(base === "" ? "/" : base, document.baseURI);
-      if (here.origin !== "null") {
-        options = { ...options, baseUrl: base === "" ? here.origin : here.href };
+      try {
+        const here = new URL(base === "" ? "/" : base, document.baseURI);
+        if (here.origin !== "null") {
+          options = { ...options, baseUrl: base === "" ? here.origin : here.href };
+        }
+      } catch {
+        // Not resolvable here (a blob: page, say): the worker reports it.
       }
     }
     const result = await inWorker(options);

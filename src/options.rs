@@ -204,6 +204,38 @@ fn is_http_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
+/// Whether `url` names a user or password, read as the browser's URL
+/// parser reads it: spaces and controls around it are ignored, tabs and
+/// newlines inside dropped, the scheme in any case; after `http:` or
+/// `https:` any run of `/` and `\` leads to the host, after another scheme
+/// `//` does, and without a scheme two of them do.
+fn has_credentials(url: &str) -> bool {
+    let url: String = url
+        .trim_matches(|c: char| c <= ' ')
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let leads = |s: &str| s.len() - s.trim_start_matches(['/', '\\']).len();
+    let authority_from = match scheme {
+        Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
+            Some(&url[s.len() + 1..])
+        }
+        Some(s) => url[s.len() + 1..].strip_prefix("//"),
+        None => (leads(&url) >= 2).then_some(&url[..]),
+    };
+    authority_from.is_some_and(|rest| {
+        rest.trim_start_matches(['/', '\\'])
+            .split(['/', '\\', '?', '#'])
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+    })
+}
+
 /// Checks the options' JSON text (without `onProgress` and `signal`).
 ///
 /// ```
@@ -232,6 +264,13 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
         .unwrap_or_default()
         .trim_end_matches('/')
         .to_string();
+    // fetch refuses a URL with a user name or password; say so first, and
+    // without echoing the secret.
+    if has_credentials(&base_url) {
+        return Err(invalid(
+            "options.baseUrl must not contain a user name or password: the token authenticates",
+        ));
+    }
     if !(base_url.is_empty()
         || base_url.starts_with("http://")
         || base_url.starts_with("https://")
@@ -240,21 +279,6 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
         return Err(invalid(format!(
             "options.baseUrl {base_url:?} must be an http(s) URL"
         )));
-    }
-    // fetch refuses a URL with a user name or password; say so here, and
-    // without echoing the secret.
-    let after_scheme = ["http://", "https://", "//"]
-        .iter()
-        .find_map(|p| base_url.strip_prefix(p))
-        .unwrap_or("");
-    let authority = after_scheme
-        .split(['/', '\\', '?', '#'])
-        .next()
-        .unwrap_or("");
-    if authority.contains('@') {
-        return Err(invalid(
-            "options.baseUrl must not contain a user name or password: the token authenticates",
-        ));
     }
     let token = header_safe(required(raw.token, "token")?, "token", false)?;
     let company_id = header_safe(required(raw.company_id, "companyId")?, "companyId", true)?;

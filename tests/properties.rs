@@ -171,7 +171,8 @@ proptest! {
     #[test]
     fn a_base_url_with_credentials_is_refused_without_echoing_them(
         user in "[a-z]{1,8}", password in "[a-z0-9]{6,12}",
-        base in prop_oneof![Just("https://"), Just("http://"), Just("//")],
+        base in prop_oneof![Just("https://"), Just("http://"), Just("//"), Just("HTTPS://"),
+            Just(" https://"), Just("https:///"), Just("https://\\"), Just("/\\"), Just("ftp://")],
     ) {
         let url = format!("{base}{user}:{password}@api.example/v1");
         let e = parse_options(&json!({"baseUrl": url, "token": "t", "companyId": "c"}).to_string()).unwrap_err();
@@ -179,7 +180,7 @@ proptest! {
         prop_assert!(e.message.contains("baseUrl"), "{}", e.message);
         prop_assert!(!e.message.contains(&password), "{}", e.message);
         // An @ in the path is not a credential.
-        let fine = format!("{base}api.example/users/@{user}");
+        let fine = format!("https://api.example/users/@{user}?by=@{user}#@x");
         let ok = parse_options(&json!({"baseUrl": fine, "token": "t", "companyId": "c"}).to_string());
         prop_assert!(ok.is_ok());
     }
