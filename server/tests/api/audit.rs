@@ -546,14 +546,7 @@ async fn re_chained_or_truncated_logs_fail_verification() {
         v => panic!("a truncated log verified against its head: {v:?}"),
     }
     // And from the CLI, with the head file.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
-        .args(["audit", "verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .env("HANDOVER_AUDIT_HEAD_FILE", &head_file)
-        .output()
-        .await
-        .unwrap();
+    let out = verify_with_head_file(&app, &head_file).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     // And with no head file named: the one `serve` keeps in its data
@@ -572,14 +565,7 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     // A head file emptied beside a log with rows: the heads were removed
     // with the rows they named.
     std::fs::write(&head_file, "").unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
-        .args(["audit", "verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .env("HANDOVER_AUDIT_HEAD_FILE", &head_file)
-        .output()
-        .await
-        .unwrap();
+    let out = verify_with_head_file(&app, &head_file).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(
@@ -1003,4 +989,16 @@ async fn an_authenticated_request_with_a_huge_user_agent_and_path_stores_them_ca
     let rest: i64 = row.get::<i32, _>("rest").into();
     assert!(ua > 0 && ua <= 256, "user agent stored at {ua} characters");
     assert!(rest < 2048, "path stored at {rest} characters");
+}
+
+/// `handover-server audit verify` on the app's database, against `head_file`.
+async fn verify_with_head_file(app: &TestApp, head_file: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_AUDIT_HEAD_FILE", head_file)
+        .output()
+        .await
+        .unwrap()
 }

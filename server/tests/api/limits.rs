@@ -276,26 +276,7 @@ async fn a_stream_read_again_stops_at_the_daily_quota_even_several_at_once() {
 
 #[tokio::test]
 async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
-    let probe = spawn_app().await;
-    let payments = probe
-        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
-        .await as u64;
-    drop(probe);
-    assert!(payments > 40 && payments < 100, "{payments}");
-    // The quota is exactly this export: nothing to spare for re-reads.
-    let app = spawn_with(
-        Opts {
-            daily_record_quota: Some(payments),
-            ..Opts::default()
-        },
-        None,
-    )
-    .await;
-    let r = app
-        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let (app, payments, id) = export_filling_the_quota().await;
     let stream = format!("/api/data/export/{id}/records/payment_history/stream?limit=20");
     // The server hands every frame to the connection, and counts it, but
     // the connection drops with all but the first still in flight: the
@@ -342,24 +323,7 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
 
 #[tokio::test]
 async fn pages_read_again_from_a_cursor_get_no_resume_allowance() {
-    let probe = spawn_app().await;
-    let payments = probe
-        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
-        .await as u64;
-    drop(probe);
-    let app = spawn_with(
-        Opts {
-            daily_record_quota: Some(payments),
-            ..Opts::default()
-        },
-        None,
-    )
-    .await;
-    let r = app
-        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["data"]["request_id"].as_str().unwrap();
+    let (app, _, id) = export_filling_the_quota().await;
     let page = format!("/api/data/export/{id}/records/payment_history?limit=20");
     // Every page once, keeping the first page's cursor.
     let first = app.call(Method::GET, &page, None).await;
@@ -399,4 +363,29 @@ async fn pages_read_again_from_a_cursor_get_no_resume_allowance() {
         "{}",
         refused.body
     );
+}
+
+/// An app whose daily quota is exactly the demo user's payments, and a
+/// client export of them: the quota has nothing to spare for re-reads.
+async fn export_filling_the_quota() -> (TestApp, u64, String) {
+    let probe = spawn_app().await;
+    let payments = probe
+        .count("SELECT COUNT(*) FROM demo_payments WHERE user_id='user_456' AND company_id='company_123'")
+        .await as u64;
+    drop(probe);
+    assert!(payments > 40 && payments < 100, "{payments}");
+    let app = spawn_with(
+        Opts {
+            daily_record_quota: Some(payments),
+            ..Opts::default()
+        },
+        None,
+    )
+    .await;
+    let r = app
+        .create(json!({"export_format": "json", "data_types": ["payment_history"], "delivery": "client"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["data"]["request_id"].as_str().unwrap().to_string();
+    (app, payments, id)
 }
