@@ -220,13 +220,12 @@ fn has_credentials(url: &str) -> bool {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     });
-    let leads = |s: &str| s.len() - s.trim_start_matches(['/', '\\']).len();
     let authority_from = match scheme {
         Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {
             Some(&url[s.len() + 1..])
         }
         Some(s) => url[s.len() + 1..].strip_prefix("//"),
-        None => (leads(&url) >= 2).then_some(&url[..]),
+        None => (url.len() - url.trim_start_matches(['/', '\\']).len() >= 2).then_some(&url[..]),
     };
     authority_from.is_some_and(|rest| {
         rest.trim_start_matches(['/', '\\'])
@@ -271,11 +270,7 @@ pub fn parse_options(json: &str) -> Result<CheckedOptions, OptionsError> {
             "options.baseUrl must not contain a user name or password: the token authenticates",
         ));
     }
-    if !(base_url.is_empty()
-        || base_url.starts_with("http://")
-        || base_url.starts_with("https://")
-        || base_url.starts_with('/'))
-    {
+    if !(base_url.is_empty() || is_http_url(&base_url) || base_url.starts_with('/')) {
         return Err(invalid(format!(
             "options.baseUrl {base_url:?} must be an http(s) URL"
         )));

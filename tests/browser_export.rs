@@ -801,6 +801,19 @@ async fn decrypt_export_rejects_reordered_and_truncated_chunks() {
     );
 }
 
+/// Options for an export of the hostile server's one data type, `t`, in
+/// the misbehaviour `token` picks.
+fn hostile_options(hostile: &str, token: &str) -> JsValue {
+    let o: JsValue = Object::new().into();
+    set(&o, "baseUrl", hostile);
+    set(&o, "token", token);
+    set(&o, "companyId", "c");
+    set(&o, "format", "csv");
+    set(&o, "dataTypes", JSON::parse(r#"["t"]"#).unwrap());
+    set(&o, "download", false);
+    o
+}
+
 #[wasm_bindgen_test]
 async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flood_memory() {
     let hostile = option_env!("HANDOVER_TEST_HOSTILE_SERVER")
@@ -818,13 +831,7 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
         ("huge", "INVALID_RESPONSE", "too large"),
         ("endless", "INVALID_RESPONSE", "too large"),
     ] {
-        let o: JsValue = Object::new().into();
-        set(&o, "baseUrl", hostile);
-        set(&o, "token", token);
-        set(&o, "companyId", "c");
-        set(&o, "format", "csv");
-        set(&o, "dataTypes", JSON::parse(r#"["t"]"#).unwrap());
-        set(&o, "download", false);
+        let o = hostile_options(hostile, token);
         set(&o, "retries", 2);
         set(&o, "retryBaseMs", 1);
         let err = export_data(o).await.unwrap_err();
@@ -835,13 +842,7 @@ async fn a_hostile_server_cannot_loop_the_export_take_the_token_elsewhere_or_flo
     // An answer that keeps coming, a byte at a time, is cut off when the
     // request timeout has passed since it began, not read on for as long
     // as the server pleases.
-    let o: JsValue = Object::new().into();
-    set(&o, "baseUrl", hostile);
-    set(&o, "token", "trickle");
-    set(&o, "companyId", "c");
-    set(&o, "format", "csv");
-    set(&o, "dataTypes", JSON::parse(r#"["t"]"#).unwrap());
-    set(&o, "download", false);
+    let o = hostile_options(hostile, "trickle");
     set(&o, "retries", 1);
     set(&o, "requestTimeoutMs", 500);
     let err = export_data(o).await.unwrap_err();

@@ -637,33 +637,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(f) => crate::store::audit::last_head(f)?,
                 None => None,
             };
-            // A head file that is there but holds no head, beside a log
-            // that has rows, was emptied: serve writes a head with every
-            // row it appends.
-            let emptied = head.is_none() && head_file.is_some();
-            if head.is_none() && !emptied {
+            if head_file.is_none() {
                 // The chain alone cannot show that its newest rows were
                 // removed: say so rather than let "intact" imply it.
-                let looked_at = head_file
-                    .clone()
-                    .unwrap_or_else(|| operator_data_dir().join("audit.head"));
                 eprintln!(
                     "warning: no audit head in {} (set HANDOVER_AUDIT_HEAD_FILE or HANDOVER_DATA_DIR to serve's): \
                      the chain is checked, but removal of its newest rows cannot be detected",
-                    looked_at.display()
+                    operator_data_dir().join("audit.head").display()
                 );
             }
-            match store.verify_audit(head).await? {
-                Verification::Intact { rows } if emptied && rows > 0 => {
+            // A head file that is there but holds no head, beside a log
+            // that has rows, was emptied: serve writes a head with every
+            // row it appends.
+            let emptied = head_file.as_deref().filter(|_| head.is_none());
+            match (store.verify_audit(head).await?, emptied) {
+                (Verification::Intact { rows }, Some(file)) if rows > 0 => {
                     println!(
                         "audit log BROKEN: the head file {} is empty, but the log has {rows} rows; \
                          serve writes a head with every row, so removal of the newest rows cannot be ruled out",
-                        head_file.as_deref().unwrap_or(Path::new("")).display()
+                        file.display()
                     );
                     return Ok(ExitCode::from(1));
                 }
-                Verification::Intact { rows } => println!("audit log intact: {rows} rows"),
-                Verification::Broken { seq, reason } => {
+                (Verification::Intact { rows }, _) => println!("audit log intact: {rows} rows"),
+                (Verification::Broken { seq, reason }, _) => {
                     println!("audit log BROKEN at row {seq}: {reason}");
                     return Ok(ExitCode::from(1));
                 }
@@ -719,26 +716,20 @@ fn decrypt_copy(key: &str, input: &Path, out: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{} is not an encrypted copy", input.display()))?;
     let file = config::private_file(out)
         .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    let mut partial = RemoveUnlessKept(Some(out));
     let mut dst = std::io::BufWriter::new(file);
-    let written = (|| -> anyhow::Result<()> {
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = src.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            dst.write_all(&dec.push(&buf[..n]).map_err(wrong_key)?)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        dst.write_all(&dec.finish().map_err(wrong_key)?)?;
-        dst.flush()?;
-        dst.get_ref().sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = written {
-        drop(dst);
-        let _ = std::fs::remove_file(out);
-        return Err(e);
+        dst.write_all(&dec.push(&buf[..n]).map_err(wrong_key)?)?;
     }
+    dst.write_all(&dec.finish().map_err(wrong_key)?)?;
+    dst.flush()?;
+    dst.get_ref().sync_all()?;
+    partial.0 = None;
     eprintln!("decrypted {} to {}", input.display(), out.display());
     Ok(())
 }

@@ -62,14 +62,9 @@ pub(crate) fn new_idempotency_key() -> String {
     hex::encode(bytes)
 }
 
-/// The origin a request for `url` goes to, as fetch resolves it: against
-/// the document's base URL in a page (an `about:blank` or `srcdoc` frame
-/// inherits its parent's; a `<base href>` counts), against its location
-/// in a worker. A `Request` is resolved exactly so, and the browser's URL
-/// parser reads `/\host` and `/<tab>/host` as `//host`.
-fn fetch_origin(url: &str) -> Option<String> {
-    let request = Request::new_with_str(url).ok()?;
-    web_sys::Url::new(&request.url())
+/// The origin of a URL the browser resolved (a `Request`'s), if it has one.
+fn origin_of(resolved: &str) -> Option<String> {
+    web_sys::Url::new(resolved)
         .ok()
         .map(|u| u.origin())
         .filter(|o| o != "null")
@@ -292,17 +287,22 @@ impl Client {
         }
     }
 
-    /// Whether a request for `path` (ours, or from a server's answer)
-    /// goes to the server's origin, both resolved as fetch resolves them:
-    /// the bearer token is never sent anywhere else.
-    fn on_our_origin(&self, path: &str) -> bool {
-        let ours = fetch_origin(if self.base.is_empty() {
+    /// Whether `request` goes to the server's origin: the bearer token is
+    /// never sent anywhere else. A `Request` holds its URL as fetch
+    /// resolves it: against the document's base URL in a page (an
+    /// `about:blank` or `srcdoc` frame inherits its parent's; a `<base
+    /// href>` counts), against its location in a worker, and read by the
+    /// URL parser, which takes `/\host` and `/<tab>/host` for `//host`.
+    fn on_our_origin(&self, request: &Request) -> bool {
+        let base = if self.base.is_empty() {
             "/"
         } else {
             &self.base
-        });
-        let target = fetch_origin(&self.url(path));
-        matches!((ours, target), (Some(a), Some(b)) if a == b)
+        };
+        let ours = Request::new_with_str(base)
+            .ok()
+            .and_then(|r| origin_of(&r.url()));
+        matches!((ours, origin_of(&request.url())), (Some(a), Some(b)) if a == b)
     }
 
     fn is_aborted(&self) -> bool {
@@ -316,15 +316,6 @@ impl Client {
         body: Option<Body<'_>>,
         stream: bool,
     ) -> Result<Outcome, JsValue> {
-        if !self.on_our_origin(path) {
-            return Err(export_error(
-                "INVALID_RESPONSE",
-                &format!(
-                    "a request for {path} would leave the server's origin ({}), and the token is only sent there",
-                    if self.base.is_empty() { "this page's" } else { &self.base }
-                ),
-            ));
-        }
         let init = RequestInit::new();
         init.set_method(method);
         match body {
@@ -334,12 +325,22 @@ impl Client {
         }
         let guard = RequestGuard::new(self.signal.as_ref(), self.request_timeout_ms)?;
         init.set_signal(Some(&guard.controller.signal()));
-        let request = Request::new_with_str_and_init(&self.url(path), &init).map_err(|_| {
+        let url = self.url(path);
+        let request = Request::new_with_str_and_init(&url, &init).map_err(|_| {
             export_error(
                 "INVALID_OPTIONS",
-                &format!("cannot make a request to {}", self.url(path)),
+                &format!("cannot make a request to {url}"),
             )
         })?;
+        if !self.on_our_origin(&request) {
+            return Err(export_error(
+                "INVALID_RESPONSE",
+                &format!(
+                    "a request for {path} would leave the server's origin ({}), and the token is only sent there",
+                    if self.base.is_empty() { "this page's" } else { &self.base }
+                ),
+            ));
+        }
         let headers = request.headers();
         // parse_options keeps both to printable ASCII; should a browser
         // still refuse one, the caller gets an ExportError all the same.

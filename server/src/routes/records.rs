@@ -96,6 +96,10 @@ struct Request {
     records: u64,
     limit: u32,
     start: Option<Cursor>,
+    /// Records a resume may read again past the type's end, and start past
+    /// the daily quota: what the dropped connection lost after they were
+    /// counted.
+    slack: u64,
 }
 
 /// `slack_pages`: pages a resume may start past the quota (streams only:
@@ -184,6 +188,7 @@ async fn prologue(
         records,
         limit,
         start,
+        slack,
     })
 }
 
@@ -357,12 +362,7 @@ async fn produce(
         // it, so a dropped connection loses frames that were counted: a
         // resume (a stream from a cursor) reads a few pages again before
         // the check starts.
-        let reread_from = req.records
-            + if req.start.is_some() {
-                RESUME_SLACK_PAGES * u64::from(req.limit)
-            } else {
-                0
-            };
+        let reread_from = req.records + req.slack;
         let mut rereading = false;
         while let Some(FrameOut {
             line,

@@ -309,20 +309,16 @@ impl Store {
             } else {
                 "PRAGMA wal_checkpoint(PASSIVE)"
             };
-            // A busy checkpoint returns 1 in its first column: the log was
-            // not emptied, so the next one tries again.
-            let busy: (i64, i64, i64) = sqlx::query_as(sql)
+            // Its first column is 1 when it was busy: unless the log was
+            // emptied, the next checkpoint tries again.
+            let done: anyhow::Result<(i64, i64, i64)> = sqlx::query_as(sql)
                 .fetch_one(&self.pool)
                 .await
-                .inspect_err(|_| {
-                    if truncate {
-                        self.erased.store(true, Ordering::Release);
-                    }
-                })
-                .context("checkpointing the write-ahead log")?;
-            if truncate && busy.0 != 0 {
+                .context("checkpointing the write-ahead log");
+            if truncate && !matches!(done, Ok((0, _, _))) {
                 self.erased.store(true, Ordering::Release);
             }
+            done?;
         }
         Ok(())
     }

@@ -486,3 +486,8 @@ pub async fn fetch_all(
 }
 
 // ------------------------------------------------------------ success paths
+
+/// `s` as a query parameter value (cursors carry `+`, `/` and `=`).
+pub fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}

@@ -294,10 +294,7 @@ async fn a_stream_resumed_after_a_drop_completes_at_a_quota_the_export_fills() {
     let resumed = app
         .call(
             Method::GET,
-            &format!(
-                "{stream}&cursor={}",
-                form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()
-            ),
+            &format!("{stream}&cursor={}", urlencode(cursor)),
             None,
         )
         .await;
@@ -338,10 +335,7 @@ async fn pages_read_again_from_a_cursor_get_no_resume_allowance() {
         let p = app
             .call(
                 Method::GET,
-                &format!(
-                    "{page}&cursor={}",
-                    form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
-                ),
+                &format!("{page}&cursor={}", urlencode(&c)),
                 None,
             )
             .await;
@@ -351,10 +345,7 @@ async fn pages_read_again_from_a_cursor_get_no_resume_allowance() {
     assert!(next.is_none(), "the pages reached the end");
     // A page is counted as it is answered: one read again fits (the
     // quota was not yet passed), the next does not.
-    let again = format!(
-        "{page}&cursor={}",
-        form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()
-    );
+    let again = format!("{page}&cursor={}", urlencode(&cursor));
     assert_eq!(app.call(Method::GET, &again, None).await.status, 200);
     let refused = app.call(Method::GET, &again, None).await;
     assert_eq!(

@@ -208,10 +208,6 @@ async fn streams_carry_every_record_and_resume_byte_identically() {
     );
 }
 
-fn urlencode(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 #[tokio::test]
 async fn compressed_and_uncompressed_pages_carry_the_same_records() {
     use std::io::Read as _;
