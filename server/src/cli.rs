@@ -332,10 +332,22 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
             "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or run where DATA_DIR/master.key is) so this change is logged in the chain"
         ),
     }
-    if let Some(f) = &cli.audit_head_file {
-        store = store.with_head_file(f.clone());
+    if let Some(f) = writes.then(|| written_head_file(cli, &data_dir)).flatten() {
+        store = store.with_head_file(f);
     }
     Ok(store)
+}
+
+/// Where an operator command appends the heads of the rows it writes: the
+/// file `serve` keeps (`HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head`
+/// when the data directory is there). Without it, the newest rows of a
+/// `token revoke` would be the one part of the log whose removal `audit
+/// verify` could not see; the directory's absence means no server runs
+/// from here, and no stray head file is left in a working directory.
+fn written_head_file(cli: &Cli, data_dir: &Path) -> Option<PathBuf> {
+    cli.audit_head_file
+        .clone()
+        .or_else(|| data_dir.is_dir().then(|| data_dir.join("audit.head")))
 }
 
 fn master_source(hex: Option<&str>, file: Option<&Path>, data_dir: &Path) -> MasterKeySource {
@@ -423,7 +435,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         jwt: JwtSettings::default(),
         dev_no_auth: false,
         settings: Settings::default(),
-        audit_head_file: cli.audit_head_file.clone(),
+        audit_head_file: written_head_file(cli, a.data_dir),
     })
     .await?;
     let data_types: Vec<String> = if a.types.is_empty() {

@@ -1002,3 +1002,67 @@ async fn verify_with_head_file(app: &TestApp, head_file: &std::path::Path) -> st
         .await
         .unwrap()
 }
+
+/// Operator commands append the heads of their rows to the head file
+/// `serve` keeps, so removing a `token create` row shows too; run where
+/// there is no data directory, they leave no head file behind.
+#[tokio::test]
+async fn operator_rows_are_covered_by_the_head_file() {
+    let app = spawn_app().await;
+    app.call(Method::GET, "/api/data/summary", None).await;
+    let db = app.stop().await;
+    let cli = |data_dir: std::path::PathBuf| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"));
+        cmd.env("DATABASE_URL", &db.url)
+            .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+            .env("HANDOVER_DATA_DIR", data_dir)
+            .env_remove("HANDOVER_AUDIT_HEAD_FILE");
+        cmd
+    };
+    let token = |data_dir| {
+        let mut cmd = cli(data_dir);
+        cmd.args([
+            "token",
+            "create",
+            "--user",
+            "user_456",
+            "--company",
+            "company_123",
+        ]);
+        async move { cmd.output().await.unwrap() }
+    };
+    let nowhere = db.dir.path().join("no-data-dir");
+    assert!(token(nowhere.clone()).await.status.success());
+    assert!(
+        !nowhere.exists(),
+        "no head file made outside a data directory"
+    );
+
+    assert!(token(db.dir.path().to_path_buf()).await.status.success());
+    let store = Store::connect(&db.url).await.unwrap();
+    let last: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM audit_log")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let head = handover_server::store::audit::last_head(&db.dir.path().join("audit.head"))
+        .unwrap()
+        .expect("a head");
+    assert_eq!(head.0, last, "the token's row is the head");
+
+    sqlx::query("DELETE FROM audit_log WHERE seq = $1")
+        .bind(last)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let out = cli(db.dir.path().to_path_buf())
+        .args(["audit", "verify"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && stdout.contains("removed"),
+        "{stdout}"
+    );
+    store.close().await;
+}

@@ -366,6 +366,74 @@ async fn a_cli_export_that_fails_mid_build_leaves_no_file_and_is_recorded_failed
     );
 }
 
+/// Makes the database refuse `export_requests` changes that `when` selects
+/// (an SQL condition on `NEW`), as a full disk or a lost connection would.
+async fn refuse_export_requests(app: &TestApp, event: &str, when: &str) {
+    let sql = match engine() {
+        handover_server::store::Engine::Sqlite => format!(
+            "CREATE TRIGGER refuse BEFORE {event} ON export_requests WHEN {when} \
+             BEGIN SELECT RAISE(FAIL, 'refused by the test'); END"
+        ),
+        handover_server::store::Engine::Postgres => {
+            sqlx::query(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+            )
+            .execute(app.pool())
+            .await
+            .unwrap();
+            format!(
+                "CREATE TRIGGER refuse BEFORE {event} ON export_requests FOR EACH ROW \
+                 WHEN ({when}) EXECUTE FUNCTION refuse()"
+            )
+        }
+    };
+    sqlx::query(&sql).execute(app.pool()).await.unwrap();
+}
+
+/// The privacy officer's export of user_456's profile to `out`.
+async fn cli_export(app: &TestApp, out: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["export", "--user", "user_456", "--company", "company_123"])
+        .args(["--format", "csv", "--data-types", "user_profile", "--out"])
+        .arg(out)
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", app.db.dir.path().join("cli-data"))
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_cli_export_whose_request_cannot_be_created_leaves_no_file() {
+    let app = spawn_app().await;
+    refuse_export_requests(&app, "INSERT", "NEW.delivery = 'cli'").await;
+    let out = app.db.dir.path().join("dpo.csv");
+    let run = cli_export(&app, &out).await;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(stderr.contains("refused by the test"), "{stderr}");
+    assert!(!out.exists(), "the empty output file is removed");
+}
+
+#[tokio::test]
+async fn a_cli_export_that_cannot_start_is_recorded_failed_and_leaves_no_file() {
+    let app = spawn_app().await;
+    refuse_export_requests(&app, "UPDATE", "NEW.status = 'processing'").await;
+    let out = app.db.dir.path().join("dpo.csv");
+    let run = cli_export(&app, &out).await;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(!out.exists(), "the empty output file is removed");
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM export_requests WHERE delivery = 'cli'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "failed", "not left pending for ever: {stderr}");
+}
+
 #[tokio::test]
 async fn a_deleted_exports_wrapped_key_leaves_no_trace_in_the_sqlite_file() {
     let app = spawn_app().await;
