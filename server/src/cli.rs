@@ -332,22 +332,55 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
             "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or run where DATA_DIR/master.key is) so this change is logged in the chain"
         ),
     }
-    if let Some(f) = writes.then(|| written_head_file(cli, &data_dir)).flatten() {
-        store = store.with_head_file(f);
+    if writes {
+        if let Some(f) = written_head_file(cli, &data_dir, &store).await? {
+            store = store.with_head_file(f);
+        }
     }
     Ok(store)
 }
 
 /// Where an operator command appends the heads of the rows it writes: the
-/// file `serve` keeps (`HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head`
-/// when the data directory is there). Without it, the newest rows of a
-/// `token revoke` would be the one part of the log whose removal `audit
-/// verify` could not see; the directory's absence means no server runs
-/// from here, and no stray head file is left in a working directory.
-fn written_head_file(cli: &Cli, data_dir: &Path) -> Option<PathBuf> {
-    cli.audit_head_file
-        .clone()
-        .or_else(|| data_dir.is_dir().then(|| data_dir.join("audit.head")))
+/// file `serve` keeps, so that the removal of an operator's newest rows
+/// shows in `audit verify` as a server's would. That is
+/// `HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head` when it exists
+/// (a command run where no server keeps its data leaves no head file
+/// behind, and never creates one its server could not append to), and
+/// only when its newest head is a row of this database: a head file of
+/// another database is left alone, with a warning.
+///
+/// # Errors
+///
+/// Database errors.
+async fn written_head_file(
+    cli: &Cli,
+    data_dir: &Path,
+    store: &Store,
+) -> anyhow::Result<Option<PathBuf>> {
+    let named = cli.audit_head_file.clone();
+    let Some(file) = named.or_else(|| Some(data_dir.join("audit.head")).filter(|f| f.exists()))
+    else {
+        return Ok(None);
+    };
+    if !file.exists() {
+        return Ok(Some(file));
+    }
+    let refused = match crate::store::audit::last_head(&file) {
+        Ok(None) => return Ok(Some(file)),
+        Ok(Some((seq, hash))) if store.holds_audit_head(seq, &hash).await? => {
+            return Ok(Some(file))
+        }
+        Ok(Some((seq, _))) => format!(
+            "its newest head, row {seq}, is not a row of this database as recorded \
+             (another database's file, or the log was altered: `audit verify` tells which)"
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!(
+        "warning: not appending this command's audit head to {}: {refused}",
+        file.display()
+    );
+    Ok(None)
 }
 
 fn master_source(hex: Option<&str>, file: Option<&Path>, data_dir: &Path) -> MasterKeySource {
@@ -426,6 +459,20 @@ struct ExportArgs<'a> {
 
 async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
     let format: ExportFormat = a.format.parse()?;
+    let probe = Store::connect(&cli.database).await?;
+    // As for the other operator commands: a master key is generated only on
+    // a fresh install. Anywhere else a new key would not be the server's,
+    // and would be left lying beside its data when refused.
+    if let MasterKeySource::File(f) = &a.master {
+        let fresh = probe.recorded_master_key().await?.is_none() && probe.audit_is_empty().await?;
+        anyhow::ensure!(
+            f.exists() || fresh,
+            "no master key at {}: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or --data-dir to the server's) to export from this database",
+            f.display()
+        );
+    }
+    let head_file = written_head_file(cli, a.data_dir, &probe).await?;
+    probe.close().await;
     let state = startup::open_state(StateOptions {
         database_url: cli.database.clone(),
         data_types: cli.data_types_config.clone(),
@@ -435,7 +482,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         jwt: JwtSettings::default(),
         dev_no_auth: false,
         settings: Settings::default(),
-        audit_head_file: written_head_file(cli, a.data_dir),
+        audit_head_file: head_file,
     })
     .await?;
     let data_types: Vec<String> = if a.types.is_empty() {

@@ -21,40 +21,61 @@ pub fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
     super::derive_key(master, b"handover audit chain v1")
 }
 
-/// Appends `seq hash` as a line to the head file.
+/// Appends `seq hash` as a line to the head file (created readable by its
+/// owner only).
+///
+/// The line goes out in one `write` on a file opened for appending, so the
+/// lines of two writers (`serve` and an operator command) never mix.
 ///
 /// # Errors
 ///
 /// The file cannot be opened or written.
 pub fn append_head(path: &std::path::Path, seq: i64, hash: &str) -> std::io::Result<()> {
     use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(f, "{seq} {hash}")
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)?
+        .write_all(format!("{seq} {hash}\n").as_bytes())
 }
 
-/// The last head recorded in a head file.
+/// Lines at the end of a head file among which the newest head is sought:
+/// writers in two processes append after their commits, so the last line
+/// may trail the one before it by a commit or two.
+const HEAD_WINDOW: usize = 16;
+
+/// The newest head recorded in a head file: the highest row among its last
+/// complete lines (a line still being written, or cut by a crash, was never
+/// a head).
 ///
 /// # Errors
 ///
-/// The file cannot be read, or its last line is not `seq hash`.
+/// The file cannot be read, or one of those lines is not `seq hash`.
 pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the audit head file {}", path.display()))?;
-    let Some(line) = text.lines().rev().find(|l| !l.trim().is_empty()) else {
-        return Ok(None);
-    };
-    let (seq, hash) = line
-        .trim()
-        .split_once(' ')
-        .with_context(|| format!("{}: the last line is not `seq hash`", path.display()))?;
-    Ok(Some((
-        seq.parse()
-            .with_context(|| format!("{}: bad sequence number {seq:?}", path.display()))?,
-        hash.to_string(),
-    )))
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let mut newest: Option<(i64, String)> = None;
+    for line in complete
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(HEAD_WINDOW)
+    {
+        let (seq, hash) = line
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("{}: the line {line:?} is not `seq hash`", path.display()))?;
+        let seq: i64 = seq
+            .parse()
+            .with_context(|| format!("{}: bad sequence number {seq:?}", path.display()))?;
+        if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
+            newest = Some((seq, hash.to_string()));
+        }
+    }
+    Ok(newest)
 }
 
 /// The previous-hash of the first row.
@@ -445,6 +466,21 @@ impl Store {
         Ok(rows == 0)
     }
 
+    /// Whether this database holds row `seq` of the audit log with `hash`:
+    /// whether a head file belongs to it.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn holds_audit_head(&self, seq: i64, hash: &str) -> anyhow::Result<bool> {
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+                .bind(seq)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(stored.as_deref() == Some(hash))
+    }
+
     /// Walks the whole chain in order and reports the first bad row. With
     /// the audit key (the store's), every row must carry its keyed hash;
     /// with `head` (the last head written outside the database), the chain
@@ -573,5 +609,44 @@ impl Store {
             .map(AuditRow::from_row)
             .collect::<anyhow::Result<_>>()?;
         Ok((rows, total as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{append_head, last_head};
+
+    #[test]
+    fn the_newest_complete_head_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.head");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(last_head(&file).unwrap(), None);
+        append_head(&file, 7, "hmac:a").unwrap();
+        // A second writer's earlier row landing after a later one.
+        append_head(&file, 9, "hmac:c").unwrap();
+        append_head(&file, 8, "hmac:b").unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((9, "hmac:c".into())));
+        // A line still being written (or cut by a crash) is not a head.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"12 hm"))
+            .unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((9, "hmac:c".into())));
+        // A line that is not `seq hash` is an error, not skipped.
+        std::fs::write(&file, "7 hmac:a\ngarbage\n").unwrap();
+        assert!(last_head(&file).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_head_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.head");
+        append_head(&file, 1, "hmac:a").unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

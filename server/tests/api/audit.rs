@@ -1004,14 +1004,15 @@ async fn verify_with_head_file(app: &TestApp, head_file: &std::path::Path) -> st
 }
 
 /// Operator commands append the heads of their rows to the head file
-/// `serve` keeps, so removing a `token create` row shows too; run where
-/// there is no data directory, they leave no head file behind.
+/// `serve` keeps, so removing a `token create` row shows too. Run where no
+/// server keeps a head file, they make none; a head file of another
+/// database is left alone.
 #[tokio::test]
 async fn operator_rows_are_covered_by_the_head_file() {
     let app = spawn_app().await;
     app.call(Method::GET, "/api/data/summary", None).await;
     let db = app.stop().await;
-    let cli = |data_dir: std::path::PathBuf| {
+    let cli = |data_dir: &std::path::Path| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"));
         cmd.env("DATABASE_URL", &db.url)
             .env("HANDOVER_MASTER_KEY", MASTER_HEX)
@@ -1019,26 +1020,44 @@ async fn operator_rows_are_covered_by_the_head_file() {
             .env_remove("HANDOVER_AUDIT_HEAD_FILE");
         cmd
     };
-    let token = |data_dir| {
-        let mut cmd = cli(data_dir);
-        cmd.args([
-            "token",
-            "create",
-            "--user",
-            "user_456",
-            "--company",
-            "company_123",
-        ]);
-        async move { cmd.output().await.unwrap() }
+    let token = |mut cmd: tokio::process::Command| async move {
+        let out = cmd
+            .args([
+                "token",
+                "create",
+                "--user",
+                "user_456",
+                "--company",
+                "company_123",
+            ])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("writing the audit head failed"),
+            "{stderr}"
+        );
+        stderr
     };
-    let nowhere = db.dir.path().join("no-data-dir");
-    assert!(token(nowhere.clone()).await.status.success());
+    let elsewhere = db.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    token(cli(&elsewhere)).await;
     assert!(
-        !nowhere.exists(),
-        "no head file made outside a data directory"
+        !elsewhere.join("audit.head").exists(),
+        "no head file made where no server keeps one"
     );
+    // A head file of another database: not appended to.
+    let foreign = db.dir.path().join("foreign.head");
+    std::fs::write(&foreign, "1 hmac:0000\n").unwrap();
+    let mut cmd = cli(&elsewhere);
+    cmd.env("HANDOVER_AUDIT_HEAD_FILE", &foreign);
+    let stderr = token(cmd).await;
+    assert!(stderr.contains("not appending"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "1 hmac:0000\n");
 
-    assert!(token(db.dir.path().to_path_buf()).await.status.success());
+    token(cli(db.dir.path())).await;
     let store = Store::connect(&db.url).await.unwrap();
     let last: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM audit_log")
         .fetch_one(store.pool())
@@ -1054,7 +1073,7 @@ async fn operator_rows_are_covered_by_the_head_file() {
         .execute(store.pool())
         .await
         .unwrap();
-    let out = cli(db.dir.path().to_path_buf())
+    let out = cli(db.dir.path())
         .args(["audit", "verify"])
         .output()
         .await

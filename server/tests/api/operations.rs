@@ -399,10 +399,37 @@ async fn cli_export(app: &TestApp, out: &std::path::Path) -> std::process::Outpu
         .arg(out)
         .env("DATABASE_URL", &app.db.url)
         .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .env("HANDOVER_DATA_DIR", app.db.dir.path().join("cli-data"))
+        // The server's data directory, with its head file.
+        .env("HANDOVER_DATA_DIR", app.db.dir.path())
+        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
         .output()
         .await
         .unwrap()
+}
+
+/// The log verifies against the server's head file, whose newest head is
+/// the log's last row: what the failed export did commit is covered, and
+/// nothing it rolled back is named.
+async fn assert_log_verifies_to_its_last_row(app: &TestApp) {
+    let last: i64 = app.count("SELECT MAX(seq) FROM audit_log").await;
+    let head = handover_server::store::audit::last_head(&app.db.dir.path().join("audit.head"))
+        .unwrap()
+        .expect("a head");
+    assert_eq!(head.0, last);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", app.db.dir.path())
+        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test]
@@ -415,6 +442,7 @@ async fn a_cli_export_whose_request_cannot_be_created_leaves_no_file() {
     assert!(!run.status.success(), "{stderr}");
     assert!(stderr.contains("refused by the test"), "{stderr}");
     assert!(!out.exists(), "the empty output file is removed");
+    assert_log_verifies_to_its_last_row(&app).await;
 }
 
 #[tokio::test]
@@ -432,6 +460,38 @@ async fn a_cli_export_that_cannot_start_is_recorded_failed_and_leaves_no_file() 
             .await
             .unwrap();
     assert_eq!(status, "failed", "not left pending for ever: {stderr}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.failed'")
+            .await,
+        1
+    );
+    assert_log_verifies_to_its_last_row(&app).await;
+}
+
+#[tokio::test]
+async fn a_cli_export_without_the_servers_master_key_makes_no_new_one() {
+    let app = spawn_app().await;
+    let data_dir = app.db.dir.path().join("no-key-here");
+    let out = app.db.dir.path().join("dpo.csv");
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["export", "--user", "user_456", "--company", "company_123"])
+        .args(["--format", "csv", "--out"])
+        .arg(&out)
+        .env("DATABASE_URL", &app.db.url)
+        .env("HANDOVER_DATA_DIR", &data_dir)
+        .env_remove("HANDOVER_MASTER_KEY")
+        .env_remove("HANDOVER_MASTER_KEY_FILE")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no master key") && stderr.contains("HANDOVER_MASTER_KEY"),
+        "{stderr}"
+    );
+    assert!(!data_dir.join("master.key").exists(), "no stray key");
+    assert!(!out.exists());
 }
 
 #[tokio::test]
