@@ -44,6 +44,15 @@ before(async () => {
       try { await exportData({ baseUrl, token, companyId: "company_123", dataTypes: [] }); } catch (e) { out.optionError = [e instanceof ExportError, e.code]; }
       return out;
     };
+    // No baseUrl: requests go to the page's base URL (its <base href>), from a worker too.
+    window.runHere = async ({ token, worker }) => {
+      await init({ module_or_path: new URL("/handover_bg.wasm", import.meta.url) });
+      const r = await exportData({ token, companyId: "company_123", format: "csv",
+        dataTypes: ["payment_history"], download: false, worker });
+      const out = { records: r.recordCount, sha: r.sha256, worker: r.stats.worker };
+      await r.release();
+      return out;
+    };
   `);
   const esbuild = join(ROOT, "node_modules/.bin/esbuild");
   execFileSync(esbuild, ["main.js", "--bundle", "--format=esm", "--outfile=dist/main.js", "--log-level=warning"], { cwd: app, stdio: "inherit" });
@@ -56,6 +65,10 @@ before(async () => {
   db = makeDatabase({ users: 1, records: 200 });
   server = await startServer(db);
   web = await serveStatic(join(app, "dist"));
+  // A page whose base URL is the API's origin, while its scripts (and the
+  // export's worker) come from the app's.
+  writeFileSync(join(app, "dist/based.html"),
+    `<!doctype html><meta charset="utf-8"><base href="${server.url}/"><script type="module" src="${web.url}/main.js"></script>`);
   browser = await launch();
 });
 
@@ -88,6 +101,24 @@ test("a bundled app imports handover and runs every entry point", async () => {
   assert.equal(out.lastWorkerProgress, 100);
   assert.deepEqual(out.optionError, [true, "INVALID_DATA_TYPE"]);
   assert.deepEqual(out.allTypes, ["user_profile", "payment_history", "membership_data", "recovery_cases", "consent_data"]);
+});
+
+test("without baseUrl, an export goes to the page's base URL, in a worker as on the page", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(`${web.url}/based.html`);
+  await page.waitForFunction(() => typeof window.runHere === "function");
+  const token = makeToken(db, "user_456", "company_123");
+  // The worker's own address is the app's origin, which serves no API.
+  const inWorker = await page.evaluate((token) => window.runHere({ token }), token);
+  const here = await page.evaluate((token) => window.runHere({ token, worker: false }), token);
+  await page.close();
+  assert.deepEqual(errors, []);
+  assert.equal(inWorker.worker, true);
+  assert.equal(here.worker, false);
+  assert.ok(inWorker.records > 100, `${inWorker.records} records`);
+  assert.equal(inWorker.sha, here.sha, "the same file either way");
 });
 
 test("the package's types check an app under strict TypeScript, and catch a misspelt option", () => {
