@@ -309,15 +309,12 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         std::env::var_os("HANDOVER_MASTER_KEY_FILE").map(PathBuf::from),
     ) {
         (Some(k), _) => Some(MasterKeySource::Hex(k)),
-        (None, Some(f)) => Some(MasterKeySource::File(f)),
-        (None, None) => {
-            let f = data_dir.join("master.key");
-            let fresh = || async {
-                anyhow::Ok(
-                    store.recorded_master_key().await?.is_none() && store.audit_is_empty().await?,
-                )
-            };
-            (f.exists() || (writes && fresh().await?)).then_some(MasterKeySource::File(f))
+        (None, named) => {
+            // A key file is made only where `serve` would make it, on a
+            // fresh install: elsewhere a new key is not the database's, and
+            // would be left lying there when refused.
+            let f = named.unwrap_or_else(|| data_dir.join("master.key"));
+            (f.exists() || (writes && is_fresh(&store).await?)).then_some(MasterKeySource::File(f))
         }
     };
     match source {
@@ -334,20 +331,26 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     }
     if writes {
         if let Some(f) = written_head_file(cli, &data_dir, &store).await? {
-            store = store.with_head_file(f);
+            store = store.with_existing_head_file(f);
         }
     }
     Ok(store)
 }
 
+/// A fresh install: no master key recorded, and an empty audit log.
+async fn is_fresh(store: &Store) -> anyhow::Result<bool> {
+    Ok(store.recorded_master_key().await?.is_none() && store.audit_is_empty().await?)
+}
+
 /// Where an operator command appends the heads of the rows it writes: the
 /// file `serve` keeps, so that the removal of an operator's newest rows
 /// shows in `audit verify` as a server's would. That is
-/// `HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head` when it exists
-/// (a command run where no server keeps its data leaves no head file
-/// behind, and never creates one its server could not append to), and
-/// only when its newest head is a row of this database: a head file of
-/// another database is left alone, with a warning.
+/// `HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head`, when it exists
+/// and its newest head is a row of this database. The file is never
+/// created here: `serve` creates it, as its own user, and one made by an
+/// operator (as root, say) could lock the server out of it. Otherwise a
+/// warning says that the command's rows are covered once the server
+/// appends its next head.
 ///
 /// # Errors
 ///
@@ -357,27 +360,29 @@ async fn written_head_file(
     data_dir: &Path,
     store: &Store,
 ) -> anyhow::Result<Option<PathBuf>> {
-    let named = cli.audit_head_file.clone();
-    let Some(file) = named.or_else(|| Some(data_dir.join("audit.head")).filter(|f| f.exists()))
-    else {
-        return Ok(None);
-    };
-    if !file.exists() {
-        return Ok(Some(file));
-    }
-    let refused = match crate::store::audit::last_head(&file) {
-        Ok(None) => return Ok(Some(file)),
-        Ok(Some((seq, hash))) if store.holds_audit_head(seq, &hash).await? => {
-            return Ok(Some(file))
+    let file = cli
+        .audit_head_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("audit.head"));
+    let refused = if !file.exists() {
+        "there is no such file yet (the server creates it)".to_string()
+    } else {
+        match crate::store::audit::last_head(&file) {
+            Ok(None) => return Ok(Some(file)),
+            Ok(Some((seq, hash))) if store.holds_audit_head(seq, &hash).await? => {
+                return Ok(Some(file))
+            }
+            Ok(Some((seq, _))) => format!(
+                "its newest head, row {seq}, is not a row of this database as recorded \
+                 (another database's file, or the log was altered: `audit verify` tells which)"
+            ),
+            Err(e) => format!("{e:#}"),
         }
-        Ok(Some((seq, _))) => format!(
-            "its newest head, row {seq}, is not a row of this database as recorded \
-             (another database's file, or the log was altered: `audit verify` tells which)"
-        ),
-        Err(e) => format!("{e:#}"),
     };
     eprintln!(
-        "warning: not appending this command's audit head to {}: {refused}",
+        "warning: this command's audit head is not appended to {}: {refused}; \
+         its rows are covered once the server appends its next head \
+         (set HANDOVER_AUDIT_HEAD_FILE or HANDOVER_DATA_DIR to the server's)",
         file.display()
     );
     Ok(None)
@@ -464,9 +469,8 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
     // a fresh install. Anywhere else a new key would not be the server's,
     // and would be left lying beside its data when refused.
     if let MasterKeySource::File(f) = &a.master {
-        let fresh = probe.recorded_master_key().await?.is_none() && probe.audit_is_empty().await?;
         anyhow::ensure!(
-            f.exists() || fresh,
+            f.exists() || is_fresh(&probe).await?,
             "no master key at {}: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or --data-dir to the server's) to export from this database",
             f.display()
         );
@@ -692,10 +696,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .audit_head_file
                 .clone()
                 .or_else(|| Some(operator_data_dir().join("audit.head")).filter(|f| f.exists()));
-            let head = match &head_file {
-                Some(f) => crate::store::audit::last_head(f)?,
-                None => None,
+            let heads = match &head_file {
+                Some(f) => crate::store::audit::read_heads(f)?,
+                None => Default::default(),
             };
+            if heads.torn > 0 {
+                eprintln!(
+                    "warning: {} line(s) of the head file are not whole heads (writes cut short by a crash or a full disk): skipped",
+                    heads.torn
+                );
+            }
             if head_file.is_none() {
                 // The chain alone cannot show that its newest rows were
                 // removed: say so rather than let "intact" imply it.
@@ -708,8 +718,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // A head file that is there but holds no head, beside a log
             // that has rows, was emptied: serve writes a head with every
             // row it appends.
-            let emptied = head_file.as_deref().filter(|_| head.is_none());
-            match (store.verify_audit(head).await?, emptied) {
+            let emptied = head_file.as_deref().filter(|_| heads.heads.is_empty());
+            match (store.verify_audit_heads(heads.heads).await?, emptied) {
                 (Verification::Intact { rows }, Some(file)) if rows > 0 => {
                     println!(
                         "audit log BROKEN: the head file {} is empty, but the log has {rows} rows; \

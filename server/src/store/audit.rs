@@ -21,24 +21,89 @@ pub fn derive_key(master: &handover::crypto::DataKey) -> [u8; 32] {
     super::derive_key(master, b"handover audit chain v1")
 }
 
-/// Appends `seq hash` as a line to the head file (created readable by its
-/// owner only).
+/// Appends `seq hash` as a line to the head file; `create`: make the file
+/// (readable by its owner only) when it is missing.
 ///
 /// The line goes out in one `write` on a file opened for appending, so the
-/// lines of two writers (`serve` and an operator command) never mix.
+/// lines of two writers (`serve` and an operator command) never mix. After
+/// a write that was cut short (a crash, a full disk) the file does not end
+/// in a newline: the new line then starts on a line of its own, rather than
+/// finishing the torn one into a head that was never written.
 ///
 /// # Errors
 ///
-/// The file cannot be opened or written.
-pub fn append_head(path: &std::path::Path, seq: i64, hash: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
+/// The file cannot be opened, read or written.
+pub fn append_head(
+    path: &std::path::Path,
+    seq: i64,
+    hash: &str,
+    create: bool,
+) -> std::io::Result<()> {
+    use std::io::{Read as _, Seek as _, Write as _};
     let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
+    options.read(true).append(true).create(create);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(path)?
-        .write_all(format!("{seq} {hash}\n").as_bytes())
+    let mut f = options.open(path)?;
+    let mut last = [b'\n'];
+    if f.metadata()?.len() > 0 {
+        f.seek(std::io::SeekFrom::End(-1))?;
+        f.read_exact(&mut last)?;
+    }
+    let sep = if last[0] == b'\n' { "" } else { "\n" };
+    f.write_all(format!("{sep}{seq} {hash}\n").as_bytes())
+}
+
+/// A head file's line as `(seq, hash)`, when it is one whole head: a
+/// positive row number, a space, and a row hash (keyed or not).
+fn parse_head(line: &str) -> Option<(i64, String)> {
+    let (seq, hash) = line.trim().split_once(' ')?;
+    let hex = hash.strip_prefix(KEYED).unwrap_or(hash);
+    let whole = seq.bytes().all(|b| b.is_ascii_digit())
+        && hex.len() == 64
+        && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let seq: i64 = seq.parse().ok().filter(|s| *s > 0)?;
+    whole.then(|| (seq, hash.to_string()))
+}
+
+/// The heads a head file records, and how many of its lines are not heads.
+#[derive(Debug, Default)]
+pub struct Heads {
+    /// `(seq, hash)`, in the file's order.
+    pub heads: Vec<(i64, String)>,
+    /// Lines that are not one whole head (writes cut short by a crash or a
+    /// full disk), skipped.
+    pub torn: usize,
+}
+
+/// Every head recorded in a head file (the whole file is read: `audit
+/// verify` checks each of them against the chain).
+///
+/// # Errors
+///
+/// The file cannot be read.
+pub fn read_heads(path: &std::path::Path) -> anyhow::Result<Heads> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading the audit head file {}", path.display()))?;
+    Ok(heads_in(&bytes, true))
+}
+
+/// The heads among `bytes`' complete lines (and, unless `from_start`, past
+/// its first line, which may be the end of one).
+fn heads_in(bytes: &[u8], from_start: bool) -> Heads {
+    let complete = &bytes[..bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)];
+    let mut lines = complete.split(|b| *b == b'\n');
+    if !from_start {
+        lines.next();
+    }
+    let mut out = Heads::default();
+    for line in lines.filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+        match std::str::from_utf8(line).ok().and_then(parse_head) {
+            Some(head) => out.heads.push(head),
+            None => out.torn += 1,
+        }
+    }
+    out
 }
 
 /// Lines at the end of a head file among which the newest head is sought:
@@ -46,36 +111,32 @@ pub fn append_head(path: &std::path::Path, seq: i64, hash: &str) -> std::io::Res
 /// may trail the one before it by a commit or two.
 const HEAD_WINDOW: usize = 16;
 
-/// The newest head recorded in a head file: the highest row among its last
-/// complete lines (a line still being written, or cut by a crash, was never
-/// a head).
+/// The newest head recorded in a head file: the highest row among the
+/// heads on its last lines (only the file's end is read).
 ///
 /// # Errors
 ///
-/// The file cannot be read, or one of those lines is not `seq hash`.
+/// The file cannot be read.
 pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the audit head file {}", path.display()))?;
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    let mut newest: Option<(i64, String)> = None;
-    for line in complete
-        .lines()
+    use std::io::{Read as _, Seek as _};
+    const TAIL: u64 = 64 * 1024;
+    let read = || -> std::io::Result<(Vec<u8>, bool)> {
+        let mut f = std::fs::File::open(path)?;
+        let start = f.metadata()?.len().saturating_sub(TAIL);
+        f.seek(std::io::SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok((bytes, start == 0))
+    };
+    let (bytes, from_start) =
+        read().with_context(|| format!("reading the audit head file {}", path.display()))?;
+    let heads = heads_in(&bytes, from_start).heads;
+    Ok(heads
+        .iter()
         .rev()
-        .filter(|l| !l.trim().is_empty())
         .take(HEAD_WINDOW)
-    {
-        let (seq, hash) = line
-            .trim()
-            .split_once(' ')
-            .with_context(|| format!("{}: the line {line:?} is not `seq hash`", path.display()))?;
-        let seq: i64 = seq
-            .parse()
-            .with_context(|| format!("{}: bad sequence number {seq:?}", path.display()))?;
-        if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
-            newest = Some((seq, hash.to_string()));
-        }
-    }
-    Ok(newest)
+        .max_by_key(|(seq, _)| *seq)
+        .cloned())
 }
 
 /// The previous-hash of the first row.
@@ -491,13 +552,30 @@ impl Store {
     /// Database errors, or a keyed chain checked without the key; a broken
     /// chain is a [`Verification::Broken`].
     pub async fn verify_audit(&self, head: Option<(i64, String)>) -> anyhow::Result<Verification> {
+        self.verify_audit_heads(head.into_iter().collect()).await
+    }
+
+    /// [`Store::verify_audit`] against every head a head file recorded
+    /// ([`read_heads`]): each must still be a row of the chain with the hash
+    /// it had, so rows removed and then written again under the same numbers
+    /// show too, however many rows were appended since.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::verify_audit`].
+    pub async fn verify_audit_heads(
+        &self,
+        mut heads: Vec<(i64, String)>,
+    ) -> anyhow::Result<Verification> {
         use futures_util::StreamExt as _;
+        heads.sort();
+        heads.dedup();
+        let mut next_head = 0;
         let key = self.audit_key.as_ref();
         let mut rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq").fetch(self.pool());
         let mut expected_seq = 1;
         let mut prev = GENESIS.to_string();
         let mut count = 0;
-        let mut head_seen = false;
         while let Some(r) = rows.next().await {
             let row = AuditRow::from_row(&r.context("reading the audit log")?)?;
             if row.seq != expected_seq {
@@ -539,34 +617,30 @@ impl Store {
                     ),
                 });
             }
-            if let Some((seq, hash)) = &head {
-                if row.seq == *seq {
-                    if &row.hash != hash {
-                        return Ok(Verification::Broken {
-                            seq: row.seq,
-                            reason: format!(
-                                "row {} is not the row the head file recorded: the log was rewritten from there on",
-                                row.seq
-                            ),
-                        });
-                    }
-                    head_seen = true;
+            while let Some((_, hash)) = heads.get(next_head).filter(|(seq, _)| *seq == row.seq) {
+                if row.hash != *hash {
+                    return Ok(Verification::Broken {
+                        seq: row.seq,
+                        reason: format!(
+                            "row {} is not the row the head file recorded: the log was rewritten from there on",
+                            row.seq
+                        ),
+                    });
                 }
+                next_head += 1;
             }
             prev = row.hash;
             expected_seq += 1;
             count += 1;
         }
-        if let Some((seq, _)) = &head {
-            if !head_seen {
-                return Ok(Verification::Broken {
-                    seq: *seq,
-                    reason: format!(
-                        "the head file records row {seq}, but the log ends at row {}: its newest rows were removed",
-                        expected_seq - 1
-                    ),
-                });
-            }
+        if let Some((seq, _)) = heads.last().filter(|_| next_head < heads.len()) {
+            return Ok(Verification::Broken {
+                seq: *seq,
+                reason: format!(
+                    "the head file records row {seq}, but the log ends at row {}: its newest rows were removed",
+                    expected_seq - 1
+                ),
+            });
         }
         Ok(Verification::Intact { rows: count })
     }
@@ -614,38 +688,67 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{append_head, last_head};
+    use super::{append_head, last_head, read_heads};
+
+    fn hash(c: char) -> String {
+        format!("hmac:{}", c.to_string().repeat(64))
+    }
 
     #[test]
-    fn the_newest_complete_head_is_read() {
+    fn the_newest_whole_head_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.head");
         std::fs::write(&file, "").unwrap();
         assert_eq!(last_head(&file).unwrap(), None);
-        append_head(&file, 7, "hmac:a").unwrap();
+        append_head(&file, 7, &hash('a'), false).unwrap();
         // A second writer's earlier row landing after a later one.
-        append_head(&file, 9, "hmac:c").unwrap();
-        append_head(&file, 8, "hmac:b").unwrap();
-        assert_eq!(last_head(&file).unwrap(), Some((9, "hmac:c".into())));
-        // A line still being written (or cut by a crash) is not a head.
+        append_head(&file, 9, &hash('c'), false).unwrap();
+        append_head(&file, 8, &hash('b'), false).unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((9, hash('c'))));
+        // A line cut short is not a head, and the next one is not glued to it.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&file)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, b"12 hm"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"1"))
             .unwrap();
-        assert_eq!(last_head(&file).unwrap(), Some((9, "hmac:c".into())));
-        // A line that is not `seq hash` is an error, not skipped.
-        std::fs::write(&file, "7 hmac:a\ngarbage\n").unwrap();
-        assert!(last_head(&file).is_err());
+        assert_eq!(last_head(&file).unwrap(), Some((9, hash('c'))));
+        append_head(&file, 10, &hash('d'), false).unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((10, hash('d'))));
+        let heads = read_heads(&file).unwrap();
+        assert_eq!(heads.torn, 1, "{heads:?}");
+        assert_eq!(
+            heads.heads.iter().map(|h| h.0).collect::<Vec<_>>(),
+            [7, 9, 8, 10]
+        );
+        // Only whole heads count: a bad number, a short hash, garbage.
+        std::fs::write(
+            &file,
+            format!("7 {}\n-1 {}\n8 hmac:ab\ngarbage\n", hash('a'), hash('b')),
+        )
+        .unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((7, hash('a'))));
+        assert_eq!(read_heads(&file).unwrap().torn, 3);
+    }
+
+    #[test]
+    fn only_the_end_of_a_long_head_file_is_read_for_the_newest_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.head");
+        let lines: String = (1..=5000).map(|i| format!("{i} {}\n", hash('e'))).collect();
+        std::fs::write(&file, lines).unwrap();
+        assert_eq!(last_head(&file).unwrap(), Some((5000, hash('e'))));
+        assert_eq!(read_heads(&file).unwrap().heads.len(), 5000);
     }
 
     #[cfg(unix)]
     #[test]
-    fn a_new_head_file_is_readable_by_its_owner_only() {
+    fn a_new_head_file_is_readable_by_its_owner_only_and_made_only_when_asked() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.head");
-        append_head(&file, 1, "hmac:a").unwrap();
+        assert!(append_head(&file, 1, &hash('a'), false).is_err());
+        assert!(!file.exists());
+        append_head(&file, 1, &hash('a'), true).unwrap();
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }

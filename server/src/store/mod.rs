@@ -74,7 +74,7 @@ pub struct Store {
     secrets_key: Option<[u8; 32]>,
     /// An append-only file outside the database that receives each new
     /// head of the audit chain, so that removing the newest rows shows.
-    head_file: Option<std::sync::Arc<std::path::PathBuf>>,
+    head_file: Option<std::sync::Arc<HeadFile>>,
     /// Requests' audit rows waiting for the next group commit.
     audit_queue: std::sync::Arc<std::sync::Mutex<audit::Queue>>,
     /// Wrapped keys were deleted since the last checkpoint: their old
@@ -159,6 +159,14 @@ impl Store {
 pub const WRONG_MASTER_KEY: &str = "HANDOVER_MASTER_KEY / HANDOVER_MASTER_KEY_FILE: this is not the master key this database was set up with \
      (its export files, cursors and audit chain need that one): restore that key, or use another database";
 
+/// Where the heads of the audit chain are appended.
+#[derive(Debug)]
+pub(crate) struct HeadFile {
+    path: std::path::PathBuf,
+    /// Whether a missing file is created.
+    create: bool,
+}
+
 /// A write transaction; on SQLite it also holds the process's writer turn.
 pub struct Tx<'s> {
     pub(crate) tx: Transaction<'static, Any>,
@@ -166,7 +174,7 @@ pub struct Tx<'s> {
     /// The audit head this transaction appended, written to the head file
     /// once it commits.
     pub(crate) head: Option<(i64, String)>,
-    head_file: Option<std::sync::Arc<std::path::PathBuf>>,
+    head_file: Option<std::sync::Arc<HeadFile>>,
     /// Set when this transaction deletes wrapped keys: once it commits,
     /// the next checkpoint empties the write-ahead log.
     pub(crate) erases: bool,
@@ -195,8 +203,8 @@ impl Tx<'_> {
             // After the commit: the head file never names a row that was
             // rolled back. Failing to write it is logged, not fatal: the
             // change is already stored.
-            if let Err(e) = audit::append_head(file, *seq, hash) {
-                tracing::error!(file = %file.display(), error = %e, "writing the audit head failed");
+            if let Err(e) = audit::append_head(&file.path, *seq, hash, file.create) {
+                tracing::error!(file = %file.path.display(), error = %e, "writing the audit head failed");
             }
         }
         Ok(())
@@ -282,7 +290,18 @@ impl Store {
     /// Appends each new audit head to `path` (created when missing).
     #[must_use]
     pub fn with_head_file(mut self, path: std::path::PathBuf) -> Self {
-        self.head_file = Some(std::sync::Arc::new(path));
+        self.head_file = Some(std::sync::Arc::new(HeadFile { path, create: true }));
+        self
+    }
+
+    /// Appends each new audit head to `path`, which the server created: an
+    /// operator command must not create the server's file as another user.
+    #[must_use]
+    pub fn with_existing_head_file(mut self, path: std::path::PathBuf) -> Self {
+        self.head_file = Some(std::sync::Arc::new(HeadFile {
+            path,
+            create: false,
+        }));
         self
     }
 

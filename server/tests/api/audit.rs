@@ -583,6 +583,34 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HANDOVER_MASTER_KEY"));
 }
 
+#[tokio::test]
+async fn rows_removed_and_numbered_again_by_the_running_server_fail_verification() {
+    let app = spawn_app().await;
+    for _ in 0..4 {
+        app.call(Method::GET, "/api/data/summary", None).await;
+    }
+    let last = app.count("SELECT MAX(seq) FROM audit_log").await;
+    // Removed while the server runs: it goes on from the row before the
+    // gap, so the chain is whole again, under the removed rows' numbers.
+    sqlx::query("DELETE FROM audit_log WHERE seq > $1")
+        .bind(last - 3)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    // Far more commits than the newest lines of the head file hold.
+    for _ in 0..40 {
+        app.call(Method::GET, "/api/data/summary", None).await;
+    }
+    assert!(matches!(
+        app.state.store.verify_audit(None).await.unwrap(),
+        Verification::Intact { .. }
+    ));
+    let out = verify_with_head_file(&app, &app.db.dir.path().join("audit.head")).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("rewritten"), "{stdout}");
+}
+
 /// The default threshold, as the README states it: an address's first 30
 /// failed authentications of a minute are answered `401`, the next `429`.
 #[tokio::test]
@@ -1050,12 +1078,24 @@ async fn operator_rows_are_covered_by_the_head_file() {
     );
     // A head file of another database: not appended to.
     let foreign = db.dir.path().join("foreign.head");
-    std::fs::write(&foreign, "1 hmac:0000\n").unwrap();
+    let foreign_head = format!("1 hmac:{}\n", "0".repeat(64));
+    std::fs::write(&foreign, &foreign_head).unwrap();
     let mut cmd = cli(&elsewhere);
     cmd.env("HANDOVER_AUDIT_HEAD_FILE", &foreign);
     let stderr = token(cmd).await;
-    assert!(stderr.contains("not appending"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "1 hmac:0000\n");
+    assert!(
+        stderr.contains("not appended") && stderr.contains("not a row of this database"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), foreign_head);
+    // A head file named but not there yet: the server creates it, not an
+    // operator (who may be another user).
+    let missing = db.dir.path().join("missing.head");
+    let mut cmd = cli(&elsewhere);
+    cmd.env("HANDOVER_AUDIT_HEAD_FILE", &missing);
+    let stderr = token(cmd).await;
+    assert!(stderr.contains("no such file yet"), "{stderr}");
+    assert!(!missing.exists());
 
     token(cli(db.dir.path())).await;
     let store = Store::connect(&db.url).await.unwrap();
