@@ -326,7 +326,10 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         // An unkeyed row would break the keyed chain the server writes.
         None => anyhow::ensure!(
             !writes,
-            "the audit log is keyed with the master key: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or run where DATA_DIR/master.key is) so this change is logged in the chain"
+            "the audit log is keyed with the master key, and there is none at {}: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or HANDOVER_DATA_DIR to the server's) so this change is logged in the chain",
+            std::env::var_os("HANDOVER_MASTER_KEY_FILE")
+                .map_or_else(|| data_dir.join("master.key"), PathBuf::from)
+                .display()
         ),
     }
     if writes {
@@ -368,7 +371,12 @@ async fn written_head_file(
         "there is no such file yet (the server creates it)".to_string()
     } else {
         match crate::store::audit::last_head(&file) {
-            Ok(None) => return Ok(Some(file)),
+            // Empty (the server writes a head with its first row), not a
+            // file of something else.
+            Ok(None) if std::fs::read(&file)?.iter().all(u8::is_ascii_whitespace) => {
+                return Ok(Some(file))
+            }
+            Ok(None) => "it holds no whole head".to_string(),
             Ok(Some((seq, hash))) if store.holds_audit_head(seq, &hash).await? => {
                 return Ok(Some(file))
             }
@@ -428,6 +436,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| a.data_dir.join("audit.head")),
         ),
+        audit_head_file_exists: false,
         jwt: JwtSettings {
             hs256_secret: a.jwt_hs256_secret.clone(),
             rs256_public_key: a.jwt_rs256_public_key.clone(),
@@ -487,6 +496,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
         dev_no_auth: false,
         settings: Settings::default(),
         audit_head_file: head_file,
+        audit_head_file_exists: true,
     })
     .await?;
     let data_types: Vec<String> = if a.types.is_empty() {
@@ -722,7 +732,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match (store.verify_audit_heads(heads.heads).await?, emptied) {
                 (Verification::Intact { rows }, Some(file)) if rows > 0 => {
                     println!(
-                        "audit log BROKEN: the head file {} is empty, but the log has {rows} rows; \
+                        "audit log BROKEN: the head file {} holds no head, but the log has {rows} rows; \
                          serve writes a head with every row, so removal of the newest rows cannot be ruled out",
                         file.display()
                     );

@@ -34,6 +34,9 @@ pub struct StateOptions {
     pub settings: Settings,
     /// `HANDOVER_AUDIT_HEAD_FILE`: each new audit head is appended there.
     pub audit_head_file: Option<PathBuf>,
+    /// Append only to a head file that exists (an operator's command): the
+    /// server creates it, as its own user.
+    pub audit_head_file_exists: bool,
 }
 
 /// The store, with the audit chain keyed by the master key and its heads
@@ -45,14 +48,44 @@ async fn keyed_store(
     let store = Store::connect(&o.database_url).await?;
     store.check_master_key(master, true).await?;
     let mut store = store.with_master_key(master);
-    if let Some(f) = &o.audit_head_file {
-        if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("HANDOVER_AUDIT_HEAD_FILE: creating {}", dir.display()))?;
+    match &o.audit_head_file {
+        Some(f) if o.audit_head_file_exists => store = store.with_existing_head_file(f.clone()),
+        Some(f) => {
+            if let Some(dir) = f.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("HANDOVER_AUDIT_HEAD_FILE: creating {}", dir.display())
+                })?;
+            }
+            warn_of_a_foreign_head(&store, f).await?;
+            store = store.with_head_file(f.clone());
         }
-        store = store.with_head_file(f.clone());
+        None => {}
     }
     Ok(store)
+}
+
+/// Says so when the head file's newest head is not a row of this database.
+/// Appending goes on (refusing to start would let whoever can alter the
+/// database stop the server), but every later `audit verify` fails until
+/// the file is set aside, as it must be after a restore from a backup.
+async fn warn_of_a_foreign_head(store: &Store, file: &std::path::Path) -> anyhow::Result<()> {
+    if !file.exists() {
+        return Ok(());
+    }
+    match crate::store::audit::last_head(file) {
+        Ok(Some((seq, hash))) if !store.holds_audit_head(seq, &hash).await? => tracing::warn!(
+            file = %file.display(),
+            row = seq,
+            "the audit head file records a row this database does not hold as recorded: \
+             if the database was restored or replaced, move the head file aside (keep it) \
+             and restart; otherwise the log was altered, which `handover-server audit verify` shows"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %format!("{e:#}"), "the audit head file cannot be read")
+        }
+    }
+    Ok(())
 }
 
 /// Opens everything and returns the state the handlers and workers share.

@@ -54,23 +54,59 @@ pub fn append_head(
     f.write_all(format!("{sep}{seq} {hash}\n").as_bytes())
 }
 
-/// A head file's line as `(seq, hash)`, when it is one whole head: a
-/// positive row number, a space, and a row hash (keyed or not).
-fn parse_head(line: &str) -> Option<(i64, String)> {
+/// One head as a head file records it, held compactly: `audit verify`
+/// keeps every head of the file (one per commit) while it walks the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Head {
+    /// The row.
+    pub seq: i64,
+    keyed: bool,
+    digest: [u8; 32],
+}
+
+impl Head {
+    /// Whether `hash` (a row's stored hash) is this head's.
+    pub fn is(&self, hash: &str) -> bool {
+        parse_hash(hash) == Some((self.keyed, self.digest))
+    }
+
+    /// As a head file line's `(seq, hash)`.
+    pub fn to_pair(&self) -> (i64, String) {
+        let prefix = if self.keyed { KEYED } else { "" };
+        (self.seq, format!("{prefix}{}", hex::encode(self.digest)))
+    }
+}
+
+/// A row hash (`hmac:` and 64 lowercase hex digits, or the 64 digits alone).
+fn parse_hash(hash: &str) -> Option<(bool, [u8; 32])> {
+    let (keyed, hex_digits) = match hash.strip_prefix(KEYED) {
+        Some(h) => (true, h),
+        None => (false, hash),
+    };
+    if hex_digits.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    let digest = hex::decode(hex_digits).ok()?.try_into().ok()?;
+    Some((keyed, digest))
+}
+
+/// A head file's line, when it is one whole head: a positive row number, a
+/// space, and a row hash.
+fn parse_head(line: &str) -> Option<Head> {
     let (seq, hash) = line.trim().split_once(' ')?;
-    let hex = hash.strip_prefix(KEYED).unwrap_or(hash);
-    let whole = seq.bytes().all(|b| b.is_ascii_digit())
-        && hex.len() == 64
-        && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let seq: i64 = seq.parse().ok().filter(|s| *s > 0)?;
-    whole.then(|| (seq, hash.to_string()))
+    let (keyed, digest) = parse_hash(hash)?;
+    Some(Head { seq, keyed, digest })
 }
 
 /// The heads a head file records, and how many of its lines are not heads.
 #[derive(Debug, Default)]
 pub struct Heads {
-    /// `(seq, hash)`, in the file's order.
-    pub heads: Vec<(i64, String)>,
+    /// In the file's order.
+    pub heads: Vec<Head>,
     /// Lines that are not one whole head (writes cut short by a crash or a
     /// full disk), skipped.
     pub torn: usize,
@@ -135,8 +171,8 @@ pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>
         .iter()
         .rev()
         .take(HEAD_WINDOW)
-        .max_by_key(|(seq, _)| *seq)
-        .cloned())
+        .max_by_key(|h| h.seq)
+        .map(Head::to_pair))
 }
 
 /// The previous-hash of the first row.
@@ -552,6 +588,11 @@ impl Store {
     /// Database errors, or a keyed chain checked without the key; a broken
     /// chain is a [`Verification::Broken`].
     pub async fn verify_audit(&self, head: Option<(i64, String)>) -> anyhow::Result<Verification> {
+        let head = head.map(|(seq, hash)| {
+            // A head that is not a row hash at all can match no row.
+            let (keyed, digest) = parse_hash(&hash).unwrap_or((true, [0; 32]));
+            Head { seq, keyed, digest }
+        });
         self.verify_audit_heads(head.into_iter().collect()).await
     }
 
@@ -563,10 +604,7 @@ impl Store {
     /// # Errors
     ///
     /// As [`Store::verify_audit`].
-    pub async fn verify_audit_heads(
-        &self,
-        mut heads: Vec<(i64, String)>,
-    ) -> anyhow::Result<Verification> {
+    pub async fn verify_audit_heads(&self, mut heads: Vec<Head>) -> anyhow::Result<Verification> {
         use futures_util::StreamExt as _;
         heads.sort();
         heads.dedup();
@@ -617,8 +655,8 @@ impl Store {
                     ),
                 });
             }
-            while let Some((_, hash)) = heads.get(next_head).filter(|(seq, _)| *seq == row.seq) {
-                if row.hash != *hash {
+            while let Some(head) = heads.get(next_head).filter(|h| h.seq == row.seq) {
+                if !head.is(&row.hash) {
                     return Ok(Verification::Broken {
                         seq: row.seq,
                         reason: format!(
@@ -633,7 +671,7 @@ impl Store {
             expected_seq += 1;
             count += 1;
         }
-        if let Some((seq, _)) = heads.last().filter(|_| next_head < heads.len()) {
+        if let Some(Head { seq, .. }) = heads.last().filter(|_| next_head < heads.len()) {
             return Ok(Verification::Broken {
                 seq: *seq,
                 reason: format!(
@@ -717,9 +755,11 @@ mod tests {
         let heads = read_heads(&file).unwrap();
         assert_eq!(heads.torn, 1, "{heads:?}");
         assert_eq!(
-            heads.heads.iter().map(|h| h.0).collect::<Vec<_>>(),
+            heads.heads.iter().map(|h| h.seq).collect::<Vec<_>>(),
             [7, 9, 8, 10]
         );
+        assert_eq!(heads.heads[1].to_pair(), (9, hash('c')));
+        assert!(heads.heads[1].is(&hash('c')) && !heads.heads[1].is(&hash('d')));
         // Only whole heads count: a bad number, a short hash, garbage.
         std::fs::write(
             &file,

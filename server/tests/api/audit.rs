@@ -569,7 +569,7 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("BROKEN") && stdout.contains("is empty"),
+        stdout.contains("BROKEN") && stdout.contains("holds no head"),
         "{stdout}"
     );
     // Without the key, a keyed log cannot be vouched for.
@@ -1088,6 +1088,13 @@ async fn operator_rows_are_covered_by_the_head_file() {
         "{stderr}"
     );
     assert_eq!(std::fs::read_to_string(&foreign).unwrap(), foreign_head);
+    // Nor to a file that holds something other than heads.
+    std::fs::write(&foreign, "not a head\n").unwrap();
+    let mut cmd = cli(&elsewhere);
+    cmd.env("HANDOVER_AUDIT_HEAD_FILE", &foreign);
+    let stderr = token(cmd).await;
+    assert!(stderr.contains("no whole head"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "not a head\n");
     // A head file named but not there yet: the server creates it, not an
     // operator (who may be another user).
     let missing = db.dir.path().join("missing.head");

@@ -322,6 +322,16 @@ async fn serve(
     data_dir: &std::path::Path,
     master_key: Option<&str>,
 ) -> (tokio::process::Child, String) {
+    let (server, addr, _) = serve_logged(db, data_dir, master_key).await;
+    (server, addr)
+}
+
+/// [`serve`], and what it logged before it listened.
+async fn serve_logged(
+    db: &TestDb,
+    data_dir: &std::path::Path,
+    master_key: Option<&str>,
+) -> (tokio::process::Child, String, String) {
     use tokio::io::AsyncBufReadExt as _;
     let mut cmd = operator(db, data_dir);
     if let Some(k) = master_key {
@@ -334,11 +344,14 @@ async fn serve(
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut log = String::new();
     let listening = async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some((_, rest)) = line.split_once("handover-server listening addr=") {
                 return rest.split_whitespace().next().map(str::to_string);
             }
+            log.push_str(&line);
+            log.push('\n');
         }
         None
     };
@@ -348,7 +361,33 @@ async fn serve(
         .expect("and says where it listens");
     // The rest of its log, read so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (server, addr)
+    (server, addr, log)
+}
+
+#[tokio::test]
+async fn serve_warns_when_its_head_file_names_a_row_its_database_lacks() {
+    // As after a restore from a backup: the head file is from later on.
+    let app = spawn_app().await;
+    let db = app.stop().await;
+    let data = db.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(
+        data.join("audit.head"),
+        format!("999999 hmac:{}\n", "0".repeat(64)),
+    )
+    .unwrap();
+    let (mut server, _, log) = serve_logged(&db, &data, Some(MASTER_HEX)).await;
+    server.kill().await.unwrap();
+    assert!(
+        log.contains("records a row this database does not hold")
+            && log.contains("move the head file aside"),
+        "{log}"
+    );
+    // A head file of this database: no such warning.
+    std::fs::remove_file(data.join("audit.head")).unwrap();
+    let (mut server, _, log) = serve_logged(&db, &data, Some(MASTER_HEX)).await;
+    server.kill().await.unwrap();
+    assert!(!log.contains("does not hold"), "{log}");
 }
 
 /// `token create` for user_456 in company_123 (see [`operator`]).
