@@ -349,7 +349,7 @@ async fn is_fresh(store: &Store) -> anyhow::Result<bool> {
 /// file `serve` keeps, so that the removal of an operator's newest rows
 /// shows in `audit verify` as a server's would. That is
 /// `HANDOVER_AUDIT_HEAD_FILE`, else `DATA_DIR/audit.head`, when it exists
-/// and its newest head is a row of this database. The file is never
+/// and is empty or its newest head is a row of this database. The file is never
 /// created here: `serve` creates it, as its own user, and one made by an
 /// operator (as root, say) could lock the server out of it. Otherwise a
 /// warning says that the command's rows are covered once the server
@@ -357,7 +357,7 @@ async fn is_fresh(store: &Store) -> anyhow::Result<bool> {
 ///
 /// # Errors
 ///
-/// Database errors.
+/// Database errors, or a head file that cannot be read.
 async fn written_head_file(
     cli: &Cli,
     data_dir: &Path,

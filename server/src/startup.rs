@@ -64,7 +64,8 @@ async fn keyed_store(
     Ok(store)
 }
 
-/// Says so when the head file's newest head is not a row of this database.
+/// Says so when the head file's newest head is not a row of this database
+/// (or it holds no head at all, though it is not empty).
 /// Appending goes on (refusing to start would let whoever can alter the
 /// database stop the server), but every later `audit verify` fails until
 /// the file is set aside, as it must be after a restore from a backup.
@@ -79,6 +80,10 @@ async fn warn_of_a_foreign_head(store: &Store, file: &std::path::Path) -> anyhow
             "the audit head file records a row this database does not hold as recorded: \
              if the database was restored or replaced, move the head file aside (keep it) \
              and restart; otherwise the log was altered, which `handover-server audit verify` shows"
+        ),
+        Ok(None) if !std::fs::read(file)?.iter().all(u8::is_ascii_whitespace) => tracing::warn!(
+            file = %file.display(),
+            "the audit head file holds no whole head: is HANDOVER_AUDIT_HEAD_FILE the right file?"
         ),
         Ok(_) => {}
         Err(e) => {

@@ -311,6 +311,7 @@ fn operator(db: &TestDb, data_dir: &std::path::Path) -> tokio::process::Command 
         .env_remove("HANDOVER_MASTER_KEY")
         .env_remove("HANDOVER_MASTER_KEY_FILE")
         .env_remove("HANDOVER_AUDIT_HEAD_FILE")
+        .env_remove("HANDOVER_LOG")
         .env("NO_COLOR", "1")
         .kill_on_drop(true);
     cmd
@@ -384,7 +385,16 @@ async fn serve_warns_when_its_head_file_names_a_row_its_database_lacks() {
         "{log}"
     );
     // A head file of this database: no such warning.
-    std::fs::remove_file(data.join("audit.head")).unwrap();
+    let store = handover_server::store::Store::connect(&db.url)
+        .await
+        .unwrap();
+    let (seq, hash): (i64, String) =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    store.close().await;
+    std::fs::write(data.join("audit.head"), format!("{seq} {hash}\n")).unwrap();
     let (mut server, _, log) = serve_logged(&db, &data, Some(MASTER_HEX)).await;
     server.kill().await.unwrap();
     assert!(!log.contains("does not hold"), "{log}");
