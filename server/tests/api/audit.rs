@@ -551,15 +551,7 @@ async fn re_chained_or_truncated_logs_fail_verification() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     // And with no head file named: the one `serve` keeps in its data
     // directory by default.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
-        .args(["audit", "verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .env("HANDOVER_DATA_DIR", app.db.dir.path())
-        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
-        .output()
-        .await
-        .unwrap();
+    let out = verify_in_data_dir(&app.db).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     // A head file emptied beside a log with rows: the heads were removed

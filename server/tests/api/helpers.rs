@@ -491,3 +491,17 @@ pub async fn fetch_all(
 pub fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+/// `handover-server audit verify` on `db`, with the master key, against
+/// the head file the server keeps in its data directory (`db`'s).
+pub async fn verify_in_data_dir(db: &TestDb) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", &db.url)
+        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
+        .env("HANDOVER_DATA_DIR", db.dir.path())
+        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
+        .output()
+        .await
+        .unwrap()
+}

@@ -353,6 +353,12 @@ async fn a_cli_export_that_fails_mid_build_leaves_no_file_and_is_recorded_failed
         !out.exists(),
         "no half-written file of personal data is left behind"
     );
+    assert_cli_export_failed_on_record(&app, &stderr).await;
+}
+
+/// The CLI export is recorded `failed` (not left pending for ever), with
+/// one `export.failed` row.
+async fn assert_cli_export_failed_on_record(app: &TestApp, stderr: &str) {
     let status: String =
         sqlx::query_scalar("SELECT status FROM export_requests WHERE delivery = 'cli'")
             .fetch_one(app.pool())
@@ -416,15 +422,7 @@ async fn assert_log_verifies_to_its_last_row(app: &TestApp) {
         .unwrap()
         .expect("a head");
     assert_eq!(head.0, last);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handover-server"))
-        .args(["audit", "verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .env("HANDOVER_MASTER_KEY", MASTER_HEX)
-        .env("HANDOVER_DATA_DIR", app.db.dir.path())
-        .env_remove("HANDOVER_AUDIT_HEAD_FILE")
-        .output()
-        .await
-        .unwrap();
+    let out = verify_in_data_dir(&app.db).await;
     assert!(
         out.status.success(),
         "{}",
@@ -454,17 +452,7 @@ async fn a_cli_export_that_cannot_start_is_recorded_failed_and_leaves_no_file() 
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{stderr}");
     assert!(!out.exists(), "the empty output file is removed");
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM export_requests WHERE delivery = 'cli'")
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
-    assert_eq!(status, "failed", "not left pending for ever: {stderr}");
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM audit_log WHERE action = 'export.failed'")
-            .await,
-        1
-    );
+    assert_cli_export_failed_on_record(&app, &stderr).await;
     assert_log_verifies_to_its_last_row(&app).await;
 }
 
