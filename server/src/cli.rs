@@ -302,20 +302,18 @@ fn operator_data_dir() -> PathBuf {
 async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
     let mut store = Store::connect(&cli.database).await?;
     let data_dir = operator_data_dir();
-    let source = match (
-        std::env::var("HANDOVER_MASTER_KEY")
-            .ok()
-            .filter(|k| !k.is_empty()),
-        std::env::var_os("HANDOVER_MASTER_KEY_FILE").map(PathBuf::from),
-    ) {
-        (Some(k), _) => Some(MasterKeySource::Hex(k)),
-        (None, named) => {
-            // A key file is made only where `serve` would make it, on a
-            // fresh install: elsewhere a new key is not the database's, and
-            // would be left lying there when refused.
-            let f = named.unwrap_or_else(|| data_dir.join("master.key"));
-            (f.exists() || (writes && is_fresh(&store).await?)).then_some(MasterKeySource::File(f))
-        }
+    let key_file = std::env::var_os("HANDOVER_MASTER_KEY_FILE")
+        .map_or_else(|| data_dir.join("master.key"), PathBuf::from);
+    let source = match std::env::var("HANDOVER_MASTER_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+    {
+        Some(k) => Some(MasterKeySource::Hex(k)),
+        // A key file is made only where `serve` would make it, on a fresh
+        // install: elsewhere a new key is not the database's, and would be
+        // left lying there when refused.
+        None => (key_file.exists() || (writes && is_fresh(&store).await?))
+            .then(|| MasterKeySource::File(key_file.clone())),
     };
     match source {
         Some(src) => {
@@ -327,13 +325,11 @@ async fn operator_store(cli: &Cli, writes: bool) -> anyhow::Result<Store> {
         None => anyhow::ensure!(
             !writes,
             "the audit log is keyed with the master key, and there is none at {}: set HANDOVER_MASTER_KEY (or HANDOVER_MASTER_KEY_FILE, or HANDOVER_DATA_DIR to the server's) so this change is logged in the chain",
-            std::env::var_os("HANDOVER_MASTER_KEY_FILE")
-                .map_or_else(|| data_dir.join("master.key"), PathBuf::from)
-                .display()
+            key_file.display()
         ),
     }
     if writes {
-        if let Some(f) = written_head_file(cli, &data_dir, &store).await? {
+        if let Some(f) = written_head_file(cli, &data_dir, &store).await {
             store = store.with_existing_head_file(f);
         }
     }
@@ -353,39 +349,22 @@ async fn is_fresh(store: &Store) -> anyhow::Result<bool> {
 /// created here: `serve` creates it, as its own user, and one made by an
 /// operator (as root, say) could lock the server out of it. Otherwise a
 /// warning says that the command's rows are covered once the server
-/// appends its next head.
-///
-/// # Errors
-///
-/// Database errors, or a head file that cannot be read.
-async fn written_head_file(
-    cli: &Cli,
-    data_dir: &Path,
-    store: &Store,
-) -> anyhow::Result<Option<PathBuf>> {
-    let file = cli
-        .audit_head_file
-        .clone()
-        .unwrap_or_else(|| data_dir.join("audit.head"));
-    let refused = if !file.exists() {
-        "there is no such file yet (the server creates it)".to_string()
-    } else {
-        match crate::store::audit::last_head(&file) {
-            // Empty (the server writes a head with its first row), not a
-            // file of something else.
-            Ok(None) if std::fs::read(&file)?.iter().all(u8::is_ascii_whitespace) => {
-                return Ok(Some(file))
-            }
-            Ok(None) => "it holds no whole head".to_string(),
-            Ok(Some((seq, hash))) if store.holds_audit_head(seq, &hash).await? => {
-                return Ok(Some(file))
-            }
-            Ok(Some((seq, _))) => format!(
-                "its newest head, row {seq}, is not a row of this database as recorded \
-                 (another database's file, or the log was altered: `audit verify` tells which)"
-            ),
-            Err(e) => format!("{e:#}"),
+/// appends its next head (also when the file cannot be read, or the
+/// database cannot be asked).
+async fn written_head_file(cli: &Cli, data_dir: &Path, store: &Store) -> Option<PathBuf> {
+    use crate::store::audit::HeadFileState;
+    let file = head_file_path(cli, data_dir);
+    let refused = match store.head_file_state(&file).await {
+        Ok(HeadFileState::Empty | HeadFileState::Ours) => return Some(file),
+        Ok(HeadFileState::Missing) => {
+            "there is no such file yet (the server creates it)".to_string()
         }
+        Ok(HeadFileState::NoWholeHead) => "it holds no whole head".to_string(),
+        Ok(HeadFileState::Foreign { seq }) => format!(
+            "its newest head, row {seq}, is not a row of this database as recorded \
+             (another database's file, or the log was altered: `audit verify` tells which)"
+        ),
+        Err(e) => format!("{e:#}"),
     };
     eprintln!(
         "warning: this command's audit head is not appended to {}: {refused}; \
@@ -393,7 +372,15 @@ async fn written_head_file(
          (set HANDOVER_AUDIT_HEAD_FILE or HANDOVER_DATA_DIR to the server's)",
         file.display()
     );
-    Ok(None)
+    None
+}
+
+/// The head file `serve` keeps: `HANDOVER_AUDIT_HEAD_FILE`, else
+/// `DATA_DIR/audit.head`.
+fn head_file_path(cli: &Cli, data_dir: &Path) -> PathBuf {
+    cli.audit_head_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("audit.head"))
 }
 
 fn master_source(hex: Option<&str>, file: Option<&Path>, data_dir: &Path) -> MasterKeySource {
@@ -431,11 +418,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             &a.data_dir,
         ),
         file_storage: a.file_storage.clone(),
-        audit_head_file: Some(
-            cli.audit_head_file
-                .clone()
-                .unwrap_or_else(|| a.data_dir.join("audit.head")),
-        ),
+        audit_head_file: Some(head_file_path(cli, &a.data_dir)),
         audit_head_file_exists: false,
         jwt: JwtSettings {
             hs256_secret: a.jwt_hs256_secret.clone(),
@@ -484,7 +467,7 @@ async fn export_cli(cli: &Cli, a: ExportArgs<'_>) -> anyhow::Result<()> {
             f.display()
         );
     }
-    let head_file = written_head_file(cli, a.data_dir, &probe).await?;
+    let head_file = written_head_file(cli, a.data_dir, &probe).await;
     probe.close().await;
     let state = startup::open_state(StateOptions {
         database_url: cli.database.clone(),
@@ -702,10 +685,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = operator_store(&cli, false).await?;
             // The head file `serve` keeps by default, when none is named:
             // without it, removing the newest rows would go unseen.
-            let head_file = cli
-                .audit_head_file
-                .clone()
-                .or_else(|| Some(operator_data_dir().join("audit.head")).filter(|f| f.exists()));
+            let head_file = Some(head_file_path(&cli, &operator_data_dir()))
+                .filter(|f| cli.audit_head_file.is_some() || f.exists());
             let heads = match &head_file {
                 Some(f) => crate::store::audit::read_heads(f)?,
                 None => Default::default(),

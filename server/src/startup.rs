@@ -56,7 +56,7 @@ async fn keyed_store(
                     format!("HANDOVER_AUDIT_HEAD_FILE: creating {}", dir.display())
                 })?;
             }
-            warn_of_a_foreign_head(&store, f).await?;
+            warn_of_a_foreign_head(&store, f).await;
             store = store.with_head_file(f.clone());
         }
         None => {}
@@ -69,19 +69,17 @@ async fn keyed_store(
 /// Appending goes on (refusing to start would let whoever can alter the
 /// database stop the server), but every later `audit verify` fails until
 /// the file is set aside, as it must be after a restore from a backup.
-async fn warn_of_a_foreign_head(store: &Store, file: &std::path::Path) -> anyhow::Result<()> {
-    if !file.exists() {
-        return Ok(());
-    }
-    match crate::store::audit::last_head(file) {
-        Ok(Some((seq, hash))) if !store.holds_audit_head(seq, &hash).await? => tracing::warn!(
+async fn warn_of_a_foreign_head(store: &Store, file: &std::path::Path) {
+    use crate::store::audit::HeadFileState;
+    match store.head_file_state(file).await {
+        Ok(HeadFileState::Foreign { seq }) => tracing::warn!(
             file = %file.display(),
             row = seq,
             "the audit head file records a row this database does not hold as recorded: \
              if the database was restored or replaced, move the head file aside (keep it) \
              and restart; otherwise the log was altered, which `handover-server audit verify` shows"
         ),
-        Ok(None) if !std::fs::read(file)?.iter().all(u8::is_ascii_whitespace) => tracing::warn!(
+        Ok(HeadFileState::NoWholeHead) => tracing::warn!(
             file = %file.display(),
             "the audit head file holds no whole head: is HANDOVER_AUDIT_HEAD_FILE the right file?"
         ),
@@ -90,7 +88,6 @@ async fn warn_of_a_foreign_head(store: &Store, file: &std::path::Path) -> anyhow
             tracing::warn!(file = %file.display(), error = %format!("{e:#}"), "the audit head file cannot be read")
         }
     }
-    Ok(())
 }
 
 /// Opens everything and returns the state the handlers and workers share.

@@ -147,13 +147,8 @@ fn heads_in(bytes: &[u8], from_start: bool) -> Heads {
 /// may trail the one before it by a commit or two.
 const HEAD_WINDOW: usize = 16;
 
-/// The newest head recorded in a head file: the highest row among the
-/// heads on its last lines (only the file's end is read).
-///
-/// # Errors
-///
-/// The file cannot be read.
-pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>> {
+/// The end of a head file (its last 64 KiB), and whether that is all of it.
+fn read_tail(path: &std::path::Path) -> anyhow::Result<(Vec<u8>, bool)> {
     use std::io::{Read as _, Seek as _};
     const TAIL: u64 = 64 * 1024;
     let read = || -> std::io::Result<(Vec<u8>, bool)> {
@@ -164,15 +159,48 @@ pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>
         f.read_to_end(&mut bytes)?;
         Ok((bytes, start == 0))
     };
-    let (bytes, from_start) =
-        read().with_context(|| format!("reading the audit head file {}", path.display()))?;
-    let heads = heads_in(&bytes, from_start).heads;
-    Ok(heads
+    read().with_context(|| format!("reading the audit head file {}", path.display()))
+}
+
+/// The newest head among `tail`'s last lines.
+fn newest_head(tail: &[u8], from_start: bool) -> Option<(i64, String)> {
+    heads_in(tail, from_start)
+        .heads
         .iter()
         .rev()
         .take(HEAD_WINDOW)
         .max_by_key(|h| h.seq)
-        .map(Head::to_pair))
+        .map(Head::to_pair)
+}
+
+/// The newest head recorded in a head file: the highest row among the
+/// heads on its last lines (only the file's end is read).
+///
+/// # Errors
+///
+/// The file cannot be read.
+pub fn last_head(path: &std::path::Path) -> anyhow::Result<Option<(i64, String)>> {
+    let (tail, from_start) = read_tail(path)?;
+    Ok(newest_head(&tail, from_start))
+}
+
+/// How a head file stands towards a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadFileState {
+    /// There is no such file.
+    Missing,
+    /// Empty (or blank): no row was written beside it yet.
+    Empty,
+    /// Not empty, yet without one whole head: not a head file, or only torn lines.
+    NoWholeHead,
+    /// Its newest head is a row of this database, with that hash.
+    Ours,
+    /// Its newest head, row `seq`, is not a row of this database as
+    /// recorded: another database's file, or the log was altered.
+    Foreign {
+        /// The row the file names.
+        seq: i64,
+    },
 }
 
 /// The previous-hash of the first row.
@@ -576,6 +604,28 @@ impl Store {
                 .fetch_optional(self.pool())
                 .await?;
         Ok(stored.as_deref() == Some(hash))
+    }
+
+    /// How the head file at `path` stands towards this database (only its
+    /// end is read, but for a file whose end is blank).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read; database errors.
+    pub async fn head_file_state(&self, path: &std::path::Path) -> anyhow::Result<HeadFileState> {
+        if !path.exists() {
+            return Ok(HeadFileState::Missing);
+        }
+        let (tail, from_start) = read_tail(path)?;
+        Ok(match newest_head(&tail, from_start) {
+            Some((seq, hash)) if self.holds_audit_head(seq, &hash).await? => HeadFileState::Ours,
+            Some((seq, _)) => HeadFileState::Foreign { seq },
+            None if !tail.iter().all(u8::is_ascii_whitespace) => HeadFileState::NoWholeHead,
+            None if from_start || std::fs::read(path)?.iter().all(u8::is_ascii_whitespace) => {
+                HeadFileState::Empty
+            }
+            None => HeadFileState::NoWholeHead,
+        })
     }
 
     /// Walks the whole chain in order and reports the first bad row. With
